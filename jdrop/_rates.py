@@ -1,0 +1,89 @@
+"""Validation and canonicalisation of rates and inputs, shared by every public function."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["check_float_input", "check_rate", "keep_probability", "rate_is_valid"]
+
+
+def _is_tracer(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def check_rate(rate: Any, *, name: str = "rate", upper: float = 1.0) -> float | jax.Array:
+    """Returns ``rate`` as a Python float when static (checked), or a float32 scalar array.
+
+    Static values (Python numbers, numpy scalars, concrete arrays) are checked here, at trace
+    time: NaN, inf, or a value outside ``[0, upper]`` raise ``ValueError`` naming ``name``.
+    Traced values cannot be checked at trace time; :func:`rate_is_valid` turns an invalid traced
+    value into NaN outputs instead of a silently different rate.
+
+    Raises:
+      TypeError: if ``rate`` is not a real number or a real scalar array.
+      ValueError: if a static ``rate`` is NaN, infinite or outside ``[0, upper]``.
+    """
+    if isinstance(rate, (bool, np.bool_)) or isinstance(rate, (str, bytes)) or rate is None:
+        raise TypeError(f"`{name}` must be a real number in [0, {upper:g}], got {type(rate).__name__} {rate!r}.")
+    if isinstance(rate, numbers.Real):
+        value = float(rate)
+    elif hasattr(rate, "dtype") and hasattr(rate, "shape"):
+        dtype = np.dtype(rate.dtype) if not jax.dtypes.issubdtype(rate.dtype, jax.dtypes.prng_key) else None
+        if dtype is None or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)) or dtype == np.bool_:
+            raise TypeError(f"`{name}` must be a real scalar, got an array of dtype {rate.dtype}.")
+        if tuple(rate.shape) != ():
+            raise ValueError(f"`{name}` must be a scalar, got shape {tuple(rate.shape)}.")
+        if _is_tracer(rate):
+            return jnp.asarray(rate, jnp.float32)
+        value = float(rate)
+    else:
+        raise TypeError(f"`{name}` must be a real number in [0, {upper:g}], got {type(rate).__name__} {rate!r}.")
+    if not (0.0 <= value <= upper):  # also rejects NaN
+        raise ValueError(f"`{name}` must be in [0, {upper:g}], got {value!r}.")
+    return value
+
+
+def rate_is_valid(rate: float | jax.Array, *, upper: float = 1.0) -> jax.Array | bool:
+    """True for a static rate (already checked); a traced bool for a traced one."""
+    if isinstance(rate, float):
+        return True
+    return (rate >= 0.0) & (rate <= upper)
+
+
+def keep_probability(rate: Any) -> jax.Array:
+    """``1 - rate`` as a float32 scalar after checking ``rate`` (see :func:`check_rate`).
+
+    A static rate is subtracted in float64 and rounded once, as ``jax.random.bernoulli(key,
+    1 - rate)`` would see it; a traced one is clipped into [0, 1] for the threshold only (callers
+    that scale also poison the output with NaN when it was out of range).
+    """
+    rate = check_rate(rate)
+    if isinstance(rate, float):
+        return jnp.asarray(np.float32(1.0 - rate))
+    return jnp.clip(1.0 - jax.lax.stop_gradient(rate), 0.0, 1.0)
+
+
+def check_float_input(x: Any, *, name: str = "x") -> jax.Array:
+    """Returns ``x`` as a floating array, or raises ``TypeError`` naming ``name``.
+
+    Integer, bool and complex arrays are rejected: dropout's scaling has no exact meaning for them.
+    """
+    if not (isinstance(x, (jax.Array, np.ndarray, np.generic)) or _is_tracer(x)) and not (
+        hasattr(x, "__jax_array__")
+    ):
+        raise TypeError(
+            f"`{name}` must be a floating-point array (float16, bfloat16, float32 or float64), "
+            f"got {type(x).__name__}. Wrap Python data with jnp.asarray(..., jnp.float32)."
+        )
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must be a floating-point array (float16, bfloat16, float32 or float64), "
+            f"got dtype {x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."
+        )
+    return x

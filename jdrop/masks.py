@@ -1,0 +1,284 @@
+"""Keys to masks: the one mask primitive of jdrop.
+
+Every dropout in jdrop draws its randomness through :func:`random_bits` and turns it into a keep
+decision through :func:`keep_threshold` / :func:`keep_from_bits`. Nothing else draws random bits.
+
+How the bits are drawn
+----------------------
+For the default threefry key (``jax.random.key`` or the legacy ``jax.random.PRNGKey``),
+:func:`random_bits` returns exactly ``jax.random.bits(key, shape, jnp.uint32)`` as JAX computes it
+with its (default) partitionable threefry: element ``i`` (row-major) gets
+``t0 ^ t1`` where ``(t0, t1) = threefry2x32(key, (i_hi, i_lo))``. The difference is the lowering:
+JAX's XLA:CPU lowering of threefry is a rolled loop that XLA cannot fuse with its consumers, so the
+bits are materialised (4 bytes per element written and read again) and the loop runs slowly.
+Here the 20 rounds are written out in ``jnp`` integer ops, so XLA fuses them into the consumer
+(the dropout multiply, or the backward pass's multiply), on every backend, and nothing per element
+is ever stored. Other key implementations (``rbg``, ``unsafe_rbg``, custom ones) use
+``jax.random.bits`` directly: they are already fast where they are meant to run.
+
+How bits become a keep decision
+-------------------------------
+The keep test is ``(bits >> 9) < ceil(keep * 2**23)``, which is exactly
+``jax.random.bernoulli(key, keep, shape)`` (``uniform`` takes the top 23 bits of the same word). So
+the mask of ``jdrop.dropout`` is the mask of ``flax.linen.Dropout`` and ``equinox.nn.Dropout`` for
+the same key, and the realised keep probability ``ceil(keep * 2**23) / 2**23`` differs from
+``1 - rate`` by less than ``2**-23`` (the contract allows ``2**-16``). Inverted scaling divides by
+that realised probability, so ``E[dropout(x)] = x`` holds exactly, not just up to quantisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdrop._rates import keep_probability
+
+__all__ = [
+    "THRESHOLD_BITS",
+    "broadcast_shape",
+    "canonical_key",
+    "example_keys",
+    "keep_from_bits",
+    "keep_mask",
+    "keep_threshold",
+    "pack_bits",
+    "random_bits",
+    "realised_keep",
+    "threefry2x32",
+    "unpack_bits",
+]
+
+THRESHOLD_BITS = 23
+"""Resolution of the keep test: keep iff ``(bits >> 9) < ceil(keep * 2**23)`` (bernoulli's rule)."""
+
+_THRESHOLD_ONE = float(2**THRESHOLD_BITS)
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+# --------------------------------------------------------------------------------------- keys
+
+
+def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
+    """Returns ``key`` as a typed PRNG key array, accepting legacy raw ``uint32`` keys.
+
+    Accepted: a typed key (``jax.random.key(seed)``, any implementation) or a raw ``uint32`` key
+    of the default implementation (``jax.random.PRNGKey(seed)``, trailing dimension 2).
+
+    Raises:
+      TypeError: for anything else (an int seed, a float array, a string), naming ``name``.
+    """
+    if isinstance(key, (jax.Array, np.ndarray)) or hasattr(key, "dtype"):
+        dtype = key.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return key  # type: ignore[return-value]
+        if dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+            return jax.random.wrap_key_data(key)
+    raise TypeError(
+        f"`{name}` must be a PRNG key: jax.random.key(seed) (or a legacy uint32 key from "
+        f"jax.random.PRNGKey(seed)); got {_describe(key)}. To make one from an int seed, "
+        f"call jax.random.key(seed)."
+    )
+
+
+def _describe(value: Any) -> str:
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"an array of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def example_keys(key: Any, n: int, *, offset: Any = 0) -> jax.Array:
+    """Keys for the examples with global indices ``offset, ..., offset + n - 1``.
+
+    ``keys[j] = jax.random.fold_in(key, offset + j)``: example ``i``'s key depends only on the
+    step key and ``i``, so a batch split into microbatches (each with its own ``offset``) or
+    sharded over devices gets the very same keys, hence the same masks, as the whole batch.
+
+    Args:
+      key: the step's PRNG key (typed or legacy raw).
+      n: number of examples (static, non-negative).
+      offset: global index of the first example; an int or a traced integer scalar.
+
+    Returns:
+      A typed key array of shape ``(n,)``.
+    """
+    key = canonical_key(key)
+    if key.shape != ():
+        raise ValueError(f"`key` must be a single key (shape ()), got a key array of shape {key.shape}.")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"`n` must be a non-negative int, got {n!r}.")
+    if isinstance(offset, (float, complex, bool)) or (
+        hasattr(offset, "dtype") and not jnp.issubdtype(offset.dtype, jnp.integer)
+    ):
+        raise TypeError(f"`offset` must be an integer, got {_describe(offset)}.")
+    if isinstance(offset, (int, np.integer)) and offset < 0:
+        raise ValueError(f"`offset` must be >= 0, got {offset}.")
+    index = jnp.asarray(offset, jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+
+
+# --------------------------------------------------------------------------------------- bits
+
+
+def _rotate_left(v: jax.Array, distance: int) -> jax.Array:
+    return (v << np.uint32(distance)) | (v >> np.uint32(32 - distance))
+
+
+def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011), unrolled in ``jnp`` uint32 ops.
+
+    Bit-identical to ``jax.random``'s threefry primitive; written out so that XLA can fuse it
+    into the consumers of the bits on every backend.
+    """
+    k2 = k0 ^ k1 ^ np.uint32(0x1BD11BDA)
+    schedule = (k0, k1, k2)
+    x0 = x0 + k0
+    x1 = x1 + k1
+    for block in range(5):
+        for rotation in _ROTATIONS[block % 2]:
+            x0 = x0 + x1
+            x1 = _rotate_left(x1, rotation)
+            x1 = x1 ^ x0
+        x0 = x0 + schedule[(block + 1) % 3]
+        x1 = x1 + schedule[(block + 2) % 3] + np.uint32(block + 1)
+    return x0, x1
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """Row-major element index as uint32, built from broadcasted iotas (partitionable)."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        if shape[axis] > 1:
+            index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def random_bits(key: Any, shape: Sequence[int]) -> jax.Array:
+    """Uniform ``uint32`` bits, equal to ``jax.random.bits(key, shape, jnp.uint32)``.
+
+    For threefry keys the bits are computed by a fusible unrolled threefry (see the module
+    docstring); XLA then computes them inside whatever consumes them, so they are never stored.
+
+    Args:
+      key: a single PRNG key (typed or legacy raw).
+      shape: the shape of the bits.
+
+    Returns:
+      ``uint32`` array of ``shape``.
+    """
+    key = canonical_key(key)
+    shape = tuple(int(d) for d in shape)
+    size = math.prod(shape)
+    if str(jax.random.key_impl(key)) != "threefry2x32" or size >= 2**32:
+        # Other generators are already fused or fast on their backend; >= 2**32 elements need
+        # JAX's two-word counter, whose bits we then take as they are.
+        return jax.random.bits(key, shape, jnp.uint32)
+    data = jax.random.key_data(key)
+    t0, t1 = threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), _flat_index(shape))
+    return t0 ^ t1
+
+
+# --------------------------------------------------------------------------------------- rates
+
+
+def keep_threshold(keep: jax.Array) -> jax.Array:
+    """``ceil(keep * 2**23)`` as ``uint32``: the integer threshold of the keep test.
+
+    ``keep`` must already be a float32 array in [0, 1] (the public functions check it).
+    """
+    return jnp.ceil(jnp.asarray(keep, jnp.float32) * _THRESHOLD_ONE).astype(jnp.uint32)
+
+
+def realised_keep(threshold: jax.Array) -> jax.Array:
+    """The exact keep probability of the test with this threshold: ``threshold / 2**23``."""
+    return threshold.astype(jnp.float32) / _THRESHOLD_ONE
+
+
+def keep_from_bits(bits: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Bool keep decision: ``(bits >> 9) < threshold`` (the rule of ``jax.random.bernoulli``)."""
+    return (bits >> np.uint32(32 - THRESHOLD_BITS)) < threshold
+
+
+def broadcast_shape(shape: Sequence[int], broadcast_dims: Sequence[int] = ()) -> tuple[int, ...]:
+    """Shape of the drawn mask: ``shape`` with every dim in ``broadcast_dims`` set to 1.
+
+    A mask shared along those dims (as in flax's ``broadcast_dims``) is drawn once at this shape
+    and broadcast. Negative dims count from the end.
+
+    Raises:
+      ValueError: if a dim is out of range for ``len(shape)`` or repeated.
+      TypeError: if a dim is not an int.
+    """
+    shape = tuple(shape)
+    ndim = len(shape)
+    if isinstance(broadcast_dims, (int, np.integer)):
+        broadcast_dims = (int(broadcast_dims),)
+    seen = set()
+    for dim in broadcast_dims:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"`broadcast_dims` must hold ints, got {dim!r}.")
+        if not -ndim <= dim < ndim:
+            raise ValueError(
+                f"`broadcast_dims` entry {dim} is out of range for an input of rank {ndim}: "
+                f"allowed are {-ndim}..{ndim - 1}." if ndim else
+                f"`broadcast_dims` entry {dim} is out of range: a 0-d input has no dims."
+            )
+        canonical = int(dim) % ndim
+        if canonical in seen:
+            raise ValueError(f"`broadcast_dims` names dim {canonical} twice: {tuple(broadcast_dims)}.")
+        seen.add(canonical)
+    return tuple(1 if axis in seen else size for axis, size in enumerate(shape))
+
+
+def keep_mask(key: Any, shape: Sequence[int], rate: Any, *, broadcast_dims: Sequence[int] = ()) -> jax.Array:
+    """The exact bool keep mask that :func:`jdrop.dropout` uses for this key, shape and rate.
+
+    ``m_i = [u_i < 1 - rate]`` with ``u`` uniform on the 2**-23 grid drawn from ``key``; equal to
+    ``jax.random.bernoulli(key, 1 - rate, mask_shape)`` broadcast to ``shape``, where
+    ``mask_shape`` has size 1 along ``broadcast_dims`` (the mask is shared along those dims).
+    ``P(m_i = 1) = ceil((1 - rate) * 2**23) / 2**23``.
+
+    Args:
+      key: a PRNG key.
+      shape: shape of the mask.
+      rate: drop probability in [0, 1], a Python float or a traced scalar.
+      broadcast_dims: dims along which the mask is shared.
+
+    Returns:
+      bool array of ``shape``.
+    """
+    shape = tuple(int(d) for d in shape)
+    mask_shape = broadcast_shape(shape, broadcast_dims)
+    threshold = keep_threshold(keep_probability(rate))
+    return jnp.broadcast_to(keep_from_bits(random_bits(key, mask_shape), threshold), shape)
+
+
+# --------------------------------------------------------------------------------------- packing
+
+
+def pack_bits(mask: jax.Array) -> jax.Array:
+    """Packs a bool array into ``uint8``, 8 elements a byte (little-endian within each byte).
+
+    Element ``i`` (row-major) is bit ``i % 8`` of byte ``i // 8``; the last byte is padded with
+    zeros. The result has shape ``(ceil(mask.size / 8),)``; :func:`unpack_bits` inverts it.
+    """
+    flat = jnp.ravel(mask).astype(jnp.uint8)
+    pad = (-flat.size) % 8
+    flat = jnp.pad(flat, (0, pad)).reshape(-1, 8)
+    weights = jnp.asarray(1 << np.arange(8), jnp.uint8)
+    return jnp.sum(flat * weights, axis=1, dtype=jnp.uint8)
+
+
+def unpack_bits(packed: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Inverse of :func:`pack_bits`: the bool array of ``shape`` packed into ``packed``."""
+    shape = tuple(int(d) for d in shape)
+    size = math.prod(shape)
+    bits = (packed[:, None] >> jnp.arange(8, dtype=jnp.uint8)) & np.uint8(1)
+    return bits.reshape(-1)[:size].reshape(shape).astype(bool)
