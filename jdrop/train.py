@@ -116,24 +116,49 @@ def _per_example(state: TrainState, params: Any, x: jax.Array, keys: jax.Array |
     return jax.vmap(lambda xi: state.apply_fn(params, xi, key=None, train=False))(x)
 
 
-def _train_step(state: TrainState, batch: Batch, key: Any, offset: Any = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+def _train_step(
+    state: TrainState, batch: Batch, key: Any, offset: Any = 0, microbatches: int = 1
+) -> tuple[TrainState, dict[str, jax.Array]]:
     x, y = _check_batch(batch)
-    keys = masks.example_keys(key, x.shape[0], offset=offset)
+    size = x.shape[0] // microbatches
 
-    def loss(params):
-        outputs = _per_example(state, params, x, keys, train=True)
-        return state.loss_fn(outputs, y), outputs
+    def loss(params, micro_x, micro_y, micro_offset):
+        keys = masks.example_keys(key, micro_x.shape[0], offset=micro_offset)
+        outputs = _per_example(state, params, micro_x, keys, train=True)
+        return state.loss_fn(outputs, micro_y), outputs
 
-    (value, outputs), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    if microbatches == 1:
+        (value, outputs), grads = grad_fn(state.params, x, y, offset)
+    else:
+        # Gradient accumulation: microbatch j holds examples j*size..(j+1)*size-1 and draws
+        # their keys by global index, so the masks, and the update, equal the whole batch's.
+        split = jax.tree_util.tree_map(lambda v: v.reshape(microbatches, size, *v.shape[1:]), (x, y))
+
+        def body(total, j):
+            (value, outputs), grads = grad_fn(state.params, split[0][j], split[1][j], offset + j * size)
+            return jax.tree_util.tree_map(jnp.add, total, grads), (value, outputs)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        grads, (values, outputs) = jax.lax.scan(body, zeros, jnp.arange(microbatches))
+        grads = jax.tree_util.tree_map(lambda g: g / microbatches, grads)
+        value = jnp.mean(values)
+        outputs = outputs.reshape(x.shape[0], *outputs.shape[2:])
     return state.apply_gradients(grads), _metrics(state, outputs, y, value)
 
 
-_train_step_jit = jax.jit(_train_step)
-_train_step_donating = jax.jit(_train_step, donate_argnums=(0,))
+_train_step_jit = jax.jit(_train_step, static_argnames=("microbatches",))
+_train_step_donating = jax.jit(_train_step, static_argnames=("microbatches",), donate_argnums=(0,))
 
 
 def train_step(
-    state: TrainState, batch: Batch, key: Any, *, offset: Any = 0, donate: bool = False
+    state: TrainState,
+    batch: Batch,
+    key: Any,
+    *,
+    offset: Any = 0,
+    microbatches: int = 1,
+    donate: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One jit-compiled training step with a per-example dropout mask.
 
@@ -146,6 +171,10 @@ def train_step(
       batch: ``{"x": (B, ...), "y": (B, ...)}``.
       key: the step's PRNG key (e.g. ``jax.random.fold_in(run_key, step)``).
       offset: global index of the batch's first example (microbatches, shards).
+      microbatches: accumulate gradients over this many equal microbatches (a divisor of ``B``)
+        in a ``lax.scan``, for batches that do not fit in memory at once. The masks are the
+        whole batch's; the update equals the whole batch's (to float rounding) when ``loss_fn``
+        is a mean over examples.
       donate: donate ``state``'s buffers to the new state (saves the parameters' memory; the old
         state must not be used afterwards).
 
@@ -153,8 +182,13 @@ def train_step(
       ``(new_state, metrics)``; metrics hold ``loss`` and, for integer labels, ``accuracy``
       (of the dropped-out training outputs).
     """
+    x, _ = _check_batch(batch)
+    if isinstance(microbatches, bool) or not isinstance(microbatches, (int, np.integer)) or microbatches < 1:
+        raise ValueError(f"`microbatches` must be a positive int, got {microbatches!r}.")
+    if x.shape[0] % microbatches:
+        raise ValueError(f"`microbatches` ({microbatches}) must divide the batch size ({x.shape[0]}).")
     step = _train_step_donating if donate else _train_step_jit
-    return step(state, batch, masks.canonical_key(key), offset)
+    return step(state, batch, masks.canonical_key(key), offset, microbatches=int(microbatches))
 
 
 @jax.jit
