@@ -5,6 +5,8 @@ The package face re-exports the public names; the code lives in one module per c
 (the seed's network) and ``jdrop.train`` (the training loop).
 """
 
+from jdrop import checkpoint as checkpoint
+from jdrop import distributed as distributed
 from jdrop import masks as masks
 from jdrop import mlp as mlp
 from jdrop import train as train

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -16,7 +17,7 @@ import jax
 import optax
 
 import jdrop
-from jdrop import mlp, train
+from jdrop import distributed, mlp, train
 from jdrop.data import mnist1d
 
 
@@ -34,7 +35,8 @@ def run(name: str, rates: tuple[float, ...], args: argparse.Namespace, data) -> 
         epochs=args.epochs,
         batch_size=args.batch_size,
         eval_data={"train": train_data, "test": test_data},
-        progress=not args.quiet,
+        progress=not args.quiet and jax.process_index() == 0,
+        mesh=args.mesh,
     )
     history["seconds"] = time.perf_counter() - start
     history["name"] = name
@@ -77,11 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    dist = parser.add_argument_group("multi-process training (jax.distributed; omit to read JAX's environment)")
+    dist.add_argument("--coordinator", help="address host:port of process 0, e.g. host0:1234")
+    dist.add_argument("--num-processes", type=int)
+    dist.add_argument("--process-id", type=int)
     args = parser.parse_args(argv)
     if len(args.rates) != len(args.hidden) + 1:
         parser.error(f"--rates needs {len(args.hidden) + 1} values (one per weight layer)")
 
-    print(f"jdrop {jdrop.__version__} on {jax.default_backend()} ({jax.device_count()} device(s))")
+    mesh = None
+    if args.coordinator or args.num_processes or "JAX_COORDINATOR_ADDRESS" in os.environ:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if jax.device_count() > 1:
+        mesh = distributed.data_mesh()
+        if args.batch_size % jax.device_count():
+            parser.error(f"--batch-size must be a multiple of the device count ({jax.device_count()})")
+    args.mesh = mesh
+    print(f"jdrop {jdrop.__version__} on {jax.default_backend()}: {jax.device_count()} device(s), "
+          f"{jax.process_count()} process(es)")
     data = mnist1d(seed=args.data_seed)
     print(f"MNIST-1D: {len(data[0]['y'])} train / {len(data[1]['y'])} test examples")
     histories = [
@@ -89,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         run("dropout " + "/".join(f"{r:g}" for r in args.rates), tuple(args.rates), args, data),
     ]
 
+    if jax.process_index() != 0:
+        return 0
     print(f"\n{'model':<22}{'train acc':>10}{'test acc':>10}{'gap':>8}{'seconds':>9}")
     for h in histories:
         tr, te = h["train_accuracy"][-1], h["test_accuracy"][-1]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,11 @@ def _mask_from_key(key_data: jax.Array, res: DropoutResidual) -> jax.Array:
 
 
 def _train_forward(
-    cfg: tuple[str, str, str, tuple[int, ...]], key_data: jax.Array, x: jax.Array, threshold: jax.Array, valid: jax.Array
+    cfg: tuple[str, str, str, tuple[int, ...]],
+    key_data: jax.Array,
+    x: jax.Array,
+    threshold: jax.Array,
+    valid: jax.Array,
 ) -> tuple[jax.Array, DropoutResidual]:
     residual, scale, impl, mask_shape = cfg
     res = DropoutResidual(key_data, None, threshold, valid, residual, scale, True, impl, mask_shape)

@@ -34,7 +34,8 @@ def check_rate(rate: Any, *, name: str = "rate", upper: float = 1.0) -> float | 
         value = float(rate)
     elif hasattr(rate, "dtype") and hasattr(rate, "shape"):
         dtype = np.dtype(rate.dtype) if not jax.dtypes.issubdtype(rate.dtype, jax.dtypes.prng_key) else None
-        if dtype is None or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)) or dtype == np.bool_:
+        real = dtype is not None and dtype != np.bool_
+        if not (real and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer))):
             raise TypeError(f"`{name}` must be a real scalar, got an array of dtype {rate.dtype}.")
         if tuple(rate.shape) != ():
             raise ValueError(f"`{name}` must be a scalar, got shape {tuple(rate.shape)}.")

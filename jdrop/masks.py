@@ -47,10 +47,12 @@ __all__ = [
     "keep_from_bits",
     "keep_mask",
     "keep_threshold",
+    "normal_from_bits",
     "pack_bits",
     "random_bits",
     "realised_keep",
     "threefry2x32",
+    "uniform_from_bits",
     "unpack_bits",
 ]
 
@@ -258,6 +260,35 @@ def keep_mask(key: Any, shape: Sequence[int], rate: Any, *, broadcast_dims: Sequ
     mask_shape = broadcast_shape(shape, broadcast_dims)
     threshold = keep_threshold(keep_probability(rate))
     return jnp.broadcast_to(keep_from_bits(random_bits(key, mask_shape), threshold), shape)
+
+
+# --------------------------------------------------------------------------------------- floats
+
+
+def uniform_from_bits(bits: jax.Array, minval: float = 0.0, maxval: float = 1.0) -> jax.Array:
+    """Float32 uniforms on ``[minval, maxval)`` from ``uint32`` bits, as ``jax.random.uniform`` makes them.
+
+    The top 23 bits become the mantissa of a float in [1, 2), so ``u = (bits >> 9) / 2**23`` on
+    [0, 1) (the same 23 bits that :func:`keep_from_bits` compares with the threshold), then
+    ``max(minval, u * (maxval - minval) + minval)``. With ``bits = random_bits(key, shape)`` this
+    equals ``jax.random.uniform(key, shape, jnp.float32, minval, maxval)`` (bit for bit for the
+    default range; for others up to XLA's choice of fusing the final multiply-add).
+    """
+    mantissa = (bits >> np.uint32(32 - THRESHOLD_BITS)) | np.uint32(0x3F800000)
+    floats = lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+    low, high = np.float32(minval), np.float32(maxval)
+    return lax.max(low, floats * (high - low) + low)
+
+
+def normal_from_bits(bits: jax.Array) -> jax.Array:
+    """Float32 standard normals from ``uint32`` bits, as ``jax.random.normal`` makes them.
+
+    ``z = sqrt(2) * erfinv(u)`` with ``u`` uniform on ``[nextafter(-1, 0), 1)`` from
+    :func:`uniform_from_bits`. With ``bits = random_bits(key, shape)`` this equals
+    ``jax.random.normal(key, shape, jnp.float32)``.
+    """
+    low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    return np.float32(np.sqrt(2.0)) * lax.erf_inv(uniform_from_bits(bits, low, 1.0))
 
 
 # --------------------------------------------------------------------------------------- packing

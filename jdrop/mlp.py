@@ -23,8 +23,9 @@ that consume the cotangent, so dropout adds nothing per element to a training st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,9 @@ class MLPResiduals:
     impl: str
 
 
-def init(key: Any, layer_sizes: Sequence[int], *, activation: Activation = "tanh", dtype: Any = jnp.float32) -> MLPParams:
+def init(
+    key: Any, layer_sizes: Sequence[int], *, activation: Activation = "tanh", dtype: Any = jnp.float32
+) -> MLPParams:
     """Initialises an MLP with ``len(layer_sizes) - 1`` weight layers.
 
     ``W_l ~ N(0, gain / d_l)`` (LeCun normal for tanh, gain 1; He normal for relu, gain 2), ``b_l = 0``.
@@ -332,7 +335,12 @@ def apply(
 
 
 def forward(
-    params: MLPParams, x: Any, key: Any, rates: Sequence[Any] | float, *, scale: Literal["inverted", "classic"] = "inverted"
+    params: MLPParams,
+    x: Any,
+    key: Any,
+    rates: Sequence[Any] | float,
+    *,
+    scale: Literal["inverted", "classic"] = "inverted",
 ) -> tuple[jax.Array, MLPResiduals]:
     """The seed's training forward pass: returns ``(logits, residuals)`` for :func:`backward`.
 

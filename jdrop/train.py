@@ -212,8 +212,8 @@ def evaluate(state: TrainState, data: Batch, *, batch_size: int = 1024) -> dict[
     return {name: total / n for name, total in totals.items()}
 
 
-@partial(jax.jit, static_argnames=("batch_size", "shuffle"), donate_argnums=(0,))
-def _train_epoch(state, data, key, batch_size, shuffle):
+@partial(jax.jit, static_argnames=("batch_size", "shuffle", "batch_sharding"), donate_argnums=(0,))
+def _train_epoch(state, data, key, batch_size, shuffle, batch_sharding):
     x, _ = _check_batch(data)
     n = x.shape[0]
     num_batches = n // batch_size
@@ -224,6 +224,8 @@ def _train_epoch(state, data, key, batch_size, shuffle):
     def body(state, batch_index):
         idx = order[batch_index]
         batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return _train_step(state, batch, jax.random.fold_in(step_key, batch_index))
 
     state, metrics = jax.lax.scan(body, state, jnp.arange(num_batches))
@@ -231,13 +233,23 @@ def _train_epoch(state, data, key, batch_size, shuffle):
 
 
 def train_epoch(
-    state: TrainState, data: Batch, key: Any, *, batch_size: int, shuffle: bool = True
+    state: TrainState,
+    data: Batch,
+    key: Any,
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One epoch as a single compiled ``lax.scan`` over minibatches (no per-step host overhead).
 
     The examples are shuffled with ``split(key)[0]``; minibatch ``j`` trains with step key
     ``fold_in(split(key)[1], j)``. The last ``n % batch_size`` examples of the shuffled order are
     dropped. ``state`` is donated (do not reuse it).
+
+    With ``mesh`` (see :mod:`jdrop.distributed`), ``state`` and ``data`` are replicated on it and
+    every minibatch is sharded over its first axis (data parallelism, also across processes);
+    the result equals the single-device one, as masks are drawn by global example index.
 
     Returns:
       ``(new_state, metrics averaged over the epoch's steps)``.
@@ -247,7 +259,13 @@ def train_epoch(
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     if batch_size > x.shape[0]:
         raise ValueError(f"`batch_size` ({batch_size}) exceeds the number of examples ({x.shape[0]}).")
-    return _train_epoch(state, dict(data), masks.canonical_key(key), int(batch_size), bool(shuffle))
+    batch_sharding = None
+    if mesh is not None:
+        from jdrop import distributed
+
+        state, data = distributed.replicate((state, dict(data)), mesh)
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+    return _train_epoch(state, dict(data), masks.canonical_key(key), int(batch_size), bool(shuffle), batch_sharding)
 
 
 def fit(
@@ -259,10 +277,12 @@ def fit(
     batch_size: int,
     eval_data: Mapping[str, Batch] | None = None,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, dict[str, list[float]]]:
     """Trains for ``epochs`` epochs with :func:`train_epoch`, evaluating after each, with a tqdm bar.
 
-    Epoch ``e`` uses ``fold_in(key, e)``. ``eval_data`` maps a name (e.g. ``"train"``, ``"test"``)
+    Epoch ``e`` uses ``fold_in(key, e)``; ``mesh`` shards the minibatches (:func:`train_epoch`).
+    ``eval_data`` maps a name (e.g. ``"train"``, ``"test"``)
     to a data set evaluated deterministically after every epoch.
 
     Returns:
@@ -275,7 +295,9 @@ def fit(
     history: dict[str, list[float]] = {"epoch": [], "step_loss": []}
     bar = tqdm(range(epochs), disable=not progress, desc="epochs")
     for epoch in bar:
-        state, metrics = train_epoch(state, train_data, jax.random.fold_in(key, epoch), batch_size=batch_size)
+        state, metrics = train_epoch(
+            state, train_data, jax.random.fold_in(key, epoch), batch_size=batch_size, mesh=mesh
+        )
         history["epoch"].append(epoch + 1)
         history["step_loss"].append(float(metrics["loss"]))
         for name, data in (eval_data or {}).items():

@@ -123,8 +123,8 @@ def test_corrupt_or_truncated_file_is_rejected(tmp_path):
 
 def test_template_mismatch_is_rejected(tmp_path):
     path = checkpoint.save(tmp_path / "ckpt.npz", _state())
-    other = jdrop.TrainState.create(apply_fn=partial(mlp.apply, rates=0.5), params=mlp.init(jax.random.key(0), [3, 6, 2]),
-                                    tx=optax.sgd(0.1))
+    params = mlp.init(jax.random.key(0), [3, 6, 2])
+    other = jdrop.TrainState.create(apply_fn=partial(mlp.apply, rates=0.5), params=params, tx=optax.sgd(0.1))
     with pytest.raises(ValueError, match="shape"):
         checkpoint.restore(path, other)
     with pytest.raises(ValueError, match="different tree"):
