@@ -19,6 +19,7 @@ demo: $(VENV)/.installed-data
 
 test: $(VENV)/.installed-dev
 	$(PY) -m ruff check jdrop tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-bench

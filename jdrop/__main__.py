@@ -38,10 +38,7 @@ def run(name: str, rates: tuple[float, ...], args: argparse.Namespace, data) -> 
         progress=not args.quiet and jax.process_index() == 0,
         mesh=args.mesh,
     )
-    history["seconds"] = time.perf_counter() - start
-    history["name"] = name
-    history["rates"] = list(rates)
-    return history
+    return {**history, "seconds": time.perf_counter() - start, "name": name, "rates": list(rates)}
 
 
 def plot(histories: list[dict], path: Path) -> None:

@@ -141,10 +141,9 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
     if res.residual == "key":
         key_data, dy = lax.optimization_barrier((res.key_data, dy))
         mask = _mask_from_key(key_data, res)
-    elif res.residual == "bits":
-        mask = masks.unpack_bits(res.mask, res.mask_shape)
     else:
-        mask = res.mask
+        assert res.mask is not None, "a bits/mask residual carries the mask"
+        mask = masks.unpack_bits(res.mask, res.mask_shape) if res.residual == "bits" else res.mask
     return _apply(res, mask, dy)
 
 

@@ -70,7 +70,9 @@ def save(path: str | os.PathLike[str], tree: Any) -> Path:
         "sha256": _digest(arrays),
     }
     buffer = io.BytesIO()
-    np.savez(buffer, __meta__=np.array(json.dumps(meta)), **{f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
+    entries: dict[str, Any] = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
+    entries["__meta__"] = np.array(json.dumps(meta))
+    np.savez(buffer, **entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -71,9 +71,15 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis: str = "data") -> dic
         if isinstance(value, jax.Array) and value.is_fully_addressable is False:
             out[name] = value  # already global
             continue
-        host = np.asarray(value)
-        out[name] = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
+        out[name] = _global_array(np.asarray(value), sharding)
     return out
+
+
+def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    def rows(index: Any) -> np.ndarray:
+        return host[index]
+
+    return jax.make_array_from_callback(host.shape, sharding, rows)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -84,7 +90,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             data = put(jax.random.key_data(leaf))
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-        host = np.asarray(leaf)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return _global_array(np.asarray(leaf), sharding)
 
     return jax.tree_util.tree_map(put, tree)

@@ -315,18 +315,18 @@ def apply(
       train: training mode (dropout on) or evaluation.
       scale: ``"inverted"`` or ``"classic"``.
     """
-    params, x, rates, active = _prepare(params, x, key, rates, scale)
+    params, x, checked, active = _prepare(params, x, key, rates, scale)
     if not train:
         h = x
         last = len(params.weights) - 1
         for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
-            a = dropout(None, h, rates[layer], deterministic=True, scale=scale)
+            a = dropout(None, h, checked[layer], deterministic=True, scale=scale)
             z = a @ w + b
             h = z if layer == last else _act(params.activation, z)
         return h
     key_data, impl = _key_data(key, x)
     static = (active, scale, impl)
-    rates_arr = _rates_array(rates)
+    rates_arr = _rates_array(checked)
     if x.ndim == 2:
         return _apply_batch(static, params, x, key_data, rates_arr)
     if _is_vmapped(x):
@@ -347,12 +347,12 @@ def forward(
     Same computation as ``apply(params, x, key=key, rates=rates, train=True)``. The residuals hold
     the pre-dropout activation of every layer and the example keys (see the module docstring).
     """
-    params, x, rates, active = _prepare(params, x, key, rates, scale)
+    params, x, checked, active = _prepare(params, x, key, rates, scale)
     key_data, impl = _key_data(key, x)
     batched = x.ndim == 2
     if not batched:
         x, key_data = x[None], key_data[None]
-    out, res = _apply_batch_fwd((active, scale, impl), params, x, key_data, _rates_array(rates))
+    out, res = _apply_batch_fwd((active, scale, impl), params, x, key_data, _rates_array(checked))
     return (out if batched else out[0]), res
 
 
