@@ -1,0 +1,77 @@
+"""Golden vectors: mask bits for fixed keys, shapes and rates never change silently.
+
+The fixtures in tests/golden/masks.json hold SHA-256 digests of the masks (and small masks in full).
+A change of mask bits is a breaking change for reproducibility: regenerate deliberately with
+``JDROP_REGENERATE_GOLDEN=1 pytest tests/test_golden.py`` and say so in CHANGELOG.md.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdrop
+
+GOLDEN = Path(__file__).parent / "golden" / "masks.json"
+
+
+def _digest(array) -> str:
+    array = np.asarray(array)
+    return hashlib.sha256(str((array.dtype.str, array.shape)).encode() + array.tobytes()).hexdigest()
+
+
+def _cases():
+    key = jax.random.key(2024)
+    legacy = jax.random.PRNGKey(7)
+    x = jnp.arange(1.0, 1.0 + 6 * 10 * 4).reshape(6, 10, 4)
+    cases = {
+        "bits_threefry_(5,7)": jdrop.masks.random_bits(key, (5, 7)),
+        "bits_legacy_(33,)": jdrop.masks.random_bits(legacy, (33,)),
+        "keep_mask_(8,16)_0.5": jdrop.keep_mask(key, (8, 16), 0.5),
+        "keep_mask_(1000,)_0.1": jdrop.keep_mask(key, (1000,), 0.1),
+        "keep_mask_(64,64)_0.9": jdrop.keep_mask(jax.random.fold_in(key, 1), (64, 64), 0.9),
+        "keep_mask_(6,10,4)_0.3_bdims(1,)": jdrop.keep_mask(key, (6, 10, 4), 0.3, broadcast_dims=(1,)),
+        "keep_mask_(6,10,4)_0.5_bdims(0,2)": jdrop.keep_mask(key, (6, 10, 4), 0.5, broadcast_dims=(0, 2)),
+        "example_keys_5_offset3": jax.random.key_data(jdrop.example_keys(key, 5, offset=3)),
+        "dropout_inverted_0.25": jdrop.dropout(key, x, 0.25),
+        "dropout_classic_0.25": jdrop.dropout(key, x, 0.25, scale="classic"),
+        "dropout_bits_residual_packed": jdrop.dropout_fwd(key, x, 0.5, residual="bits")[1].mask,
+    }
+    params = jdrop.mlp.init(key, [4, 8, 3])
+    cases["mlp_apply_train"] = jdrop.mlp.apply(params, jnp.ones((5, 4)), key=key, rates=(0.2, 0.5), train=True)
+    return cases
+
+
+def _fingerprints():
+    out = {}
+    for name, value in _cases().items():
+        value = np.asarray(value)
+        entry = {"sha256": _digest(value), "shape": list(value.shape), "dtype": value.dtype.str}
+        if value.size <= 64 and value.dtype != np.float32:
+            entry["values"] = value.astype(np.int64).ravel().tolist()
+        out[name] = entry
+    return out
+
+
+def test_golden_masks_unchanged():
+    current = _fingerprints()
+    if os.environ.get("JDROP_REGENERATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+        pytest.skip("golden vectors regenerated")
+    stored = json.loads(GOLDEN.read_text())
+    missing = sorted(set(current) - set(stored))
+    assert not missing, f"cases without golden vectors (regenerate deliberately): {missing}"
+    changed = sorted(name for name in stored if stored[name] != current.get(name))
+    assert not changed, f"mask bits changed for {changed}"
+
+
+def test_golden_bits_equal_jax_random_bits():
+    """The stored bits are JAX's own: the golden file pins jdrop to jax.random.bits, not to itself."""
+    key = jax.random.key(2024)
+    np.testing.assert_array_equal(jdrop.masks.random_bits(key, (5, 7)), jax.random.bits(key, (5, 7), jnp.uint32))
