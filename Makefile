@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,17 @@ demo: $(VENV)/.installed-data
 test: $(VENV)/.installed-dev
 	$(PY) -m ruff check jdrop tests benchmarks
 	$(PY) -m mypy
+	$(PY) -m mkdocs build --strict --quiet --site-dir site
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks
 
+docs: $(VENV)/.installed-dev
+	$(PY) -m mkdocs build --strict --site-dir site
+
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check jdrop tests benchmarks
 
 clean:
-	rm -rf $(VENV) out build dist .pytest_cache
+	rm -rf $(VENV) out build dist site .pytest_cache
