@@ -1,0 +1,61 @@
+"""Other frameworks' ``Dropout`` modules around :func:`jdrop.dropout`.
+
+One drop-in replacement per framework, each with that framework's own conventions:
+
+- :class:`jdrop.interop.linen.Dropout`: a ``flax.linen`` module (``rng_collection``, ``make_rng``);
+- :class:`jdrop.interop.nnx.Dropout`: a ``flax.nnx`` module (``rngs`` streams, ``train()`` / ``eval()``);
+- :class:`jdrop.interop.equinox.Dropout`: an ``equinox`` module (``key=``, ``inference``).
+
+Each takes its key exactly where and when its framework's ``Dropout`` does and hands it to
+:func:`jdrop.dropout`, whose mask equals ``jax.random.bernoulli``'s: a model using the adapter
+gives the framework's outputs and gradients (to float rounding) for the same rng state, and adds
+jdrop's ``residual`` and ``scale`` options.
+
+The frameworks are optional dependencies. ``import jdrop`` (and ``import jdrop.interop``) imports
+none of them; a submodule imports its framework when it is first used::
+
+  from flax import nnx
+  from jdrop.interop import nnx as jdrop_nnx     # the adapter module; jdrop.interop.nnx works too
+  layer = jdrop_nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0), residual="bits")
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from jdrop._dropout import _RESIDUALS, _SCALES
+from jdrop._rates import check_rate
+
+_SUBMODULES = ("equinox", "linen", "nnx")
+
+
+def __getattr__(name: str) -> ModuleType:
+    # Lazy: importing a submodule imports its framework, which jdrop never needs by itself.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(_SUBMODULES)
+
+
+def _check_fields(scale: Any, residual: Any) -> None:
+    """Rejects an unknown ``scale`` or ``residual`` when the module is built, not at its first call."""
+    if scale not in _SCALES:
+        raise ValueError(f"`scale` must be one of {_SCALES}, got {scale!r}.")
+    if residual not in _RESIDUALS:
+        raise ValueError(f"`residual` must be one of {_RESIDUALS}, got {residual!r}.")
+
+
+def _concrete_rate(rate: Any) -> float | None:
+    """A checked ``rate`` as a float when it is known in Python, else None (a traced rate).
+
+    flax decides "rate 0: identity" and "rate 1: zeros" in Python, before drawing a key; the flax
+    adapters make the same decisions on the same values, so the rng streams advance exactly as with
+    flax's Dropout, and leave traced rates (schedules) to :func:`jdrop.dropout`.
+    """
+    rate = check_rate(rate)
+    return rate if isinstance(rate, float) else None

@@ -1,0 +1,90 @@
+"""``flax.linen`` Dropout around :func:`jdrop.dropout`: a drop-in replacement for ``flax.linen.Dropout``."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.typing import PRNGKey
+
+from jdrop._dropout import Residual, Scale, dropout
+from jdrop._rates import check_float_input
+from jdrop.interop import _check_fields, _concrete_rate
+
+__all__ = ["Dropout"]
+
+
+class Dropout(nn.Dropout):
+    """Dropout (Srivastava et al. 2014) as a ``flax.linen`` module, computed by :func:`jdrop.dropout`.
+
+    A subclass of ``flax.linen.Dropout`` with its fields, call signature, rng handling and errors:
+    the key is ``rng`` if given, else ``self.make_rng(rng_collection)``, drawn only when a mask is
+    needed (not in deterministic mode, nor at rate 0 or 1), so the rng collection advances as
+    with ``flax.linen.Dropout``. That key goes to ``jdrop.dropout``, whose mask is flax's mask
+    (``jax.random.bernoulli(key, 1 - rate)``): same model, same rngs, same outputs and gradients
+    (to float rounding). With ``m`` that mask, shared along ``broadcast_dims``, and
+    ``keep = 1 - rate`` (to 2**-23, see :func:`jdrop.dropout`)::
+
+        scale="inverted" (flax's):  train  y = m * x / keep      deterministic  y = x
+        scale="classic":            train  y = m * x             deterministic  y = keep * x
+
+    Unlike flax, the backward pass does not keep the mask unless asked: ``residual="key"``
+    regenerates it from the key, ``"bits"`` keeps it packed 1 bit per element, ``"mask"`` keeps
+    the bool mask as flax does. All three give the same gradients.
+
+    Attributes:
+      rate: the dropout probability (*not* the keep rate!).
+      broadcast_dims: dimensions that will share the same dropout mask.
+      deterministic: if False the inputs are masked and scaled; if True no mask is applied. May
+        instead be passed at call time (exactly one of the two, as ``flax.linen.merge_param``
+        requires).
+      rng_collection: the rng collection name to use when requesting an rng key.
+      scale: ``"inverted"`` (default, flax's) or ``"classic"``.
+      residual: ``"key"`` (default), ``"bits"`` or ``"mask"``: what the backward pass keeps.
+
+    Example::
+
+      >>> import flax.linen as nn
+      >>> import jax, jax.numpy as jnp
+      >>> from jdrop.interop import linen as jdrop_linen
+      >>> class MLP(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x, train):
+      ...     x = nn.Dense(4)(x)
+      ...     return jdrop_linen.Dropout(0.5, deterministic=not train)(x)
+      >>> x = jnp.ones((1, 3))
+      >>> variables = MLP().init(jax.random.key(0), x, train=False)
+      >>> y = MLP().apply(variables, x, train=True, rngs={'dropout': jax.random.key(1)})
+    """
+
+    scale: Scale = "inverted"
+    residual: Residual = "key"
+
+    def __post_init__(self) -> None:
+        _check_fields(self.scale, self.residual)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool | None = None, rng: PRNGKey | None = None) -> jax.Array:
+        """Applies a random dropout mask to the input.
+
+        Args:
+          inputs: the inputs that should be randomly masked (a floating array).
+          deterministic: if False the inputs are masked and scaled; if True no mask is applied.
+          rng: an optional PRNG key used as the random key; if not given, one is generated with
+            ``make_rng`` from the ``rng_collection`` collection.
+
+        Returns:
+          The masked inputs, reweighted to preserve the mean; same shape and dtype.
+        """
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        rate = _concrete_rate(self.rate)
+        options = {"broadcast_dims": self.broadcast_dims, "scale": self.scale, "residual": self.residual}
+        if rate == 0.0 or deterministic:
+            return dropout(None, inputs, self.rate, deterministic=True, **options)
+        if rate == 1.0:
+            # flax draws no key at rate 1; neither do we, so later make_rng calls stay in step.
+            return jnp.zeros_like(check_float_input(inputs))
+        if rng is None:
+            rng = self.make_rng(self.rng_collection)
+        return dropout(rng, inputs, self.rate, **options)
