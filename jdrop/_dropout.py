@@ -26,7 +26,7 @@ _RESIDUALS = ("key", "bits", "mask")
 @partial(
     jax.tree_util.register_dataclass,
     data_fields=["key_data", "mask", "threshold", "valid"],
-    meta_fields=["residual", "scale", "train", "impl", "mask_shape"],
+    meta_fields=["residual", "scale", "train", "impl", "mask_shape", "identity"],
 )
 @dataclasses.dataclass(frozen=True)
 class DropoutResidual:
@@ -41,7 +41,10 @@ class DropoutResidual:
     - deterministic (``train=False``): no mask; the backward pass multiplies by the eval scale.
 
     ``threshold`` is the integer keep threshold (``ceil(keep * 2**23)``) and ``valid`` is False
-    when a traced rate was outside [0, 1] (outputs and gradients are then NaN).
+    when a traced rate was outside [0, 1] (outputs and gradients are then NaN). ``identity`` marks a
+    pass that is statically the identity (static rate 0, or inverted evaluation with a static rate):
+    it returns its input itself, not a product with 1, which XLA:CPU would flush to zero for
+    subnormal numbers outside ``jit``.
     """
 
     key_data: jax.Array | None
@@ -53,6 +56,7 @@ class DropoutResidual:
     train: bool
     impl: str | None
     mask_shape: tuple[int, ...]
+    identity: bool = False
 
 
 def _multiplier(res: DropoutResidual, dtype: Any) -> jax.Array:
@@ -73,6 +77,8 @@ def _compute_dtype(dtype: Any) -> np.dtype:
 
 def _apply(res: DropoutResidual, mask: jax.Array | None, values: jax.Array) -> jax.Array:
     """``values * mask * multiplier`` in at least float32, cast back to the input dtype."""
+    if res.identity:
+        return values
     dtype = _compute_dtype(values.dtype)
     factor = _multiplier(res, dtype)
     wide = values.astype(dtype)
@@ -171,8 +177,11 @@ def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual):
     mask_shape = masks.broadcast_shape(x.shape, broadcast_dims)
     threshold = masks.keep_threshold(keep_probability(rate))
     valid = jnp.asarray(rate_is_valid(rate))
-    if deterministic or (isinstance(rate, float) and rate == 0.0):
-        return x, None, DropoutResidual(None, None, threshold, valid, residual, scale, False, None, mask_shape)
+    static = isinstance(rate, float)
+    if deterministic or (static and rate == 0.0):
+        identity = static and (rate == 0.0 or scale == "inverted")
+        res = DropoutResidual(None, None, threshold, valid, residual, scale, False, None, mask_shape, identity)
+        return x, None, res
     if key is None:
         raise ValueError(
             "dropout needs a PRNG `key` in training mode: pass key=jax.random.key(seed) (one per "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,7 @@ class Dropout(nn.Dropout):
         """
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         rate = _concrete_rate(self.rate)
-        options = {"broadcast_dims": self.broadcast_dims, "scale": self.scale, "residual": self.residual}
+        options: dict[str, Any] = dict(broadcast_dims=self.broadcast_dims, scale=self.scale, residual=self.residual)
         if rate == 0.0 or deterministic:
             return dropout(None, inputs, self.rate, deterministic=True, **options)
         if rate == 1.0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,7 @@ class Dropout(nnx.Dropout):
         if deterministic is None:
             raise ValueError(_NO_DETERMINISTIC)
         rate = _concrete_rate(self.rate)
-        options = {"broadcast_dims": self.broadcast_dims, "scale": self.scale, "residual": self.residual}
+        options: dict[str, Any] = dict(broadcast_dims=self.broadcast_dims, scale=self.scale, residual=self.residual)
         if rate == 0.0 or deterministic:
             return dropout(None, inputs, self.rate, deterministic=True, **options)
         if rate == 1.0:
