@@ -42,7 +42,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["step", "params", "opt_state"],
+    data_fields=["step", "params", "opt_state", "hparams"],
     meta_fields=["apply_fn", "tx", "loss_fn"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,11 @@ class TrainState:
 
     ``loss_fn(outputs, targets)`` returns the mean loss of a minibatch; the default is
     :func:`softmax_cross_entropy` with integer labels.
+
+    ``hparams`` is an optional dict of arrays passed to ``apply_fn`` as keyword arguments, e.g.
+    ``{"rates": (0.1, 0.5, 0.5)}`` for :func:`jdrop.mlp.apply`. Being data, not static, it can change
+    between steps (a rate schedule: ``dataclasses.replace(state, hparams=...)``) or be vmapped over
+    (a rate sweep as one compiled program) without recompiling.
     """
 
     step: jax.Array
@@ -59,6 +64,7 @@ class TrainState:
     apply_fn: Callable[..., jax.Array]
     tx: optax.GradientTransformation
     loss_fn: LossFn = softmax_cross_entropy
+    hparams: Any = None
 
     @classmethod
     def create(
@@ -68,6 +74,7 @@ class TrainState:
         params: Any,
         tx: optax.GradientTransformation,
         loss_fn: LossFn | None = None,
+        hparams: Mapping[str, Any] | None = None,
     ) -> TrainState:
         """A fresh state at step 0 with ``tx.init(params)``."""
         if not callable(apply_fn):
@@ -81,6 +88,7 @@ class TrainState:
             apply_fn=apply_fn,
             tx=tx,
             loss_fn=softmax_cross_entropy if loss_fn is None else loss_fn,
+            hparams=None if hparams is None else jax.tree_util.tree_map(jnp.asarray, dict(hparams)),
         )
 
     def apply_gradients(self, grads: Any) -> TrainState:
@@ -111,9 +119,10 @@ def _metrics(state: TrainState, outputs: jax.Array, targets: jax.Array, loss: ja
 
 
 def _per_example(state: TrainState, params: Any, x: jax.Array, keys: jax.Array | None, train: bool) -> jax.Array:
+    hparams = state.hparams or {}
     if train:
-        return jax.vmap(lambda xi, ki: state.apply_fn(params, xi, key=ki, train=True))(x, keys)
-    return jax.vmap(lambda xi: state.apply_fn(params, xi, key=None, train=False))(x)
+        return jax.vmap(lambda xi, ki: state.apply_fn(params, xi, key=ki, train=True, **hparams))(x, keys)
+    return jax.vmap(lambda xi: state.apply_fn(params, xi, key=None, train=False, **hparams))(x)
 
 
 def _train_step(
