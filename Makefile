@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench lint docs clean
+.PHONY: demo test bench lint docs wheel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ bench: $(VENV)/.installed-bench
 
 docs: $(VENV)/.installed-dev
 	$(PY) -m mkdocs build --strict --site-dir site
+
+# Build an sdist and a wheel, install the wheel into a clean venv with only the runtime dependencies,
+# and run a one-step train_step there.
+wheel-check: $(VENV)/.installed-dev
+	rm -rf dist build/wheel-venv
+	$(PY) -m build --outdir dist
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install --quiet dist/*.whl
+	cd build && wheel-venv/bin/python -c "import functools, jax, jax.numpy as jnp, optax, jdrop; \
+	p = jdrop.mlp.init(jax.random.key(0), [4, 8, 3]); \
+	s = jdrop.TrainState.create(apply_fn=functools.partial(jdrop.mlp.apply, rates=0.5), params=p, tx=optax.sgd(0.1)); \
+	s, m = jdrop.train_step(s, {'x': jnp.ones((2, 4)), 'y': jnp.zeros((2,), jnp.int32)}, jax.random.key(1)); \
+	print('wheel OK: jdrop', jdrop.__version__, 'from', jdrop.__file__, 'loss', float(m['loss']))"
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check jdrop tests benchmarks

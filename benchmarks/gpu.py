@@ -1,0 +1,161 @@
+"""A prepared check-and-time script for a lent GPU: ``python -m benchmarks.gpu``.
+
+It runs in one process, in a few minutes on an H100, and needs only JAX with its CUDA plugin
+(plus whichever of flax, equinox and haiku are installed: the others are skipped):
+
+1. Correctness: ``jdrop.keep_mask`` equals ``jax.random.bernoulli`` for the same key (jitted and
+   not), ``jdrop.dropout`` equals the naive ``where(bernoulli, x / keep, 0)``, and its gradient
+   under every residual policy equals ``jax.grad`` of the naive version.
+2. The op table of :mod:`benchmarks.ops` (4096x4096 and 256x1024, forward and value_and_grad)
+   for every JAX framework, with the device copy ``x * 2.0`` as the bandwidth reference.
+3. Attention-probability dropout at shape (8, 16, 2048, 2048) (batch, heads, queries, keys),
+   where dropout's memory traffic matters most, reported the same way.
+
+Without a GPU (or with ``--quick``) the sizes shrink so that it runs on a CPU in a minute or
+two. Results go to ``$OUT/gpu.json`` when ``OUT`` is set (or ``--out PATH``); the exit status is
+1 when a correctness check fails.
+
+Example, on the lent machine::
+
+    PYTHONPATH=. python -m benchmarks.gpu            # writes $OUT/gpu.json
+    PYTHONPATH=. python -m benchmarks.gpu --quick    # a smoke test anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import ops
+from benchmarks._common import log, machine_description
+
+JAX_FRAMEWORKS = tuple(f for f in ops.FRAMEWORKS if f != "torch")
+ATTENTION_SHAPE = {"gpu": (8, 16, 2048, 2048), "cpu": (8, 16, 128, 128), "quick": (2, 4, 64, 64)}
+OP_SHAPES = {"gpu": ops.FULL_SHAPES, "cpu": ops.QUICK_SHAPES, "quick": ((256, 256), (64, 256))}
+RUNS = {"gpu": (50, 200), "cpu": (10, 30), "quick": (3, 5)}
+"""Timed runs (large arrays, small arrays) per measurement."""
+CALLS_PER_RUN = {"gpu": 10, "cpu": 1, "quick": 1}
+"""Calls queued per timed run: on a GPU, enough to hide the per-call host round trip."""
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def correctness_checks() -> list[dict[str, Any]]:
+    """Mask equality with ``jax.random.bernoulli`` and gradients against a naive dropout."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jdrop
+
+    results = []
+
+    def check(name: str, passed: Callable[[], Any]) -> None:
+        try:
+            ok, detail = bool(passed()), ""
+        except Exception as error:  # a crash is a failed check, reported, not a stopped script
+            ok, detail = False, f"{type(error).__name__}: {error}"
+        results.append({"check": name, "passed": ok, **({"detail": detail} if detail else {})})
+        log(f"  {'PASS' if ok else 'FAIL'} {name} {detail}")
+
+    def naive(key: Any, x: Any, rate: float) -> Any:
+        keep = 1.0 - rate
+        return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0.0)
+
+    key = jax.random.key(42)
+    for shape in ((7,), (128, 257), (4, 3, 33, 65)):
+        for rate in (0.1, 0.5, 0.9):
+            expected = jax.random.bernoulli(key, 1.0 - rate, shape)
+            check(
+                f"keep_mask == bernoulli {shape} rate {rate}",
+                lambda s=shape, r=rate, e=expected: np.array_equal(jdrop.keep_mask(key, s, r), e),
+            )
+            jitted = jax.jit(jdrop.keep_mask, static_argnums=(1,))
+            check(
+                f"jit(keep_mask) == bernoulli {shape} rate {rate}",
+                lambda s=shape, r=rate, e=expected, f=jitted: np.array_equal(f(key, s, r), e),
+            )
+    x = jax.random.normal(jax.random.key(1), (256, 513), jnp.float32)
+    cotangent = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    naive_grad = jax.jit(jax.grad(lambda x: jnp.vdot(naive(key, x, 0.5), cotangent)))(x)
+    for policy in ("key", "bits", "mask"):
+        forward = jax.jit(lambda x, p=policy: jdrop.dropout(key, x, 0.5, residual=p))
+        check(f"dropout[{policy}] == naive forward", lambda f=forward: np.allclose(f(x), naive(key, x, 0.5)))
+        grad = jax.jit(jax.grad(lambda x, p=policy: jnp.vdot(jdrop.dropout(key, x, 0.5, residual=p), cotangent)))
+        check(f"grad dropout[{policy}] == grad naive", lambda g=grad: np.allclose(g(x), naive_grad))
+    return results
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def time_frameworks(shapes: Sequence[Sequence[int]], size: str) -> list[dict[str, Any]]:
+    """The op records (see :mod:`benchmarks.ops`) of every installed JAX framework at ``shapes``."""
+    large_runs, small_runs = RUNS[size]
+    records = []
+    for framework in JAX_FRAMEWORKS:
+        try:
+            candidates = ops.jax_candidates(framework)
+        except ImportError as error:
+            log(f"  {framework}: skipped ({error})")
+            continue
+        for shape in shapes:
+            runs = large_runs if ops.is_large(shape) else small_runs
+            for name, fn in candidates.items():
+                for mode in ops.MODES:
+                    timing = ops.time_jax(fn, shape, mode, runs=runs, calls_per_run=CALLS_PER_RUN[size])
+                    records.append({"framework": framework, "name": name, "shape": list(shape), "mode": mode, **timing})
+                    log(f"  {name:24s} {'x'.join(map(str, shape)):>16s} {mode}: {timing['median_ms']:9.3f} ms")
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the checks and timings, prints the tables, writes the JSON; 1 if a check failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few runs (a smoke test on any machine)")
+    parser.add_argument("--out", type=Path, help="JSON path (default $OUT/gpu.json when OUT is set)")
+    args = parser.parse_args(argv)
+    import jax
+
+    backend = jax.default_backend()
+    size = "quick" if args.quick else ("gpu" if backend == "gpu" else "cpu")
+    start = time.perf_counter()
+    log(f"backend {backend}, devices {jax.devices()}, sizes: {size}")
+    log("correctness")
+    checks = correctness_checks()
+    log("op table")
+    op_records = time_frameworks(OP_SHAPES[size], size)
+    log("attention-probability dropout")
+    attention_records = time_frameworks([ATTENTION_SHAPE[size]], size)
+    op_summary, attention_summary = ops.summarize(op_records), ops.summarize(attention_records)
+    failed = [c["check"] for c in checks if not c["passed"]]
+    passed = len(checks) - len(failed)
+    print(f"correctness: {passed}/{len(checks)} checks passed", f"FAILED: {failed}" if failed else "")
+    print("\n## Op table\n")
+    print(ops.table(op_summary))
+    print(f"\n## Attention-probability dropout {ATTENTION_SHAPE[size]}\n")
+    print(ops.table(attention_summary))
+    report = {
+        "machine": machine_description(),
+        "sizes": size,
+        "elapsed_s": time.perf_counter() - start,
+        "checks": checks,
+        "ops": op_summary,
+        "attention": attention_summary,
+    }
+    out = args.out or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        log(f"wrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
