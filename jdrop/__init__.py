@@ -2,7 +2,9 @@
 
 The package face re-exports the public names; the code lives in one module per concept:
 ``jdrop.masks`` (keys to masks), ``jdrop.dropout`` and friends (the custom_vjp core), ``jdrop.mlp``
-(the seed's network) and ``jdrop.train`` (the training loop).
+(the seed's network), ``jdrop.train`` (the training loop), ``jdrop.variants`` (every other dropout, on the
+same core), ``jdrop.distributed``, ``jdrop.checkpoint`` and ``jdrop.interop`` (flax and equinox modules,
+imported on demand).
 """
 
 from jdrop import checkpoint as checkpoint
@@ -10,6 +12,7 @@ from jdrop import distributed as distributed
 from jdrop import masks as masks
 from jdrop import mlp as mlp
 from jdrop import train as train
+from jdrop import variants as variants
 from jdrop._dropout import DropoutResidual as DropoutResidual
 from jdrop._dropout import dropout as dropout
 from jdrop._dropout import dropout_bwd as dropout_bwd
@@ -24,5 +27,32 @@ from jdrop.train import max_norm as max_norm
 from jdrop.train import softmax_cross_entropy as softmax_cross_entropy
 from jdrop.train import train_epoch as train_epoch
 from jdrop.train import train_step as train_step
+from jdrop.variants import ClassificationPrediction as ClassificationPrediction
+from jdrop.variants import DropConnectMoments as DropConnectMoments
+from jdrop.variants import RegressionPrediction as RegressionPrediction
+from jdrop.variants import alpha_dropout as alpha_dropout
+from jdrop.variants import attention_dropout as attention_dropout
+from jdrop.variants import concrete_dropout as concrete_dropout
+from jdrop.variants import concrete_dropout_regulariser as concrete_dropout_regulariser
+from jdrop.variants import constant_schedule as constant_schedule
+from jdrop.variants import drop_path as drop_path
+from jdrop.variants import drop_path_rates as drop_path_rates
+from jdrop.variants import dropblock as dropblock
+from jdrop.variants import dropconnect as dropconnect
+from jdrop.variants import dropconnect_moments as dropconnect_moments
+from jdrop.variants import dropconnect_predict as dropconnect_predict
+from jdrop.variants import early_dropout_schedule as early_dropout_schedule
+from jdrop.variants import embedding_dropout as embedding_dropout
+from jdrop.variants import feature_alpha_dropout as feature_alpha_dropout
+from jdrop.variants import feature_dropout as feature_dropout
+from jdrop.variants import gaussian_dropout as gaussian_dropout
+from jdrop.variants import gaussian_noise as gaussian_noise
+from jdrop.variants import late_dropout_schedule as late_dropout_schedule
+from jdrop.variants import linear_schedule as linear_schedule
+from jdrop.variants import locked_dropout as locked_dropout
+from jdrop.variants import mc_predict as mc_predict
+from jdrop.variants import rdrop_loss as rdrop_loss
+from jdrop.variants import symmetric_kl as symmetric_kl
+from jdrop.variants import zoneout as zoneout
 
 __version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""Feature (channel, "spatial") dropout: whole channels dropped per example."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jdrop._dropout import Residual, dropout
+from jdrop._rates import check_float_input
+from jdrop.variants._checks import canonical_axis
+
+__all__ = ["feature_dropout"]
+
+
+def feature_broadcast_dims(ndim: int, *, channel_axis: Any, batch_axis: Any) -> tuple[int, ...]:
+    """The dims a per-(example, channel) mask is shared along: all but ``batch_axis`` and ``channel_axis``.
+
+    ``batch_axis=None`` means the input is one example (e.g. inside ``jax.vmap``).
+    """
+    if ndim < 1:
+        raise ValueError("feature dropout needs an input of rank >= 1 (it has a channel axis), got a scalar.")
+    channel = canonical_axis(channel_axis, ndim, name="channel_axis")
+    kept = {channel}
+    if batch_axis is not None:
+        batch = canonical_axis(batch_axis, ndim, name="batch_axis")
+        if batch == channel:
+            raise ValueError(
+                f"`batch_axis` and `channel_axis` must differ, both are dim {batch} of a rank-{ndim} input."
+            )
+        kept.add(batch)
+    return tuple(axis for axis in range(ndim) if axis not in kept)
+
+
+def feature_dropout(
+    key: Any,
+    x: Any,
+    rate: Any,
+    *,
+    channel_axis: int = -1,
+    batch_axis: int | None = 0,
+    deterministic: bool = False,
+    residual: Residual = "key",
+) -> jax.Array:
+    """Drops whole channels (feature maps) of each example (Tompson et al. 2015, "spatial dropout").
+
+    One ``m ~ Bernoulli(keep)`` per (example, channel), shared along every other axis::
+
+        train  y[b, ..., c] = m[b, c] * x[b, ..., c] / keep        eval  y = x
+
+    The mask is ``jdrop.keep_mask(key, x.shape, rate, broadcast_dims=<all other axes>)`` and the
+    op is :func:`jdrop.dropout` with those ``broadcast_dims``, so keys, residual policies, traced
+    rates, ``rate = 1`` and dtypes behave as in the core.
+
+    Works for any rank: ``(B, L, C)`` is ``torch.nn.Dropout1d`` / ``keras.layers.SpatialDropout1D``,
+    ``(B, H, W, C)`` is ``Dropout2d`` / ``SpatialDropout2D``, ``(B, D, H, W, C)`` is ``Dropout3d`` /
+    ``SpatialDropout3D``. jdrop is channels-last by default (as Keras); for PyTorch's layout
+    ``(B, C, ...)`` pass ``channel_axis=1``. Inside ``jax.vmap`` over examples pass ``batch_axis=None``.
+
+    Args:
+      key: PRNG key (may be None when ``deterministic``).
+      x: floating array with a channel axis (and a batch axis unless ``batch_axis`` is None).
+      rate: probability of dropping a channel, in [0, 1]; may be traced.
+      channel_axis: the channel axis.
+      batch_axis: the example axis, or None for a single example.
+      deterministic: evaluation mode (identity).
+      residual: the core's residual policy (``"key"``, ``"bits"`` or ``"mask"``).
+
+    Returns:
+      Array of ``x``'s shape and dtype.
+
+    Example::
+
+      >>> y = feature_dropout(jax.random.key(0), jnp.ones((8, 32, 32, 16)), 0.1)  # (B, H, W, C)
+    """
+    x = check_float_input(x)
+    dims = feature_broadcast_dims(x.ndim, channel_axis=channel_axis, batch_axis=batch_axis)
+    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, residual=residual)

@@ -1,0 +1,135 @@
+"""Monte-Carlo dropout prediction: the predictive distribution from stochastic forward passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jdrop import masks
+from jdrop.variants._checks import canonical_axis, positive_int
+
+__all__ = ["ClassificationPrediction", "RegressionPrediction", "mc_predict"]
+
+Task = Literal["regression", "classification"]
+
+
+class RegressionPrediction(NamedTuple):
+    """Predictive mean and variance of the outputs over dropout samples."""
+
+    mean: jax.Array
+    variance: jax.Array
+
+
+class ClassificationPrediction(NamedTuple):
+    """Mean class probabilities, predictive entropy and mutual information (BALD), in nats."""
+
+    probs: jax.Array
+    predictive_entropy: jax.Array
+    mutual_information: jax.Array
+
+
+def _entropy(log_probs: jax.Array) -> jax.Array:
+    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+
+def mc_predict(
+    apply_fn: Callable[..., jax.Array],
+    params: Any,
+    x: Any,
+    key: Any,
+    num_samples: int,
+    *,
+    task: Task = "regression",
+    chunk_size: int | None = None,
+    batch_axis: int | None = None,
+) -> RegressionPrediction | ClassificationPrediction:
+    """Monte-Carlo dropout (Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation").
+
+    Runs ``S = num_samples`` training-mode passes ``f_s = apply_fn(params, x, key=k_s, train=True)``
+    with ``k_s = jdrop.example_keys(key, S)[s]`` (so sample ``s`` is the same whatever the chunking) and
+    summarises them::
+
+        regression      mean = (1/S) sum_s f_s          variance = (1/S) sum_s (f_s - mean)**2
+        classification  p_s = softmax(f_s)  (f_s are logits),  p = (1/S) sum_s p_s
+                        predictive_entropy  = H[p] = -sum_c p_c log p_c
+                        mutual_information  = H[p] - (1/S) sum_s H[p_s]   (BALD, Houlsby et al. 2011)
+
+    (the mutual information is >= 0 by concavity of H; rounding below 0 is clipped to 0).
+
+    The variance is the model (epistemic) part; add the observation noise ``1 / tau`` for the full
+    predictive variance of the paper. Samples run vectorised with ``jax.vmap``; with ``chunk_size``
+    they run ``chunk_size`` at a time in a ``lax.scan`` that carries running statistics (Chan et
+    al.'s parallel mean/variance update), so memory does not grow with ``num_samples``.
+
+    ``apply_fn(params, x, *, key, train)`` follows the jdrop convention. By default it receives ``x``
+    as given (``jdrop.mlp.apply`` takes a batch); with ``batch_axis`` it is vmapped over that axis of
+    ``x`` with per-example keys ``jdrop.example_keys(k_s, n)``, as :func:`jdrop.train_step` does.
+
+    Args:
+      apply_fn: the model.
+      params: its parameters.
+      x: inputs.
+      key: PRNG key.
+      num_samples: number of dropout samples ``S``.
+      task: ``"regression"`` or ``"classification"``.
+      chunk_size: samples per vectorised chunk (None: all at once).
+      batch_axis: vmap ``apply_fn`` over this axis of ``x`` (None: call it on ``x`` whole).
+
+    Returns:
+      :class:`RegressionPrediction` or :class:`ClassificationPrediction`; the leading sample axis is
+      reduced, the rest has the output's shape (without the class axis for the entropies).
+    """
+    if not callable(apply_fn):
+        raise TypeError(f"`apply_fn` must be callable as apply_fn(params, x, *, key, train), got {apply_fn!r}.")
+    if task not in ("regression", "classification"):
+        raise ValueError(f"`task` must be 'regression' or 'classification', got {task!r}.")
+    num_samples = positive_int(num_samples, name="num_samples")
+    chunk = num_samples if chunk_size is None else min(positive_int(chunk_size, name="chunk_size"), num_samples)
+    key = masks.canonical_key(key)
+    if batch_axis is None:
+
+        def sample(sample_key: jax.Array) -> jax.Array:
+            return apply_fn(params, x, key=sample_key, train=True)
+
+    else:
+        axis = canonical_axis(batch_axis, jnp.ndim(x), name="batch_axis")
+
+        def sample(sample_key: jax.Array) -> jax.Array:
+            keys = masks.example_keys(sample_key, jnp.shape(x)[axis])
+            return jax.vmap(lambda xi, ki: apply_fn(params, xi, key=ki, train=True), in_axes=(axis, 0))(x, keys)
+
+    def chunk_stats(keys: jax.Array) -> tuple[jax.Array, ...]:
+        outputs = jax.vmap(sample)(keys)
+        count = jnp.asarray(keys.shape[0], jnp.float32)
+        if task == "regression":
+            outputs = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
+            mean = jnp.mean(outputs, axis=0)
+            return count, mean, jnp.sum(jnp.square(outputs - mean), axis=0)
+        log_probs = jax.nn.log_softmax(outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32)), axis=-1)
+        return count, jnp.mean(jnp.exp(log_probs), axis=0), jnp.mean(_entropy(log_probs), axis=0)
+
+    def combine(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        count = a[0] + b[0]
+        delta = b[1] - a[1]
+        mean = a[1] + delta * (b[0] / count)
+        if task == "regression":  # Chan, Golub & LeVeque's pairwise update of the sum of squares
+            return count, mean, a[2] + b[2] + jnp.square(delta) * (a[0] * b[0] / count)
+        return count, mean, a[2] + (b[2] - a[2]) * (b[0] / count)
+
+    keys = masks.example_keys(key, num_samples)
+    full = num_samples // chunk
+    stats = chunk_stats(keys[:chunk])
+    if full > 1:
+        chunked = keys[chunk : full * chunk].reshape(full - 1, chunk)
+        stats = lax.scan(lambda carry, k: (combine(carry, chunk_stats(k)), None), stats, chunked)[0]
+    if full * chunk < num_samples:
+        stats = combine(stats, chunk_stats(keys[full * chunk :]))
+    _, mean, spread = stats
+    if task == "regression":
+        return RegressionPrediction(mean, spread / num_samples)
+    predictive = _entropy(jnp.log(jnp.maximum(mean, jnp.finfo(mean.dtype).tiny)))
+    return ClassificationPrediction(mean, predictive, jnp.maximum(predictive - spread, 0.0))

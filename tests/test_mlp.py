@@ -1,0 +1,565 @@
+"""Tests for jdrop.mlp: init, apply (train/eval), the hand-written forward/backward and their memory.
+
+Every training-mode output and gradient is checked against a naive ``jnp`` MLP that draws its masks with
+``jdrop.keep_mask(fold_in(example_key_i, layer), ...)`` and differentiates with plain autodiff. Everything that
+runs a network is jit-compiled (eager dispatch of the unrolled threefry is slow on CPU) and shared between
+tests, so the file stays fast on a small machine.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jdrop
+from jdrop import masks, mlp, train
+
+SIZES = (5, 7, 6, 3)
+RATES = (0.2, 0.5, 0.25)  # input dropout + both hidden layers
+BATCH = 4
+KEY = jax.random.key(7)
+
+
+def _keep(rate):
+    """The realised keep probability of a rate: what jdrop scales by."""
+    return masks.realised_keep(masks.keep_threshold(1.0 - rate))
+
+
+def _act(name, z):
+    return jnp.tanh(z) if name == "tanh" else jax.nn.relu(z)
+
+
+def naive_one(params, x, masks_i, rates, scale="inverted"):
+    """One example through a plain-jnp MLP with the given per-layer keep masks (see ``example_masks``)."""
+    h = x
+    last = len(params.weights) - 1
+    for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
+        s = 1.0 / _keep(rates[layer]) if scale == "inverted" else 1.0
+        a = jnp.where(masks_i[layer], h * s, 0.0).astype(h.dtype)
+        z = a @ w + b
+        h = z if layer == last else _act(params.activation, z)
+    return h
+
+
+def naive_eval(params, x, rates, scale="inverted"):
+    h = x
+    last = len(params.weights) - 1
+    for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
+        a = h if scale == "inverted" else _keep(rates[layer]) * h
+        z = a @ w + b
+        h = z if layer == last else _act(params.activation, z)
+    return h
+
+
+@functools.partial(jax.jit, static_argnames=("n", "sizes", "rates"))
+def example_masks(key, n, sizes, rates):
+    """Layer l's mask of example i: keep_mask(fold_in(example_keys(key, n)[i], l), (d_l,), rates[l]).
+
+    Drawn once, outside the differentiated references (cheaper to compile than drawing inside each one).
+    """
+    keys = jdrop.example_keys(key, n)
+    return tuple(
+        jax.vmap(lambda k, layer=layer: jdrop.keep_mask(jax.random.fold_in(k, layer), (sizes[layer],), rates[layer]))(
+            keys
+        )
+        for layer in range(len(rates))
+    )
+
+
+def naive_batch(params, x, masks_, rates, scale="inverted"):
+    return jax.vmap(naive_one, in_axes=(None, 0, 0, None, None))(params, x, masks_, rates, scale)
+
+
+def _setup(activation, sizes=SIZES, batch=BATCH, dtype=jnp.float32):
+    """Parameters and a batch drawn with numpy (each jax.random shape would cost a compilation)."""
+    rng = np.random.default_rng(0)
+    weights = tuple(jnp.asarray(rng.normal(size=(i, o)) / np.sqrt(i), dtype) for i, o in zip(sizes[:-1], sizes[1:]))
+    # Non-zero biases so that db and the bias path are exercised.
+    biases = tuple(jnp.asarray(0.1 * np.arange(o) - 0.2, dtype) for o in sizes[1:])
+    x = jnp.asarray(rng.normal(size=(batch, sizes[0])), dtype)
+    return mlp.MLPParams(weights, biases, activation), x
+
+
+def _allclose_tree(a, b, rtol=1e-5, atol=1e-6):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------- init
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_init_shapes_dtypes_and_static_activation(activation):
+    params = mlp.init(jax.random.key(0), (5, 7, 3), activation=activation)
+    assert isinstance(params, mlp.MLPParams)
+    assert params.activation == activation
+    assert [w.shape for w in params.weights] == [(5, 7), (7, 3)]
+    assert [b.shape for b in params.biases] == [(7,), (3,)]
+    assert all(w.dtype == jnp.float32 for w in params.weights + params.biases)
+    assert all(np.all(np.asarray(b) == 0) for b in params.biases)
+    assert not np.allclose(params.weights[0], 0)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    assert len(leaves) == 4 and all(isinstance(leaf, jax.Array) for leaf in leaves)
+    # The activation is static: it lives in the treedef, and jit sees a Python string.
+    assert activation in str(treedef)
+    seen = []
+
+    @jax.jit
+    def f(p):
+        seen.append(p.activation)
+        return p.weights[0].sum()
+
+    f(params)
+    assert seen == [activation]
+    other = mlp.init(jax.random.key(0), (5, 7, 3), activation="relu" if activation == "tanh" else "tanh")
+    assert jax.tree_util.tree_structure(other) != treedef
+
+    # Deeper nets and other dtypes: shapes and dtypes only (eval_shape compiles nothing).
+    deep = jax.eval_shape(lambda: mlp.init(jax.random.key(0), SIZES, activation=activation, dtype=jnp.bfloat16))
+    assert [w.shape for w in deep.weights] == [(5, 7), (7, 6), (6, 3)]
+    assert [b.shape for b in deep.biases] == [(7,), (6,), (3,)]
+    assert all(w.dtype == jnp.bfloat16 for w in deep.weights + deep.biases)
+    assert deep.activation == activation
+
+
+@pytest.mark.parametrize("activation, gain", [("tanh", 1.0), ("relu", 2.0)])
+def test_init_weight_variance(activation, gain):
+    d_in, d_out = 200, 300
+    (w,) = mlp.init(jax.random.key(3), (d_in, d_out), activation=activation).weights
+    n = d_in * d_out
+    var = gain / d_in
+    # The sample variance of n Gaussians has standard error var * sqrt(2 / n); 5 sigma.
+    assert abs(float(jnp.var(w)) - var) <= 5 * var * math.sqrt(2 / n)
+    # The sample mean has standard error sqrt(var / n); 5 sigma.
+    assert abs(float(jnp.mean(w))) <= 5 * math.sqrt(var / n)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "Tanh", None])
+def test_init_rejects_bad_activation(activation):
+    with pytest.raises(ValueError, match="activation"):
+        mlp.init(jax.random.key(0), SIZES, activation=activation)
+
+
+@pytest.mark.parametrize("sizes", [(), (5,), (5, 0), (5, -1, 3), (5, 2.0), (5, True), ("5", 3)])
+def test_init_rejects_bad_layer_sizes(sizes):
+    with pytest.raises(ValueError, match="layer_sizes"):
+        mlp.init(jax.random.key(0), sizes)
+
+
+# ------------------------------------------------------------------------------------ apply: values
+
+
+def _loss_weights(shape):
+    return jnp.asarray(np.random.default_rng(11).normal(size=shape), jnp.float32)
+
+
+@functools.cache
+def _shared(activation):
+    """Outputs and gradients of every way of running the same training loss ``sum(c * logits)``: the batch, the
+    naive MLP, vmap over single examples, vmap of per-example grads and one example. Computed once, in one
+    compilation, and shared by the tests below. The vmap variants exercise machinery that does not depend on the
+    activation: tanh only (compile time).
+    """
+    params, x = _setup(activation)
+    c = _loss_weights((BATCH, SIZES[-1]))
+    masks_ = example_masks(KEY, BATCH, SIZES[:-1], RATES)
+    full = activation == "tanh"
+
+    @jax.jit
+    def compute(params, x, key, c, masks_):
+        keys = jdrop.example_keys(key, x.shape[0])
+
+        def loss_batch(p, x):
+            out = mlp.apply(p, x, key=key, rates=RATES, train=True)
+            return jnp.sum(c * out), out
+
+        def loss_naive(p, x):
+            out = naive_batch(p, x, masks_, RATES)
+            return jnp.sum(c * out), out
+
+        def loss_vmap(p, x):
+            out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=RATES, train=True))(x, keys)
+            return jnp.sum(c * out), out
+
+        def loss_single(p, xi, ki, ci):
+            out = mlp.apply(p, xi, key=ki, rates=RATES, train=True)
+            return jnp.sum(ci * out), out
+
+        def loss_single_naive(p, xi, mi, ci):
+            out = naive_one(p, xi, mi, RATES)
+            return jnp.sum(ci * out), out
+
+        def run(f, *args):
+            (_, out), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(*args)
+            return {"out": out, "grad": grads}
+
+        results = {"batch": run(loss_batch, params, x), "naive": run(loss_naive, params, x)}
+        if full:
+            results["vmap"] = run(loss_vmap, params, x)
+            results["per_example"] = jax.vmap(functools.partial(run, loss_single), in_axes=(None, 0, 0, 0))(
+                params, x, keys, c
+            )
+            results["single"] = run(loss_single, params, x[2], keys[2], c[2])
+            results["single_naive"] = run(loss_single_naive, params, x[2], tuple(m[2] for m in masks_), c[2])
+        return results
+
+    return params, x, c, compute(params, x, KEY, c, masks_)
+
+
+_apply_train = jax.jit(functools.partial(mlp.apply, train=True), static_argnames=("rates", "scale"))
+_naive_batch = jax.jit(naive_batch, static_argnames=("rates", "scale"))
+
+
+def _naive_train(params, x, key, rates, scale="inverted"):
+    sizes = tuple(w.shape[0] for w in params.weights)
+    return _naive_batch(params, x, example_masks(key, x.shape[0], sizes, rates), rates, scale)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("scale", ["inverted", "classic"])
+def test_apply_train_equals_naive_mlp(activation, scale):
+    if scale == "inverted":
+        params, x, _, r = _shared(activation)
+        batch, naive = r["batch"]["out"], r["naive"]["out"]
+    else:
+        params, x = _setup(activation)
+        batch = _apply_train(params, x, key=KEY, rates=RATES, scale=scale)
+        naive = _naive_train(params, x, KEY, RATES, scale)
+    assert batch.shape == (BATCH, SIZES[-1]) and batch.dtype == jnp.float32
+    np.testing.assert_allclose(batch, naive, rtol=1e-5, atol=1e-6)
+    # Dropout really did something (the reference is not the deterministic network).
+    assert not np.allclose(batch, naive_eval(params, x, RATES, scale), atol=1e-3)
+
+
+def test_batch_equals_vmap_of_single_examples():
+    *_, r = _shared("tanh")
+    batch = r["batch"]["out"]
+    # A batch is the vmap of single examples with keys example_keys(key, B) ...
+    np.testing.assert_allclose(r["vmap"]["out"], batch, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["per_example"]["out"], batch, rtol=1e-5, atol=1e-6)
+    # ... and one example (1-D input) uses its key directly: example 2 of the batch.
+    assert r["single"]["out"].shape == (SIZES[-1],)
+    np.testing.assert_allclose(r["single"]["out"], batch[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["single_naive"]["out"], batch[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["inverted", "classic"])
+def test_apply_eval_is_deterministic_network(scale):
+    params, x = _setup("relu")
+    out = jax.jit(functools.partial(mlp.apply, rates=RATES, train=False, scale=scale))(params, x)
+    np.testing.assert_allclose(out, naive_eval(params, x, RATES, scale), rtol=1e-5, atol=1e-6)
+    # Eval needs no key and a single example is row 0 of the batch.
+    one = mlp.apply(params, x[0], rates=RATES, train=False, scale=scale)
+    np.testing.assert_allclose(one, out[0], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------- apply: gradients
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_grad_of_batch_equals_grad_of_naive(activation):
+    *_, r = _shared(activation)
+    (dp, dx), (dp_ref, dx_ref) = r["batch"]["grad"], r["naive"]["grad"]
+    _allclose_tree(dp, dp_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    assert dp.activation == activation
+    # Non-trivial: every weight gets a gradient somewhere.
+    assert all(float(jnp.abs(w).max()) > 1e-3 for w in dp.weights)
+
+
+def test_grad_of_single_example_equals_naive():
+    *_, r = _shared("tanh")
+    _allclose_tree(r["single"]["grad"], r["single_naive"]["grad"])
+
+
+def test_grad_of_vmap_over_examples_equals_batch_grad():
+    *_, r = _shared("tanh")
+    _allclose_tree(r["vmap"]["grad"], r["batch"]["grad"])
+
+
+def test_vmap_of_grad_gives_per_example_grads_that_sum_to_batch_grad():
+    *_, r = _shared("tanh")
+    dp_each, dx_each = r["per_example"]["grad"]
+    assert dp_each.weights[0].shape == (BATCH, *SIZES[:2])
+    _allclose_tree(jax.tree_util.tree_map(lambda a: a.sum(0), dp_each), r["batch"]["grad"][0])
+    np.testing.assert_allclose(dx_each, r["batch"]["grad"][1], rtol=1e-5, atol=1e-6)
+    # Example 2's own gradient is the single-example gradient.
+    _allclose_tree(jax.tree_util.tree_map(lambda a: a[2], (dp_each, dx_each)), r["single"]["grad"])
+
+
+# (layer, index) of the parameters checked against finite differences; index of length 2: weight, 1: bias.
+_FD_ENTRIES = [(0, (0, 0)), (0, (4, 6)), (1, (3, 2)), (1, (6, 5)), (2, (5, 1)), (2, (0, 2)), (0, (3,)), (1, (1,))]
+
+
+def test_grad_matches_float64_finite_differences():
+    eps = 1e-6
+    with jax.enable_x64(True):
+        params, x = _setup("tanh", dtype=jnp.float64)
+        key = KEY
+        c = jnp.asarray(np.asarray(_loss_weights((BATCH, SIZES[-1]))), jnp.float64)
+
+        def loss(p):
+            return jnp.sum(c * jnp.sin(mlp.apply(p, x, key=key, rates=RATES, train=True)))
+
+        # Perturbed copies of the parameters, +eps and -eps for every checked entry, stacked on a leading axis.
+        def moved(sign):
+            weights = [np.repeat(np.asarray(w)[None], len(_FD_ENTRIES), 0) for w in params.weights]
+            biases = [np.repeat(np.asarray(b)[None], len(_FD_ENTRIES), 0) for b in params.biases]
+            for n, (layer, index) in enumerate(_FD_ENTRIES):
+                (weights if len(index) == 2 else biases)[layer][(n, *index)] += sign * eps
+            return mlp.MLPParams(tuple(map(jnp.asarray, weights)), tuple(map(jnp.asarray, biases)), "tanh")
+
+        @jax.jit
+        def compute(params, plus, minus):
+            return jax.grad(loss)(params), jax.vmap(loss)(plus), jax.vmap(loss)(minus)
+
+        grads, up, down = compute(params, moved(1.0), moved(-1.0))
+        assert grads.weights[1].dtype == jnp.float64 and up.dtype == jnp.float64
+        fd = (np.asarray(up) - np.asarray(down)) / (2 * eps)
+        analytic = [
+            float((grads.weights if len(index) == 2 else grads.biases)[layer][index]) for layer, index in _FD_ENTRIES
+        ]
+        # Central differences in float64: truncation O(eps^2) ~ 1e-12, rounding ~ 1e-16 / eps ~ 1e-10.
+        np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-8)
+        assert np.sum(np.abs(fd) > 1e-4) >= 4  # most checked entries are not trivially zero (dropped units)
+    assert jnp.zeros(()).dtype == jnp.float32  # x64 did not leak
+
+
+@jax.jit
+def _forward_backward(params, x, key, dout):
+    keys = jdrop.example_keys(key, x.shape[0])
+    inverted = mlp.forward(params, x, key, RATES)
+    classic = mlp.forward(params, x, key, RATES, scale="classic")
+    single = mlp.forward(params, x[2], keys[2], RATES)
+    return {
+        "inverted": (inverted[0], inverted[1], mlp.backward(params, inverted[1], dout)),
+        "classic": (classic[0], classic[1], mlp.backward(params, classic[1], dout)),
+        "single": (single[0], single[1], mlp.backward(params, single[1], dout[2])),
+    }
+
+
+@jax.jit
+def _naive_classic_vjp(params, x, masks_, dout):
+    out, vjp = jax.vjp(lambda p: naive_batch(p, x, masks_, RATES, "classic"), params)
+    return out, vjp(dout)[0]
+
+
+def test_forward_backward_equal_autodiff():
+    params, x, dout, r = _shared("tanh")
+    key = KEY
+    results = _forward_backward(params, x, key, dout)
+    # inverted, batch: the jax.grad of apply (itself checked against the naive MLP above)
+    out, res, grads = results["inverted"]
+    np.testing.assert_allclose(out, r["batch"]["out"], rtol=1e-6, atol=1e-7)
+    _allclose_tree(grads, r["batch"]["grad"][0])
+    # The residuals are the pre-dropout activations and the example keys: no mask, no dropped copy.
+    assert [a.shape for a in res.activations] == [(BATCH, d) for d in SIZES[:-1]]
+    np.testing.assert_array_equal(res.activations[0], x)
+    assert not any(leaf.dtype == jnp.bool_ for leaf in jax.tree_util.tree_leaves(res))
+    np.testing.assert_array_equal(res.key_data, jax.random.key_data(jdrop.example_keys(key, BATCH)))
+    # classic, batch: the vjp of the naive MLP with the same masks
+    out, _, grads = results["classic"]
+    ref_out, ref_grads = _naive_classic_vjp(params, x, example_masks(key, BATCH, SIZES[:-1], RATES), dout)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    _allclose_tree(grads, ref_grads)
+    # one example (1-D input, its own key)
+    out, _, grads = results["single"]
+    assert out.shape == (SIZES[-1],)
+    np.testing.assert_allclose(out, r["single"]["out"], rtol=1e-6, atol=1e-7)
+    _allclose_tree(grads, r["single"]["grad"][0])
+
+
+@jax.jit
+def _manual_grads(params, x, masks_, c):
+    """The seed's backward by hand with the same masks, taking act' from the pre-dropout value h or from the
+    dropped, scaled value a (the seed's bug)."""
+    last = len(params.weights) - 1
+    hs, as_, ms = [], [], []
+    h = x
+    for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
+        ms_l = masks_[layer] / _keep(RATES[layer])
+        a = h * ms_l
+        hs.append(h)
+        as_.append(a)
+        ms.append(ms_l)
+        z = a @ w + b
+        h = z if layer == last else jnp.tanh(z)
+    results = {}
+    for source in ("pre", "dropped"):
+        g = c
+        gw, gb = [], []
+        for layer in reversed(range(last + 1)):
+            gw.append(as_[layer].T @ g)
+            gb.append(g.sum(0))
+            dh = (g @ params.weights[layer].T) * ms[layer]
+            v = hs[layer] if source == "pre" else as_[layer]
+            g = dh * (1.0 - v * v)
+        results[source] = mlp.MLPParams(tuple(reversed(gw)), tuple(reversed(gb)), params.activation)
+    return results
+
+
+def test_seed_bug_activation_derivative_from_dropped_value_is_wrong():
+    # tanh: act' = 1 - h^2 must use the pre-dropout h. (For relu the seed's bug is invisible: a > 0 iff h > 0
+    # on kept units, and dropped units get zero gradient anyway.)
+    params, x, c, r = _shared("tanh")
+    manual = _manual_grads(params, x, example_masks(KEY, BATCH, SIZES[:-1], RATES), c)
+    autodiff, ours = r["naive"]["grad"][0], r["batch"]["grad"][0]
+    _allclose_tree(manual["pre"], autodiff)
+    _allclose_tree(ours, manual["pre"])
+    # Taking act' from the dropped/scaled value changes the gradient of every layer below the top one.
+    for layer in (0, 1):
+        wrong, right = manual["dropped"].weights[layer], autodiff.weights[layer]
+        rel = float(jnp.abs(wrong - right).max() / jnp.abs(right).max())
+        assert rel > 0.05, (layer, rel)
+    np.testing.assert_allclose(manual["dropped"].weights[2], autodiff.weights[2], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ classic rule
+
+
+@pytest.mark.parametrize("scale", ["classic", "inverted"])
+def test_eval_output_is_mean_of_train_outputs_through_a_linear_layer(scale):
+    rate, d_in, d_out, n = 0.3, 8, 3, 4000
+    params, _ = _setup("tanh", sizes=(d_in, d_out))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(d_in,)), jnp.float32)
+    keys = jdrop.example_keys(jax.random.key(9), n)
+
+    @jax.jit
+    def sample(params, x, keys):
+        outs = jax.vmap(lambda k: mlp.apply(params, x, key=k, rates=(rate,), train=True, scale=scale))(keys)
+        mask = jax.vmap(lambda k: jdrop.keep_mask(jax.random.fold_in(k, 0), x.shape, rate))(keys)
+        return outs, mask
+
+    outs, mask = sample(params, x, keys)
+    outs, mask = np.asarray(outs, np.float64), np.asarray(mask, np.float64)
+    keep = float(_keep(rate))
+    w, b, xs = np.asarray(params.weights[0], np.float64), np.asarray(params.biases[0]), np.asarray(x, np.float64)
+    s = 1.0 / keep if scale == "inverted" else 1.0
+    evaluated = np.asarray(mlp.apply(params, x, rates=(rate,), train=False, scale=scale), np.float64)
+    expected_eval = (keep * s) * xs @ w + b
+    np.testing.assert_allclose(evaluated, expected_eval, rtol=1e-5, atol=1e-6)
+    # Exactly (linear layer): the mean train output is the output of the mean mask.
+    np.testing.assert_allclose(outs.mean(0), (s * mask.mean(0) * xs) @ w + b, rtol=1e-5, atol=1e-5)
+    # Statistically: y_j = s * sum_i m_i x_i w_ij + b_j has variance s^2 keep (1 - keep) sum_i x_i^2 w_ij^2;
+    # the mean of n draws has standard error sqrt(var / n); 5 sigma (plus float32 rounding).
+    se = np.sqrt(s**2 * keep * (1 - keep) * (xs[:, None] ** 2 * w**2).sum(0) / n)
+    assert np.all(np.abs(outs.mean(0) - evaluated) <= 5 * se + 1e-5), (outs.mean(0) - evaluated, se)
+
+
+# ----------------------------------------------------------------------------------- traced rates
+
+
+def test_traced_rates_compile_once_and_equal_static_rates():
+    params, x, _, r = _shared("tanh")
+    key = KEY
+    traces = []
+
+    @jax.jit
+    def traced(params, x, key, rates):
+        traces.append(1)
+        return mlp.apply(params, x, key=key, rates=tuple(rates), train=True)
+
+    # (0, 1, r): rate 0 is the identity (statically: no mask at all), rate 1 drops everything.
+    # The third rate set is checked against the naive MLP (one static compilation fewer).
+    for rates in [RATES, (0.0, 1.0, 0.5), (0.3, 0.1, 0.7)]:
+        out = traced(params, x, key, jnp.asarray(rates, jnp.float32))
+        if rates[-1] != 0.7:
+            static = r["batch"]["out"] if rates == RATES else _apply_train(params, x, key=key, rates=rates)
+            np.testing.assert_allclose(out, static, rtol=1e-6, atol=1e-7)
+            # rates[1] = 1 drops the whole first hidden layer: the output is the network of the constant tanh(b_1)
+            if rates[1] == 1.0:
+                m = example_masks(key, BATCH, SIZES[:-1], rates)[2]
+                h = jnp.where(m, jnp.tanh(params.biases[1]) / _keep(0.5), 0.0)
+                np.testing.assert_allclose(out, h @ params.weights[2] + params.biases[2], rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_allclose(out, _naive_train(params, x, key, rates), rtol=1e-5, atol=1e-6)
+    assert len(traces) == 1
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+
+def _naive_bernoulli_apply(rates):
+    """A naive single-example MLP: jax.random.bernoulli masks and plain autodiff (what other code does)."""
+
+    def apply_fn(params, x, *, key, train):
+        h = x
+        last = len(params.weights) - 1
+        for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
+            if train and rates[layer] > 0:
+                keep = 1.0 - rates[layer]
+                m = jax.random.bernoulli(jax.random.fold_in(key, layer), keep, h.shape)
+                h = jnp.where(m, h / keep, 0.0)
+            z = h @ w + b
+            h = z if layer == last else jax.nn.relu(z)
+        return h
+
+    return apply_fn
+
+
+def _step_temp_bytes(hidden_layers, rate, *, naive=False, batch=128, width=1024):
+    """Temporary memory of one compiled (donating) training step; compile only, nothing runs."""
+    sizes = (width,) * (hidden_layers + 1) + (10,)
+    rates = (0.0,) + (rate,) * hidden_layers
+    apply_fn = _naive_bernoulli_apply(rates) if naive else functools.partial(mlp.apply, rates=rates)
+    params = jax.eval_shape(lambda: mlp.init(jax.random.key(0), sizes, activation="relu"))
+    state = jax.eval_shape(lambda p: train.TrainState.create(apply_fn=apply_fn, params=p, tx=optax.sgd(0.1)), params)
+    batch_spec = {
+        "x": jax.ShapeDtypeStruct((batch, width), jnp.float32),
+        "y": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
+    step = jax.jit(train._train_step, donate_argnums=(0,))
+    compiled = step.lower(state, batch_spec, jax.random.key(1), 0).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("this backend reports no memory analysis")
+    return analysis.temp_size_in_bytes
+
+
+def test_dropout_adds_no_per_element_memory_to_a_training_step():
+    batch, width = 128, 1024
+    base = {d: _step_temp_bytes(d, 0.0, batch=batch, width=width) for d in (4, 8)}
+    drop = {d: _step_temp_bytes(d, 0.5, batch=batch, width=width) for d in (4, 8)}
+    for d in (4, 8):
+        assert drop[d] <= 1.05 * base[d], (d, drop[d], base[d])
+    # 4 more dropped hidden layers of batch x width elements: the growth beyond the no-dropout growth must be
+    # below 0.05 bytes per dropped element (a bool mask would cost 1 byte, a packed one 0.125).
+    extra_elements = 4 * batch * width
+    extra_bytes = (drop[8] - drop[4]) - (base[8] - base[4])
+    assert extra_bytes <= 0.05 * extra_elements, (extra_bytes, extra_elements)
+    # For contrast: bernoulli masks under plain autodiff keep per-element residuals alive.
+    naive = _step_temp_bytes(4, 0.5, naive=True, batch=batch, width=width)
+    assert naive > drop[4], (naive, drop[4])
+    assert naive > 1.05 * base[4], (naive, base[4])
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def test_apply_errors():
+    params, x = _setup("tanh")
+    with pytest.raises(ValueError, match="key"):
+        mlp.apply(params, x, rates=RATES, train=True)
+    with pytest.raises(ValueError, match="rates"):
+        mlp.apply(params, x, rates=(0.1, 0.2), train=False)
+    with pytest.raises(ValueError, match="rates"):
+        mlp.apply(params, x, rates=(0.1, 1.5, 0.2), train=False)
+    with pytest.raises(ValueError, match="x"):
+        mlp.apply(params, x[:, :3], rates=RATES, train=False)
+    with pytest.raises(ValueError, match="x"):
+        mlp.apply(params, x[None], rates=RATES, train=False)
+    with pytest.raises(TypeError, match="x"):
+        mlp.apply(params, jnp.ones((2, 5), jnp.int32), rates=RATES, train=False)
+    with pytest.raises(ValueError, match="scale"):
+        mlp.apply(params, x, rates=RATES, train=False, scale="hinton")
+    with pytest.raises(TypeError, match="params"):
+        mlp.apply({"weights": params.weights}, x, rates=RATES, train=False)
+    with pytest.raises(TypeError, match="key"):
+        mlp.apply(params, x, key=3, rates=RATES, train=True)
+    with pytest.raises(ValueError, match="key"):
+        mlp.forward(params, x, None, RATES)
