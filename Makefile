@@ -21,7 +21,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m ruff check jdrop tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m mkdocs build --strict --quiet --site-dir site
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks
