@@ -182,17 +182,7 @@ def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual):
         identity = static and (rate == 0.0 or scale == "inverted")
         res = DropoutResidual(None, None, threshold, valid, residual, scale, False, None, mask_shape, identity)
         return x, None, res
-    if key is None:
-        raise ValueError(
-            "dropout needs a PRNG `key` in training mode: pass key=jax.random.key(seed) (one per "
-            "step, e.g. from jdrop.example_keys), or deterministic=True for evaluation."
-        )
-    key = masks.canonical_key(key)
-    if key.shape != ():
-        raise ValueError(
-            f"`key` must be a single key (shape ()), got a key array of shape {key.shape}; "
-            "use jax.vmap to give each example its own key."
-        )
+    key = masks.require_key(key, what="dropout")
     cfg = (residual, scale, str(jax.random.key_impl(key)), mask_shape)
     return x, (cfg, jax.random.key_data(key), x, threshold, valid), None
 

@@ -51,6 +51,7 @@ __all__ = [
     "pack_bits",
     "random_bits",
     "realised_keep",
+    "require_key",
     "threefry2x32",
     "uniform_from_bits",
     "unpack_bits",
@@ -86,6 +87,27 @@ def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
         f"jax.random.PRNGKey(seed)); got {_describe(key)}. To make one from an int seed, "
         f"call jax.random.key(seed)."
     )
+
+
+def require_key(key: Any, *, what: str, eval_hint: str = "deterministic=True") -> jax.Array:
+    """A single typed key for a training pass of ``what``, or an error that says what to do.
+
+    Raises:
+      ValueError: if ``key`` is None (pass a key, or ``eval_hint`` for evaluation) or holds several keys.
+      TypeError: if ``key`` is not a PRNG key (see :func:`canonical_key`).
+    """
+    if key is None:
+        raise ValueError(
+            f"{what} needs a PRNG `key` in training mode: pass key=jax.random.key(seed) (one per step, "
+            f"e.g. from jdrop.example_keys), or {eval_hint} for evaluation."
+        )
+    key = canonical_key(key)
+    if key.shape != ():
+        raise ValueError(
+            f"`key` must be a single key (shape ()), got a key array of shape {key.shape}; "
+            "use jax.vmap to give each example its own key."
+        )
+    return key
 
 
 def _describe(value: Any) -> str:

@@ -272,13 +272,7 @@ def _prepare(params, x, key, rates, scale):
 
 
 def _key_data(key: Any, x: jax.Array) -> tuple[jax.Array, str]:
-    if key is None:
-        raise ValueError(
-            "jdrop.mlp needs a PRNG `key` in training mode: pass key=jax.random.key(seed), or train=False."
-        )
-    key = masks.canonical_key(key)
-    if key.shape != ():
-        raise ValueError(f"`key` must be a single key (shape ()), got shape {key.shape}.")
+    key = masks.require_key(key, what="jdrop.mlp", eval_hint="train=False")
     impl = str(jax.random.key_impl(key))
     if x.ndim == 2:
         return jax.random.key_data(masks.example_keys(key, x.shape[0])), impl

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
-
-from jdrop import masks
 
 
 def check_deterministic(deterministic: Any) -> bool:
@@ -23,22 +20,6 @@ def check_deterministic(deterministic: Any) -> bool:
             "Choose train or eval outside jit, or mark it static."
         )
     return bool(deterministic)
-
-
-def require_key(key: Any, *, what: str) -> jax.Array:
-    """A single typed key for a training pass of ``what``, or a ``ValueError``/``TypeError`` that says why."""
-    if key is None:
-        raise ValueError(
-            f"{what} needs a PRNG `key` in training mode: pass key=jax.random.key(seed) (one per step, "
-            "e.g. from jdrop.example_keys), or deterministic=True for evaluation."
-        )
-    key = masks.canonical_key(key)
-    if key.shape != ():
-        raise ValueError(
-            f"`key` must be a single key (shape ()), got a key array of shape {key.shape}; "
-            "use jax.vmap to give each example its own key."
-        )
-    return key
 
 
 def canonical_axis(axis: Any, ndim: int, *, name: str) -> int:

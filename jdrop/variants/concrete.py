@@ -11,7 +11,8 @@ import numpy as np
 
 from jdrop import masks
 from jdrop._rates import check_float_input, check_rate
-from jdrop.variants._checks import check_deterministic, require_key
+from jdrop.masks import require_key
+from jdrop.variants._checks import check_deterministic
 
 __all__ = ["concrete_dropout", "concrete_dropout_regulariser"]
 

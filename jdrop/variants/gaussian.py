@@ -12,7 +12,8 @@ from jax import lax
 
 from jdrop import masks
 from jdrop._rates import check_float_input, check_rate
-from jdrop.variants._checks import check_deterministic, require_key
+from jdrop.masks import require_key
+from jdrop.variants._checks import check_deterministic
 
 __all__ = ["gaussian_dropout", "gaussian_noise"]
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jdrop import masks
 from jdrop._dropout import Residual, Scale, dropout
 from jdrop._rates import check_float_input, check_rate, keep_probability, rate_is_valid
-from jdrop.variants._checks import positive_int, require_key
+from jdrop.masks import require_key
+from jdrop.variants._checks import positive_int
 
 __all__ = ["DropConnectMoments", "dropconnect", "dropconnect_moments", "dropconnect_predict"]
 
