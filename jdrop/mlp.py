@@ -141,14 +141,16 @@ def _layer_key(key_data: jax.Array, impl: str, layer: int) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), layer)
 
 
-def _drop(res: MLPResiduals, layer: int, h: jax.Array) -> tuple[jax.Array, DropoutResidual | None]:
+def _drop(
+    res: MLPResiduals, layer: int, h: jax.Array, residual: Literal["key", "mask"] = "key"
+) -> tuple[jax.Array, DropoutResidual | None]:
     """Dropout of layer ``layer`` on a batch, one key per example; (a, per-example residuals)."""
     if not res.active[layer]:
         return h, None
 
     def one(key_data, h_example):
         key = _layer_key(key_data, res.impl, layer)
-        return dropout_fwd(key, h_example, res.rates[layer], scale=res.scale)
+        return dropout_fwd(key, h_example, res.rates[layer], scale=res.scale, residual=residual)
 
     return jax.vmap(one)(res.key_data, h)
 
@@ -173,7 +175,8 @@ def _backward_batch(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tu
         # Tie the recomputation to the cotangent so XLA runs it here, inside the backward fusions,
         # instead of keeping the forward pass's copy alive (common-subexpression elimination).
         h, g = lax.optimization_barrier((h, g))
-        a, drop_res = _drop(res, layer, h)
+        # One regeneration serves both uses of the mask (a for dW, and dh); it lives only here.
+        a, drop_res = _drop(res, layer, h, residual="mask")
         grad_w.append(a.T @ g)
         grad_b.append(jnp.sum(g, axis=0))
         dh = g @ params.weights[layer].T
