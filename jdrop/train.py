@@ -88,7 +88,7 @@ class TrainState:
             apply_fn=apply_fn,
             tx=tx,
             loss_fn=softmax_cross_entropy if loss_fn is None else loss_fn,
-            hparams=None if hparams is None else jax.tree_util.tree_map(jnp.asarray, dict(hparams)),
+            hparams=None if hparams is None else jax.tree_util.tree_map(_strongly_typed, dict(hparams)),
         )
 
     def apply_gradients(self, grads: Any) -> TrainState:
@@ -97,6 +97,13 @@ class TrainState:
         return dataclasses.replace(
             self, step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state
         )
+
+
+def _strongly_typed(value: Any) -> jax.Array:
+    """``value`` as an array of a definite dtype: a Python float becomes float32, not a weakly typed array,
+    so that replacing it by a schedule's float32 output later does not recompile the step."""
+    array = jnp.asarray(value)
+    return jnp.asarray(array, dtype=array.dtype)
 
 
 def _check_batch(batch: Any) -> tuple[jax.Array, jax.Array]:
@@ -298,11 +305,13 @@ def fit(
       ``(state, history)`` where ``history["step_loss"]`` holds the mean training-step loss per
       epoch and ``history[f"{name}_{metric}"]`` the evaluations.
     """
-    from tqdm.auto import tqdm
-
     key = masks.canonical_key(key)
     history: dict[str, list[float]] = {"epoch": [], "step_loss": []}
-    bar = tqdm(range(epochs), disable=not progress, desc="epochs")
+    bar: Any = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc="epochs")
     for epoch in bar:
         state, metrics = train_epoch(
             state, train_data, jax.random.fold_in(key, epoch), batch_size=batch_size, mesh=mesh
@@ -312,7 +321,8 @@ def fit(
         for name, data in (eval_data or {}).items():
             for metric, value in evaluate(state, data).items():
                 history.setdefault(f"{name}_{metric}", []).append(value)
-        bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in history.items() if k != "epoch"})
+        if progress:
+            bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in history.items() if k != "epoch"})
     return state, history
 
 

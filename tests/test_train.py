@@ -441,3 +441,21 @@ def test_dataclass_replace_keeps_static_fields(run):
     state = run["state0"]
     replaced = dataclasses.replace(state, step=jnp.asarray(5, jnp.int32))
     assert replaced.apply_fn is state.apply_fn and replaced.loss_fn is state.loss_fn and int(replaced.step) == 5
+
+
+def test_python_float_hparams_do_not_recompile_when_a_schedule_replaces_them():
+    traces = []
+
+    def counting_apply(params, x, *, key, train, rates):
+        traces.append(1)
+        return jdrop.mlp.apply(params, x, key=key, train=train, rates=rates)
+
+    params = jdrop.mlp.init(jax.random.key(0), [4, 8, 3])
+    state = jdrop.TrainState.create(apply_fn=counting_apply, params=params, tx=optax.sgd(0.1),
+                                    hparams={"rates": (0.0, 0.5)})
+    batch = {"x": jnp.ones((2, 4)), "y": jnp.zeros((2,), jnp.int32)}
+    state, _ = jdrop.train_step(state, batch, jax.random.key(1))
+    schedule = jdrop.linear_schedule(0.0, 0.5, 100)
+    state = dataclasses.replace(state, hparams={"rates": (schedule(0), schedule(50))})
+    jdrop.train_step(state, batch, jax.random.key(2))
+    assert len(traces) == 1
