@@ -9,6 +9,7 @@ imported on demand).
 
 from jdrop import checkpoint as checkpoint
 from jdrop import distributed as distributed
+from jdrop import interop as interop
 from jdrop import masks as masks
 from jdrop import mlp as mlp
 from jdrop import train as train
