@@ -89,7 +89,31 @@ def correctness_checks() -> list[dict[str, Any]]:
         check(f"dropout[{policy}] == naive forward", lambda f=forward: np.allclose(f(x), naive(key, x, 0.5)))
         grad = jax.jit(jax.grad(lambda x, p=policy: jnp.vdot(jdrop.dropout(key, x, 0.5, residual=p), cotangent)))
         check(f"grad dropout[{policy}] == grad naive", lambda g=grad: np.allclose(g(x), naive_grad))
+    for name, matches in golden_matches().items():
+        check(f"golden bits: {name}", lambda m=matches: m)
     return results
+
+
+def golden_matches() -> dict[str, bool]:
+    """Whether each integer/bool golden case of tests/test_golden.py gives the stored bits on this backend.
+
+    The cases and their digests live with the test (``tests/golden/masks.json``); a lent GPU runs them here
+    so that "same key, same mask on any backend" is checked, not assumed.
+    """
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("jdrop_golden", root / "tests" / "test_golden.py")
+    if spec is None or spec.loader is None:
+        return {"tests/test_golden.py importable": False}
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stored = json.loads((root / "tests" / "golden" / "masks.json").read_text())
+    current = module._fingerprints()
+    # Bits, masks and keys must agree exactly on every backend; float outputs (e.g. an MLP's matmuls, which a
+    # GPU may run in TF32) are not compared here.
+    return {name: stored.get(name) == value for name, value in current.items() if not value["dtype"].startswith("<f")}
 
 
 # ------------------------------------------------------------------------------------- timing
