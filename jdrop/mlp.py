@@ -264,7 +264,7 @@ def _is_vmapped(x: Any) -> bool:
 # ------------------------------------------------------------------------------------ public API
 
 
-def _prepare(params, x, key, rates, scale):
+def _prepare(params, x, rates, scale):
     params = _check_params(params)
     x = _check_input(params, x)
     rates = _check_rates(rates, len(params.weights))
@@ -312,7 +312,7 @@ def apply(
       train: training mode (dropout on) or evaluation.
       scale: ``"inverted"`` or ``"classic"``.
     """
-    params, x, checked, active = _prepare(params, x, key, rates, scale)
+    params, x, checked, active = _prepare(params, x, rates, scale)
     if not train:
         h = x
         last = len(params.weights) - 1
@@ -344,7 +344,7 @@ def forward(
     Same computation as ``apply(params, x, key=key, rates=rates, train=True)``. The residuals hold
     the pre-dropout activation of every layer and the example keys (see the module docstring).
     """
-    params, x, checked, active = _prepare(params, x, key, rates, scale)
+    params, x, checked, active = _prepare(params, x, rates, scale)
     key_data, impl = _key_data(key, x)
     batched = x.ndim == 2
     if not batched:

@@ -118,7 +118,7 @@ def _check_batch(batch: Any) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
-def _metrics(state: TrainState, outputs: jax.Array, targets: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
+def _metrics(outputs: jax.Array, targets: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
     metrics = {"loss": loss}
     if jnp.issubdtype(targets.dtype, jnp.integer) and outputs.ndim == targets.ndim + 1:
         metrics["accuracy"] = jnp.mean(jnp.argmax(outputs, axis=-1) == targets)
@@ -160,7 +160,7 @@ def _train_step(
         grads = jax.tree_util.tree_map(lambda g: g / microbatches, grads)
         value = jnp.mean(values)
         outputs = outputs.reshape(x.shape[0], *outputs.shape[2:])
-    return state.apply_gradients(grads), _metrics(state, outputs, y, value)
+    return state.apply_gradients(grads), _metrics(outputs, y, value)
 
 
 _train_step_jit = jax.jit(_train_step, static_argnames=("microbatches",))
@@ -212,7 +212,7 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     """Loss and accuracy of the deterministic network (``train=False``) on a batch."""
     x, y = _check_batch(batch)
     outputs = _per_example(state, state.params, x, None, train=False)
-    return _metrics(state, outputs, y, state.loss_fn(outputs, y))
+    return _metrics(outputs, y, state.loss_fn(outputs, y))
 
 
 def evaluate(state: TrainState, data: Batch, *, batch_size: int = 1024) -> dict[str, float]:
