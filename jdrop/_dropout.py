@@ -153,6 +153,19 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
     return _apply(res, mask, dy)
 
 
+def mask_residual(mask: jax.Array, rate: Any, *, scale: str = "inverted") -> DropoutResidual:
+    """A training residual that holds ``mask`` itself, for ``dropout_bwd(res, dy) = dy * mask * s``.
+
+    ``s`` is the training scale of ``rate`` (``1 / keep`` or 1) and a traced ``rate`` outside
+    [0, 1] makes the result NaN, as in the forward pass. :mod:`jdrop.mlp` uses it with
+    ``mask = [a > 0]`` for a ReLU layer's dropped activation ``a``, which is the dropout mask
+    times ``relu'``: the backward pass then needs neither the key nor a stored mask.
+    """
+    threshold = masks.keep_threshold(keep_probability(rate))
+    valid = jnp.asarray(rate_is_valid(rate))
+    return DropoutResidual(None, mask, threshold, valid, "mask", scale, True, None, tuple(mask.shape))
+
+
 def _check_options(scale: Any, residual: Any, deterministic: Any) -> None:
     if scale not in _SCALES:
         raise ValueError(f"`scale` must be one of {_SCALES}, got {scale!r}.")

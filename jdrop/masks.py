@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -204,7 +205,18 @@ def random_bits(key: Any, shape: Sequence[int]) -> jax.Array:
         # Other generators are already fused or fast on their backend; >= 2**32 elements need
         # JAX's two-word counter, whose bits we then take as they are.
         return jax.random.bits(key, shape, jnp.uint32)
-    data = jax.random.key_data(key)
+    return _threefry_bits(jax.random.key_data(key), shape)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _threefry_bits(data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The bits of :func:`random_bits` for threefry key data ``data`` (``uint32[2]``).
+
+    A nested ``jit``: it is traced once per shape and lowered once per program, however many
+    layers (forward and backward) draw bits of that shape, which keeps tracing and lowering
+    time flat in depth. XLA inlines the call before fusion, so the bits still fuse into their
+    consumers.
+    """
     t0, t1 = threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), _flat_index(shape))
     return t0 ^ t1
 

@@ -14,10 +14,17 @@ Layer ``l`` computes ``a_l = dropout(h_l; rate_l)``, ``z_l = a_l @ W_l + b_l`` a
     g_{l-1} = dh_l * act'(h_l)             (act' from the pre-dropout value h_l:
                                             tanh' = 1 - h_l^2, relu' = [h_l > 0])
 
-Memory: the residuals per layer are the pre-dropout activation ``h_l`` (needed for ``act'`` anyway)
-and the example keys. Neither the mask nor the dropped copy ``a_l`` is stored: the backward pass
-regenerates the mask from the key and recomputes ``a_l`` from ``h_l``, both inside the fusions
-that consume the cotangent, so dropout adds nothing per element to a training step's memory.
+Memory: one activation per layer and the example keys (a few bytes per example); no mask, ever.
+
+- ReLU hidden layers keep the dropped activation ``a_l = m_l * s * h_l`` (the matrix product's
+  input, which exists anyway). It holds all the backward pass needs: ``dW_l = a_l^T g_l``, and
+  since ``s > 0``, ``m_l * relu'(h_l) = [a_l > 0]``, so ``g_{l-1} = (g_l W_l^T) * s * [a_l > 0]``
+  exactly. The mask is neither stored nor regenerated.
+- tanh layers (``1 - h_l^2`` needs ``h_l``) and the input layer (which keeps ``x`` itself, an
+  argument rather than a new buffer) keep the pre-dropout ``h_l``; the backward pass regenerates
+  the mask from the key and recomputes ``a_l``, inside the fusions that consume the cotangent.
+
+Either way dropout adds nothing per element to a training step's memory.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from jdrop import masks
-from jdrop._dropout import DropoutResidual, dropout, dropout_bwd, dropout_fwd
+from jdrop._dropout import DropoutResidual, dropout, dropout_bwd, dropout_fwd, mask_residual
 from jdrop._rates import check_float_input, check_rate
 
 __all__ = ["MLPParams", "MLPResiduals", "apply", "backward", "forward", "init"]
@@ -55,12 +62,20 @@ class MLPParams:
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["activations", "key_data", "rates"],
+    data_fields=["activations", "key_data", "rates", "layer_key_data"],
     meta_fields=["active", "scale", "impl"],
 )
 @dataclasses.dataclass(frozen=True)
 class MLPResiduals:
-    """What :func:`backward` needs: pre-dropout activations ``h_l`` (batch-major) and example keys."""
+    """What :func:`backward` needs: one activation per layer (batch-major) and the example keys.
+
+    ``activations[l]`` is the dropped ``a_l`` for a ReLU hidden layer and the pre-dropout ``h_l``
+    otherwise (``activations[0]`` is ``x``); see the module docstring.
+
+    ``key_data`` holds the example keys ``(B, *key)``; ``layer_key_data`` the keys each layer
+    draws its masks from, ``fold_in(example key, l)``, as one ``(L, B, *key)`` array (derived once
+    in the forward pass: a few bytes per example and layer, nothing per element).
+    """
 
     activations: tuple[jax.Array, ...]
     key_data: jax.Array
@@ -68,6 +83,7 @@ class MLPResiduals:
     active: tuple[bool, ...]
     scale: str
     impl: str
+    layer_key_data: jax.Array | None = None
 
 
 def init(
@@ -137,8 +153,16 @@ def _act_grad_from_output(name: str, h: jax.Array) -> jax.Array:
     return 1.0 - h * h if name == "tanh" else (h > 0).astype(h.dtype)
 
 
-def _layer_key(key_data: jax.Array, impl: str, layer: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), layer)
+def _layer_keys(key_data: jax.Array, impl: str, num_layers: int) -> jax.Array:
+    """``fold_in(example key, l)`` for every layer ``l`` and example: key data ``(L, B, *key)``.
+
+    One call derives all of them, so the program holds one key-derivation loop, not one per
+    layer and pass.
+    """
+    keys = jax.random.wrap_key_data(key_data, impl=impl)
+    layers = jnp.arange(num_layers, dtype=jnp.uint32)
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(0, None)), in_axes=(None, 0))
+    return jax.random.key_data(fold(keys, layers))
 
 
 def _drop(
@@ -147,12 +171,35 @@ def _drop(
     """Dropout of layer ``layer`` on a batch, one key per example; (a, per-example residuals)."""
     if not res.active[layer]:
         return h, None
+    assert res.layer_key_data is not None, "the forward pass derives the layer keys"
+    return _drop_examples(res.layer_key_data[layer], h, res.rates[layer], res.scale, res.impl, residual)
+
+
+@partial(jax.jit, static_argnums=(3, 4, 5))
+def _drop_examples(
+    key_data: jax.Array, h: jax.Array, rate: jax.Array, scale: str, impl: str, residual: str
+) -> tuple[jax.Array, DropoutResidual]:
+    """``dropout_fwd`` of every example (row of ``h``) with its own key (row of ``key_data``).
+
+    A nested ``jit``, so that layers of the same width share one trace (and one lowering).
+    """
 
     def one(key_data, h_example):
-        key = _layer_key(key_data, res.impl, layer)
-        return dropout_fwd(key, h_example, res.rates[layer], scale=res.scale, residual=residual)
+        key = jax.random.wrap_key_data(key_data, impl=impl)
+        return dropout_fwd(key, h_example, rate, scale=scale, residual=residual)
 
-    return jax.vmap(one)(res.key_data, h)
+    return jax.vmap(one)(key_data, h)
+
+
+def _keeps_dropped(activation: str, layer: int) -> bool:
+    """Whether layer ``layer`` keeps its dropped input ``a_l`` (else the pre-dropout ``h_l``).
+
+    A ReLU layer's ``a_l = m * s * relu(z)`` holds everything the backward pass needs:
+    ``dW = a_l^T g`` and ``m * relu'(z) = [a_l > 0]`` (``s > 0``), so its mask is never
+    regenerated. tanh needs ``h_l`` for ``1 - h_l^2``, and the input layer keeps ``x`` itself
+    (an argument, not a new buffer); both regenerate their masks from the key.
+    """
+    return activation == "relu" and layer > 0
 
 
 def _forward_batch(params: MLPParams, x: jax.Array, res: MLPResiduals) -> tuple[jax.Array, MLPResiduals]:
@@ -160,8 +207,8 @@ def _forward_batch(params: MLPParams, x: jax.Array, res: MLPResiduals) -> tuple[
     kept = []
     last = len(params.weights) - 1
     for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
-        kept.append(h)
         a, _ = _drop(res, layer, h)
+        kept.append(a if _keeps_dropped(params.activation, layer) else h)
         z = a @ w + b
         h = z if layer == last else _act(params.activation, z)
     return h, dataclasses.replace(res, activations=tuple(kept))
@@ -171,6 +218,15 @@ def _backward_batch(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tu
     g = dout
     grad_w, grad_b = [], []
     for layer in reversed(range(len(params.weights))):
+        if _keeps_dropped(params.activation, layer):
+            # a_l = m * s * relu(z): dW from a_l, and g = da * s * [a_l > 0] (= da * m * s * relu').
+            a = res.activations[layer]
+            grad_w.append(a.T @ g)
+            grad_b.append(jnp.sum(g, axis=0))
+            da = g @ params.weights[layer].T
+            rate = res.rates[layer] if res.active[layer] else 0.0
+            g = dropout_bwd(mask_residual(a > 0, rate, scale=res.scale), da)
+            continue
         h = res.activations[layer]
         # Tie the recomputation to the cotangent so XLA runs it here, inside the backward fusions,
         # instead of keeping the forward pass's copy alive (common-subexpression elimination).
@@ -194,7 +250,8 @@ def _apply_batch(static, params, x, key_data, rates):
 
 def _apply_batch_fwd(static, params, x, key_data, rates):
     active, scale, impl = static
-    res = MLPResiduals((), key_data, rates, active, scale, impl)
+    layer_keys = _layer_keys(key_data, impl, len(params.weights)) if any(active) else None
+    res = MLPResiduals((), key_data, rates, active, scale, impl, layer_keys)
     return _forward_batch(params, x, res)
 
 
@@ -342,7 +399,8 @@ def forward(
     """The seed's training forward pass: returns ``(logits, residuals)`` for :func:`backward`.
 
     Same computation as ``apply(params, x, key=key, rates=rates, train=True)``. The residuals hold
-    the pre-dropout activation of every layer and the example keys (see the module docstring).
+    one activation per layer (dropped for ReLU hidden layers, pre-dropout otherwise) and the example
+    keys (see the module docstring).
     """
     params, x, checked, active = _prepare(params, x, rates, scale)
     key_data, impl = _key_data(key, x)
@@ -356,8 +414,9 @@ def forward(
 def backward(params: MLPParams, residuals: MLPResiduals, dout: Any) -> MLPParams:
     """The seed's backward pass: gradients of ``sum(dout * logits)`` w.r.t. the parameters.
 
-    Multiplies each layer's gradient by the same mask as the forward pass (regenerated from the
-    key) and takes the activation's derivative from the pre-dropout value (module docstring).
+    Multiplies each layer's gradient by the same mask as the forward pass (read from a ReLU
+    layer's dropped activation, or regenerated from the key) and takes the activation's
+    derivative from the pre-dropout value (module docstring).
     """
     params = _check_params(params)
     dout = jnp.asarray(dout)

@@ -10,6 +10,7 @@ import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -401,6 +402,53 @@ def _manual_grads(params, x, masks_, c):
             g = dh * (1.0 - v * v)
         results[source] = mlp.MLPParams(tuple(reversed(gw)), tuple(reversed(gb)), params.activation)
     return results
+
+
+def _threefry_calls(jaxpr):
+    """How many times a (closed) jaxpr draws bits with jdrop's unrolled threefry, nested jaxprs included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "_threefry_bits":
+            count += 1
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _threefry_calls(sub)
+    return count
+
+
+def test_relu_layers_keep_the_dropped_activation_and_never_regenerate_masks():
+    params, x = _setup("relu")
+    out, res = mlp.forward(params, x, KEY, RATES)
+    masks_ = example_masks(KEY, BATCH, SIZES[:-1], RATES)
+    # Layer 0 keeps x itself; hidden ReLU layers keep a_l = m_l * relu(z) / keep (the matmul's input).
+    np.testing.assert_array_equal(res.activations[0], x)
+    h = x
+    for layer in range(len(SIZES) - 1):
+        keep = 1.0 - RATES[layer]
+        a = jnp.where(masks_[layer], h / keep, 0.0)
+        if layer > 0:
+            np.testing.assert_allclose(res.activations[layer], a, rtol=1e-6, atol=1e-7)
+        z = a @ params.weights[layer] + params.biases[layer]
+        h = jax.nn.relu(z) if layer < len(SIZES) - 2 else z
+    np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
+    # The gradient w.r.t. the parameters draws each layer's bits once (the forward pass): the backward
+    # pass reads ReLU layers' masks from [a_l > 0] and only x's gradient (unused here) would regenerate one.
+    loss = lambda p: mlp.apply(p, x, key=KEY, rates=RATES, train=True).sum()  # noqa: E731
+    assert _threefry_calls(jax.make_jaxpr(loss)(params).jaxpr) == len(RATES)
+    grad_jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    assert _threefry_calls(grad_jaxpr) == len(RATES) + 1  # forward: one per layer; backward: input layer only
+    # tanh keeps h_l and regenerates every active layer's mask in the backward pass.
+    tparams, _ = _setup("tanh")
+    tloss = lambda p: mlp.apply(p, x, key=KEY, rates=RATES, train=True).sum()  # noqa: E731
+    assert _threefry_calls(jax.make_jaxpr(jax.grad(tloss))(tparams).jaxpr) == 2 * len(RATES)
+
+
+def test_relu_backward_with_invalid_traced_rate_is_nan():
+    params, x = _setup("relu")
+    grads = jax.jit(
+        jax.grad(lambda p, r: mlp.apply(p, x, key=KEY, rates=(0.0, r, 0.5), train=True).sum())
+    )(params, jnp.float32(1.5))
+    assert all(bool(jnp.isnan(w).all()) for w in grads.weights[:2])
 
 
 def test_seed_bug_activation_derivative_from_dropped_value_is_wrong():
