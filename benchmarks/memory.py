@@ -29,26 +29,45 @@ def configs(quick: bool) -> list[Config]:
     return [Config(depth=depth, **(QUICK if quick else FULL)) for depth in DEPTHS]
 
 
-def compile_step(variant: Any, cfg: Config) -> dict[str, Any]:
-    """Lowers and compiles one variant's step from abstract shapes; its memory and compile time."""
+COMPILE_REPEATS = 3
+"""Compilations per step: compile time is the median (one compilation varies by +-30% on a busy CPU)."""
+
+
+def compile_step(variant: Any, cfg: Config, repeats: int = COMPILE_REPEATS) -> dict[str, Any]:
+    """Lowers and compiles one variant's step from abstract shapes; its memory and compile time.
+
+    The step is traced, lowered and compiled once untimed (Python imports and other one-time
+    costs of a library's first use), then ``repeats`` times from cleared caches
+    (``jax.clear_caches``), as a fresh program would be; ``lower_s`` (tracing + lowering) and
+    ``compile_s`` (XLA) are the medians, ``total_s_runs`` every timed run's sum.
+    """
+    import statistics
+
     import jax
 
     step, opt_init = make_step(variant.loss, cfg)
     params = jax.eval_shape(variant.init, jax.random.key(0))
     opt_state = jax.eval_shape(opt_init, params)
-    start = time.perf_counter()
-    lowered = step.lower(params, opt_state, *batch_specs(cfg))
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    compiled_at = time.perf_counter()
+    lower_s, compile_s = [], []
+    for _ in range(repeats + 1):
+        jax.clear_caches()
+        start = time.perf_counter()
+        lowered = step.lower(params, opt_state, *batch_specs(cfg))
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        compiled_at = time.perf_counter()
+        lower_s.append(lowered_at - start)
+        compile_s.append(compiled_at - lowered_at)
+    lower_s, compile_s = lower_s[1:], compile_s[1:]  # the untimed warm-up
     stats = compiled.memory_analysis()
     return {
         "temp_bytes": stats.temp_size_in_bytes,
         "argument_bytes": stats.argument_size_in_bytes,
         "output_bytes": stats.output_size_in_bytes,
         "alias_bytes": stats.alias_size_in_bytes,
-        "lower_s": lowered_at - start,
-        "compile_s": compiled_at - lowered_at,
+        "lower_s": statistics.median(lower_s),
+        "compile_s": statistics.median(compile_s),
+        "total_s_runs": [a + b for a, b in zip(lower_s, compile_s)],
     }
 
 
