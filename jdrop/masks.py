@@ -45,6 +45,7 @@ __all__ = [
     "broadcast_shape",
     "canonical_key",
     "example_keys",
+    "fold_in",
     "keep_from_bits",
     "keep_mask",
     "keep_threshold",
@@ -144,7 +145,43 @@ def example_keys(key: Any, n: int, *, offset: Any = 0) -> jax.Array:
     if isinstance(offset, (int, np.integer)) and offset < 0:
         raise ValueError(f"`offset` must be >= 0, got {offset}.")
     index = jnp.asarray(offset, jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+    return fold_in(key, index)
+
+
+def fold_in(key: Any, data: Any) -> jax.Array:
+    """``jax.random.fold_in`` of a key array and ``uint32`` data, broadcast against each other.
+
+    ``out[i] = jax.random.fold_in(key[i], data[i])`` over the broadcast shape of ``key`` and
+    ``data``, bit for bit. For threefry keys this is ``threefry2x32(key, (0, data))`` written out
+    in ``jnp`` ops in a nested ``jit`` (traced and lowered once per shape; JAX lowers its own
+    ``fold_in`` again at every call), its result materialised (an optimisation barrier) so that
+    XLA computes each derived key once instead of fusing the derivation into every consumer of it.
+    Other key implementations use ``jax.random.fold_in``.
+
+    Args:
+      key: a PRNG key array (typed or legacy raw).
+      data: integer data, e.g. an example or layer index (taken modulo 2**32, as JAX does).
+
+    Returns:
+      A typed key array of the broadcast shape.
+    """
+    key = canonical_key(key)
+    data = jnp.asarray(data).astype(jnp.uint32)
+    shape = jnp.broadcast_shapes(key.shape, data.shape)
+    key, data = jnp.broadcast_to(key, shape), jnp.broadcast_to(data, shape)
+    impl = jax.random.key_impl(key)
+    if str(impl) != "threefry2x32":
+        fold = jax.random.fold_in
+        for _ in shape:
+            fold = jax.vmap(fold)
+        return fold(key, data)
+    return jax.random.wrap_key_data(_threefry_fold_in(jax.random.key_data(key), data), impl=impl)
+
+
+@jax.jit
+def _threefry_fold_in(key_data: jax.Array, data: jax.Array) -> jax.Array:
+    y0, y1 = threefry2x32(key_data[..., 0], key_data[..., 1], jnp.zeros_like(data), data)
+    return lax.optimization_barrier(jnp.stack([y0, y1], axis=-1))
 
 
 # --------------------------------------------------------------------------------------- bits

@@ -160,9 +160,8 @@ def _layer_keys(key_data: jax.Array, impl: str, num_layers: int) -> jax.Array:
     layer and pass.
     """
     keys = jax.random.wrap_key_data(key_data, impl=impl)
-    layers = jnp.arange(num_layers, dtype=jnp.uint32)
-    fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(0, None)), in_axes=(None, 0))
-    return jax.random.key_data(fold(keys, layers))
+    layers = jnp.arange(num_layers, dtype=jnp.uint32).reshape((num_layers,) + (1,) * keys.ndim)
+    return jax.random.key_data(masks.fold_in(keys[None], layers))
 
 
 def _drop(

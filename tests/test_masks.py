@@ -4,6 +4,7 @@ Every mask is checked against ``jax.random`` (``bits`` / ``bernoulli``), eagerly
 """
 
 import math
+import re
 from functools import partial
 
 import chex
@@ -228,6 +229,39 @@ def test_example_keys_are_fold_in_of_global_index(legacy):
     typed = masks.canonical_key(key)
     expected = np.stack([_data(jax.random.fold_in(typed, 10 + j)) for j in range(6)])
     np.testing.assert_array_equal(_data(keys), expected)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_fold_in_equals_jax_random_fold_in_elementwise_and_broadcast(impl):
+    keys = jax.random.split(jax.random.key(11, impl=impl), 4)
+    data = jnp.array([0, 1, 2**31, 2**32 - 1], jnp.uint32)
+    expected = np.stack([_data(jax.random.fold_in(keys[i], data[i])) for i in range(4)])
+    np.testing.assert_array_equal(_data(masks.fold_in(keys, data)), expected)
+    # Broadcast (keys along one axis, data along the other), inside jit: a (4, 4) key array.
+    table = jax.jit(masks.fold_in)(keys[:, None], data[None, :])
+    assert table.shape == (4, 4) and str(jax.random.key_impl(table)) == impl
+    for i in range(4):
+        for j in range(4):
+            np.testing.assert_array_equal(_data(table[i, j]), _data(jax.random.fold_in(keys[i], data[j])))
+    # Python ints and a legacy raw key, as jax.random.fold_in takes them.
+    if impl == "threefry2x32":
+        legacy = jax.random.PRNGKey(5)
+        np.testing.assert_array_equal(_data(masks.fold_in(legacy, 9)), np.asarray(jax.random.fold_in(legacy, 9)))
+
+
+def test_fold_in_is_computed_once_not_fused_into_its_consumers(key):
+    # Derived keys are materialised: a consumer of many elements must not recompute threefry per element.
+    def bits(k):
+        return masks.random_bits(masks.fold_in(k, 3), (64, 64))
+
+    hlo = jax.jit(bits).lower(key).compile().as_text()
+    computations = re.split(r"\n(?=\S)", hlo)
+    big = [c for c in computations if c.startswith("%fused") and "-> u32[64,64]" in c.split("\n", 1)[0]]
+    assert len(big) == 1, "the bits are one fusion"
+    # One threefry in the fusion that draws the bits (20 rounds: 20 xors, 2 for the key schedule, 1 for
+    # t0 ^ t1 = 23), not two (the derivation of the key fused in would add another 22).
+    assert big[0].count(" xor(") < 40, big[0].count(" xor(")
+    np.testing.assert_array_equal(jax.jit(bits)(key), jax.random.bits(jax.random.fold_in(key, 3), (64, 64)))
 
 
 def test_example_keys_microbatches_equal_slices_of_whole_batch(key):
