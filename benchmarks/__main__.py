@@ -23,7 +23,7 @@ from typing import Any
 from benchmarks import memory, models, ops, step
 from benchmarks._common import log, machine_description, run_worker
 
-SUITES = {"ops": (ops, ops.FRAMEWORKS), "memory": (memory, models.FRAMEWORKS), "step": (step, models.FRAMEWORKS)}
+SUITES = {"ops": (ops, ops.FRAMEWORKS), "memory": (memory, models.FRAMEWORKS), "step": (step, (step.ALL,))}
 """Each suite: its module (``measure``, ``summarize``, ``table``, ``title``) and its worker frameworks."""
 
 
@@ -50,10 +50,16 @@ def run_suite(name: str, args: argparse.Namespace) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     for framework in frameworks:
-        if args.framework and framework not in args.framework:
+        worker_options = options
+        if framework == step.ALL:  # one worker times the chosen frameworks round-robin
+            chosen = [f for f in models.FRAMEWORKS if not args.framework or f in args.framework]
+            if not chosen:
+                continue
+            worker_options = [*options, *(option for f in chosen for option in ("--framework", f))]
+        elif args.framework and framework not in args.framework:
             continue
         log(f"[{name}] {framework}")
-        result = run_worker(name, framework, options, timeout_s=args.timeout)
+        result = run_worker(name, framework, worker_options, timeout_s=args.timeout)
         if "error" in result:
             log(f"[{name}] {framework} failed: {result['error']}")
             errors.append(result)

@@ -1,20 +1,28 @@
 """Step benchmark: training steps per second of the 4-layer MLP of :mod:`benchmarks.models`.
 
-One worker process per framework (``python -m benchmarks.step --framework NAME``) runs the
-jitted, donating SGD step on random data and reports the median time per step after warm-up.
-The network and batch are the memory benchmark's (batch 512 x width 4096, 4 hidden layers,
-dropout 0.5), about 2 s a step on a 2-core CPU. Per element that goes through dropout the matrix
-products of a width-4096 layer cost about 6 * 4096 flops, so dropout is a small part of any step:
-what a framework can save is the time of its mask generation (flax, equinox and haiku draw bits
-with a rolled threefry loop and store a mask; jdrop fuses the bits into the multiply).
+One worker process (``python -m benchmarks.step --framework NAME [--framework NAME ...]``)
+builds the jitted, donating SGD step of every framework it is given, on random data, and times
+them round-robin: step ``r`` of every variant runs before step ``r + 1`` of any (the order
+rotating each round), so a slow minute of a shared machine slows every variant alike instead of
+whichever process ran then. The network and batch are the memory benchmark's (batch 512 x width
+4096, 4 hidden layers, dropout 0.5), about 2 s a step on a 2-core CPU. Per element that goes
+through dropout the matrix products of a width-4096 layer cost about 6 * 4096 flops, so dropout
+is a small part of any step: what a framework can save is the time of its mask generation (flax,
+equinox and haiku draw bits with a rolled threefry loop and store a mask; jdrop fuses the bits
+into the multiply, and jdrop.mlp reads ReLU layers' masks from their activations).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from benchmarks._common import log, markdown_table, time_call, worker_main
+from benchmarks._common import log, markdown_table
 from benchmarks.models import BASELINE, FRAMEWORKS, Config, make_step, variants
 
 FULL = Config(batch=512, width=4096, depth=4)
@@ -23,41 +31,68 @@ RUNS = {False: 8, True: 5}
 REFERENCE = "flax.linen"
 POLICIES = ("key",)
 """Residual policies of the ``jdrop.dropout`` MLP timed here (the op benchmark times all three)."""
+ALL = "interleaved"
+"""The framework name under which ``python -m benchmarks`` runs every framework in one worker."""
 
 
-def time_steps(variant: Any, cfg: Config, runs: int) -> dict[str, float]:
-    """Median wall time of one training step (parameters threaded from step to step)."""
-    import jax
-    import jax.numpy as jnp
+class _Runner:
+    """One variant's compiled step and its state (parameters threaded from step to step)."""
 
-    step, opt_init = make_step(variant.loss, cfg)
-    params = jax.jit(variant.init)(jax.random.key(0))
-    state = [params, opt_init(params)]
-    x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.width), jnp.float32)
-    y = jax.random.randint(jax.random.key(2), (cfg.batch,), 0, cfg.classes)
-    key = jax.random.key(3)
+    def __init__(self, variant: Any, cfg: Config) -> None:
+        import jax
+        import jax.numpy as jnp
 
-    def one_step() -> Any:
-        state[0], state[1], loss = step(state[0], state[1], x, y, key)
-        return loss
+        self.step, opt_init = make_step(variant.loss, cfg)
+        params = jax.jit(variant.init)(jax.random.key(0))
+        self.state = [params, opt_init(params)]
+        self.x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.width), jnp.float32)
+        self.y = jax.random.randint(jax.random.key(2), (cfg.batch,), 0, cfg.classes)
+        self.key = jax.random.key(3)
 
-    return time_call(one_step, jax.block_until_ready, runs=runs)
+    def __call__(self) -> float:
+        """Runs one step to completion; its wall time in seconds."""
+        import jax
+
+        start = time.perf_counter()
+        self.state[0], self.state[1], loss = self.step(self.state[0], self.state[1], self.x, self.y, self.key)
+        jax.block_until_ready(loss)
+        return time.perf_counter() - start
 
 
-def measure(framework: str, quick: bool) -> dict[str, Any]:
-    """Steps per second of every variant of ``framework``: the worker's result."""
+def measure(frameworks: Sequence[str], quick: bool) -> dict[str, Any]:
+    """Steps per second of every variant of ``frameworks``, timed round-robin: the worker's result."""
     cfg = QUICK if quick else FULL
-    records = []
-    for name, variant in variants(framework, cfg, POLICIES).items():
-        base = {"framework": framework, "name": name, "batch": cfg.batch, "width": cfg.width, "depth": cfg.depth}
-        if isinstance(variant, str):
-            records.append({**base, "note": variant})
-            log(f"  {name:24s}: {variant}")
-            continue
-        timing = time_steps(variant, cfg, RUNS[quick])
-        records.append({**base, **timing})
-        log(f"  {name:24s}: {timing['median_ms']:9.1f} ms / step")
-    return {"framework": framework, "records": records}
+    records: dict[str, dict[str, Any]] = {}
+    runners: dict[str, _Runner] = {}
+    for framework in frameworks:
+        for name, variant in variants(framework, cfg, POLICIES).items():
+            base = {"framework": framework, "name": name, "batch": cfg.batch, "width": cfg.width, "depth": cfg.depth}
+            if isinstance(variant, str):
+                records[name] = {**base, "note": variant}
+                log(f"  {name:24s}: {variant}")
+                continue
+            runners[name] = _Runner(variant, cfg)
+            first = runners[name]()  # tracing + compilation + the first step
+            runners[name]()  # warm-up
+            records[name] = {**base, "first_call_ms": first * 1e3}
+            log(f"  {name:24s}: first call {first:.1f} s")
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for round_ in range(RUNS[quick]):
+        shift = round_ % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(runners[name]())
+    for name, ts in times.items():
+        quartiles = statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3
+        records[name].update(
+            median_ms=statistics.median(ts) * 1e3,
+            p25_ms=quartiles[0] * 1e3,
+            p75_ms=quartiles[2] * 1e3,
+            min_ms=min(ts) * 1e3,
+            runs=len(ts),
+        )
+        log(f"  {name:24s}: {records[name]['median_ms']:9.1f} ms / step")
+    return {"framework": ",".join(frameworks), "records": list(records.values())}
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -115,8 +150,23 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Worker entry point: ``python -m benchmarks.step --framework NAME [--quick] [--out PATH]``."""
-    worker_main(__doc__.splitlines()[0], FRAMEWORKS, measure, argv)
+    """Worker entry point: ``python -m benchmarks.step --framework NAME [...] [--quick] [--out PATH]``.
+
+    ``--framework interleaved`` (what ``python -m benchmarks`` passes) stands for every framework;
+    further ``--framework`` options then narrow it down.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--framework", action="append", required=True, choices=(ALL, *FRAMEWORKS))
+    parser.add_argument("--quick", action="store_true", help="small sizes and few runs (a smoke test)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON result")
+    args = parser.parse_args(argv)
+    chosen = [f for f in args.framework if f != ALL] or list(FRAMEWORKS)
+    result = measure([f for f in FRAMEWORKS if f in chosen], args.quick)
+    text = json.dumps(result, indent=1)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":
