@@ -156,8 +156,8 @@ def _act_grad_from_output(name: str, h: jax.Array) -> jax.Array:
 def _layer_keys(key_data: jax.Array, impl: str, num_layers: int) -> jax.Array:
     """``fold_in(example key, l)`` for every layer ``l`` and example: key data ``(L, B, *key)``.
 
-    One call derives all of them, so the program holds one key-derivation loop, not one per
-    layer and pass.
+    One :func:`jdrop.masks.fold_in` derives all of them, once per step: the backward pass reads
+    them from the residuals instead of deriving them again.
     """
     keys = jax.random.wrap_key_data(key_data, impl=impl)
     layers = jnp.arange(num_layers, dtype=jnp.uint32).reshape((num_layers,) + (1,) * keys.ndim)
