@@ -1,0 +1,33 @@
+"""Smoke tests of the benchmark harness (no timings asserted: only that each suite runs and reports)."""
+
+from __future__ import annotations
+
+from benchmarks import memory, step
+from benchmarks.models import BASELINE, Config, variants
+
+
+def test_memory_suite_reports_temp_memory_and_median_compile_time():
+    cfg = Config(batch=16, width=64, depth=2)
+    records = []
+    for name, variant in {**variants("none", cfg), **variants("jdrop", cfg, ("key",))}.items():
+        result = memory.compile_step(variant, cfg, repeats=2)
+        assert result["temp_bytes"] > 0 and len(result["total_s_runs"]) == 2
+        assert result["lower_s"] > 0 and result["compile_s"] > 0
+        records.append({"name": name, "depth": memory.DEPTHS[0], "dropped_elements": cfg.dropped_elements, **result})
+    rows = {row["name"]: row for row in memory.summarize(records)}
+    assert rows[BASELINE]["temp_ratio"] == 1.0
+    # jdrop.mlp stores nothing per dropped element (deterministic: XLA's buffer assignment).
+    assert rows["jdrop.mlp"]["temp_ratio"] <= 1.05
+    assert "jdrop.mlp" in memory.table(memory.summarize(records))
+
+
+def test_step_suite_times_every_variant_round_robin():
+    result = step.measure(["none", "jdrop"], quick=True)
+    names = [r["name"] for r in result["records"]]
+    assert names[0] == BASELINE and "jdrop.mlp" in names
+    for record in result["records"]:
+        assert record["runs"] == step.RUNS[True] and record["min_ms"] <= record["median_ms"]
+        assert record["first_call_ms"] > 0
+    rows = step.summarize(result["records"])
+    assert all(row["vs_no_dropout"] > 0 for row in rows)
+    assert "steps/s" in step.table(rows)
