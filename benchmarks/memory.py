@@ -86,7 +86,7 @@ def measure(framework: str, quick: bool) -> dict[str, Any]:
                 records.append({**base, "note": variant})
                 log(f"  {name:24s} depth {cfg.depth}: {variant}")
                 continue
-            result = compile_step(variant, cfg)
+            result = compile_step(variant, cfg, repeats=1 if quick else COMPILE_REPEATS)
             records.append({**base, "dropped_elements": cfg.dropped_elements, **result})
             log(
                 f"  {name:24s} depth {cfg.depth}: temp {result['temp_bytes'] / MiB:9.1f} MiB, "
