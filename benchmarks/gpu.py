@@ -10,6 +10,8 @@ It runs in one process, in a few minutes on an H100, and needs only JAX with its
    for every JAX framework, with the device copy ``x * 2.0`` as the bandwidth reference.
 3. Attention-probability dropout at shape (8, 16, 2048, 2048) (batch, heads, queries, keys),
    where dropout's memory traffic matters most, reported the same way.
+4. The memory table of :mod:`benchmarks.memory` (the MLP training step's temporary memory from
+   XLA's buffer assignment on this backend; compilation only, one compilation per step).
 
 Without a GPU (or with ``--quick``) the sizes shrink so that it runs on a CPU in a minute or
 two. Results go to ``$OUT/gpu.json`` when ``OUT`` is set (or ``--out PATH``); the exit status is
@@ -32,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ops
+from benchmarks import memory, models, ops
 from benchmarks._common import log, machine_description
 
 JAX_FRAMEWORKS = tuple(f for f in ops.FRAMEWORKS if f != "torch")
@@ -139,6 +141,27 @@ def time_frameworks(shapes: Sequence[Sequence[int]], size: str) -> list[dict[str
     return records
 
 
+def memory_records(quick: bool) -> list[dict[str, Any]]:
+    """The memory suite's records for every installed framework (one compilation per step)."""
+    records = []
+    for framework in models.FRAMEWORKS:
+        for cfg in memory.configs(quick):
+            try:
+                candidates = models.variants(framework, cfg)
+            except ImportError as error:
+                log(f"  {framework}: skipped ({error})")
+                break
+            for name, variant in candidates.items():
+                base = {"framework": framework, "name": name, "depth": cfg.depth}
+                if isinstance(variant, str):
+                    records.append({**base, "note": variant})
+                    continue
+                result = memory.compile_step(variant, cfg, repeats=1)
+                records.append({**base, "dropped_elements": cfg.dropped_elements, **result})
+                log(f"  {name:24s} depth {cfg.depth}: temp {result['temp_bytes'] / 2**20:9.1f} MiB")
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the checks and timings, prints the tables, writes the JSON; 1 if a check failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     op_records = time_frameworks(OP_SHAPES[size], size)
     log("attention-probability dropout")
     attention_records = time_frameworks([ATTENTION_SHAPE[size]], size)
+    log("MLP step memory")
+    memory_summary = memory.summarize(memory_records(quick=size != "gpu"))
     op_summary, attention_summary = ops.summarize(op_records), ops.summarize(attention_records)
     failed = [c["check"] for c in checks if not c["passed"]]
     passed = len(checks) - len(failed)
@@ -165,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(ops.table(op_summary))
     print(f"\n## Attention-probability dropout {ATTENTION_SHAPE[size]}\n")
     print(ops.table(attention_summary))
+    print(f"\n## {memory.title(quick=size != 'gpu')}\n")
+    print(memory.table(memory_summary))
     report = {
         "machine": machine_description(),
         "sizes": size,
@@ -172,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checks": checks,
         "ops": op_summary,
         "attention": attention_summary,
+        "memory": memory_summary,
     }
     out = args.out or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
     if out is not None:
