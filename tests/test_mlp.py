@@ -443,6 +443,25 @@ def test_relu_layers_keep_the_dropped_activation_and_never_regenerate_masks():
     assert _threefry_calls(jax.make_jaxpr(jax.grad(tloss))(tparams).jaxpr) == 2 * len(RATES)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_other_key_implementation_equals_naive(activation):
+    # rbg keys take jax.random's own bits and fold_in; the MLP's masks and gradients follow them exactly.
+    params, x = _setup(activation)
+    key = jax.random.key(5, impl="rbg")
+    masks_ = example_masks(key, BATCH, SIZES[:-1], RATES)
+    c = _loss_weights((BATCH, SIZES[-1]))
+
+    @jax.jit
+    def both(params, x, masks_):
+        ours = jax.value_and_grad(lambda p: jnp.sum(c * mlp.apply(p, x, key=key, rates=RATES, train=True)))(params)
+        ref = jax.value_and_grad(lambda p: jnp.sum(c * naive_batch(p, x, masks_, RATES)))(params)
+        return ours, ref
+
+    (value, grads), (ref_value, ref_grads) = both(params, x, masks_)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-6)
+    _allclose_tree(grads, ref_grads)
+
+
 def test_relu_backward_with_invalid_traced_rate_is_nan():
     params, x = _setup("relu")
     grads = jax.jit(
