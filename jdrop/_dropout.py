@@ -90,9 +90,11 @@ def _apply(res: DropoutResidual, mask: jax.Array | None, values: jax.Array) -> j
     return out.astype(values.dtype)
 
 
-def _mask_from_key(key_data: jax.Array, res: DropoutResidual) -> jax.Array:
+def _mask_from_key(key_data: jax.Array, res: DropoutResidual, shape: tuple[int, ...]) -> jax.Array:
+    """The keep mask at ``res.mask_shape``, for a consumer of ``shape`` (broadcast along ``broadcast_dims``)."""
     key = jax.random.wrap_key_data(key_data, impl=res.impl)
-    return masks.keep_from_bits(masks.random_bits(key, res.mask_shape), res.threshold)
+    bits = masks.random_bits(key, res.mask_shape, broadcast_to=shape)
+    return masks.keep_from_bits(bits, res.threshold)
 
 
 def _train_forward(
@@ -104,7 +106,7 @@ def _train_forward(
 ) -> tuple[jax.Array, DropoutResidual]:
     residual, scale, impl, mask_shape = cfg
     res = DropoutResidual(key_data, None, threshold, valid, residual, scale, True, impl, mask_shape)
-    mask = _mask_from_key(key_data, res)
+    mask = _mask_from_key(key_data, res, x.shape)
     y = _apply(res, mask, x)
     if residual == "bits":
         res = dataclasses.replace(res, key_data=None, mask=masks.pack_bits(mask))
@@ -131,9 +133,13 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
 
     ``s`` is ``1 / keep`` (inverted) or 1 (classic) in training, and 1 (inverted) or ``keep``
     (classic) in a deterministic pass. With ``residual="key"`` the mask is regenerated from the
-    key; the regeneration is made to depend on ``dy`` (an optimisation barrier) so that XLA can
-    neither run it in the forward pass nor merge it with the forward pass's mask and keep that
-    alive: the mask is computed inside the fusion that consumes ``dy``.
+    key, tied to ``dy`` by an optimisation barrier. What the barrier does depends on the compiler:
+    it stops XLA's common-subexpression pass from merging the regeneration with the forward pass's
+    mask (which would then be kept alive as a per-element residual); XLA:CPU removes barriers right
+    after that pass (``cse_barrier_expander``), so they do not constrain its fusion. Inside one
+    ``jit`` XLA then computes the mask within the fusions that use it, forward and backward alike:
+    the compiled step keeps nothing per element (``tests/test_dropout.py`` checks the temporary
+    memory).
 
     Args:
       res: the residual returned by :func:`dropout_fwd`.
@@ -146,7 +152,7 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
         return _apply(res, None, dy)
     if res.residual == "key":
         key_data, dy = lax.optimization_barrier((res.key_data, dy))
-        mask = _mask_from_key(key_data, res)
+        mask = _mask_from_key(key_data, res, dy.shape)
     else:
         assert res.mask is not None, "a bits/mask residual carries the mask"
         mask = masks.unpack_bits(res.mask, res.mask_shape) if res.residual == "bits" else res.mask

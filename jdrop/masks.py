@@ -29,9 +29,10 @@ that realised probability, so ``E[dropout(x)] = x`` holds exactly, not just up t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ from jdrop._rates import keep_probability
 
 __all__ = [
     "THRESHOLD_BITS",
+    "bits_lowering",
     "broadcast_shape",
     "canonical_key",
     "example_keys",
@@ -54,6 +56,7 @@ __all__ = [
     "random_bits",
     "realised_keep",
     "require_key",
+    "set_bits_lowering",
     "threefry2x32",
     "uniform_from_bits",
     "unpack_bits",
@@ -152,11 +155,8 @@ def fold_in(key: Any, data: Any) -> jax.Array:
     """``jax.random.fold_in`` of a key array and ``uint32`` data, broadcast against each other.
 
     ``out[i] = jax.random.fold_in(key[i], data[i])`` over the broadcast shape of ``key`` and
-    ``data``, bit for bit. For threefry keys this is ``threefry2x32(key, (0, data))`` written out
-    in ``jnp`` ops in a nested ``jit`` (traced and lowered once per shape; JAX lowers its own
-    ``fold_in`` again at every call), its result materialised (an optimisation barrier) so that
-    XLA computes each derived key once instead of fusing the derivation into every consumer of it.
-    Other key implementations use ``jax.random.fold_in``.
+    ``data``, bit for bit: it is ``jax.random.fold_in`` itself, vmapped, in a nested ``jit`` so that
+    it is traced and lowered once per shape (JAX lowers its own ``fold_in`` again at every call).
 
     Args:
       key: a PRNG key array (typed or legacy raw).
@@ -168,20 +168,18 @@ def fold_in(key: Any, data: Any) -> jax.Array:
     key = canonical_key(key)
     data = jnp.asarray(data).astype(jnp.uint32)
     shape = jnp.broadcast_shapes(key.shape, data.shape)
-    key, data = jnp.broadcast_to(key, shape), jnp.broadcast_to(data, shape)
-    impl = jax.random.key_impl(key)
-    if str(impl) != "threefry2x32":
-        fold = jax.random.fold_in
-        for _ in shape:
-            fold = jax.vmap(fold)
-        return fold(key, data)
-    return jax.random.wrap_key_data(_threefry_fold_in(jax.random.key_data(key), data), impl=impl)
+    return _fold_in(jnp.broadcast_to(key, shape), jnp.broadcast_to(data, shape))
 
 
 @jax.jit
-def _threefry_fold_in(key_data: jax.Array, data: jax.Array) -> jax.Array:
-    y0, y1 = threefry2x32(key_data[..., 0], key_data[..., 1], jnp.zeros_like(data), data)
-    return lax.optimization_barrier(jnp.stack([y0, y1], axis=-1))
+def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
+    # Compile hazard: never derive keys with the unrolled threefry of random_bits. A key shared by a
+    # batch makes that 20-round chain loop-invariant, and LLVM's vectorizer then runs for hours when it
+    # interleaves (AVX-512's choice). JAX's own lowering is a rolled loop on CPU: tiny data, no chain.
+    fold = jax.random.fold_in
+    for _ in range(key.ndim):
+        fold = jax.vmap(fold)
+    return fold(key, data)
 
 
 # --------------------------------------------------------------------------------------- bits
@@ -222,15 +220,68 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
-def random_bits(key: Any, shape: Sequence[int]) -> jax.Array:
+BitsLowering = Literal["fused", "jax"]
+_LOWERINGS = ("fused", "jax")
+_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _lowering_from_environment() -> dict[str, str]:
+    value = os.environ.get("JDROP_BITS_LOWERING", "fused").strip().lower()
+    if value not in _LOWERINGS:
+        raise ValueError(f"JDROP_BITS_LOWERING must be one of {_LOWERINGS}, got {value!r}.")
+    return dict.fromkeys(_PLATFORMS, value)
+
+
+_bits_lowering: dict[str, str] = _lowering_from_environment()
+
+
+def set_bits_lowering(lowering: BitsLowering, *, platforms: Sequence[str] | None = None) -> None:
+    """Chooses how :func:`random_bits` computes threefry bits: ``"fused"`` (default) or ``"jax"``.
+
+    Both give the same bits, ``jax.random.bits(key, shape, jnp.uint32)``; only the program differs:
+
+    - ``"fused"``: the 20 threefry rounds written out in ``jnp`` ops, which XLA fuses into the
+      consumer of the bits (nothing per element is stored; fastest on CPU and GPU).
+    - ``"jax"``: ``jax.random.bits`` itself, JAX's own lowering (a rolled loop on CPU, a kernel or
+      unrolled code on GPU), whose bits are materialised. An escape hatch for any backend or
+      compiler version where the fused program misbehaves (compile time, speed).
+
+    ``platforms`` restricts the choice to some backends (``"cpu"``, ``"cuda"``, ``"rocm"``,
+    ``"tpu"``); the choice per backend is made when a program is lowered for it. The setting is
+    read when a function is traced: set it at start-up (or call ``jax.clear_caches()`` after
+    changing it), or set the environment variable ``JDROP_BITS_LOWERING=jax`` before importing
+    jdrop.
+
+    Raises:
+      ValueError: for an unknown lowering or platform.
+    """
+    if lowering not in _LOWERINGS:
+        raise ValueError(f"`lowering` must be one of {_LOWERINGS}, got {lowering!r}.")
+    chosen = _PLATFORMS if platforms is None else tuple(platforms)
+    for platform in chosen:
+        if platform not in _PLATFORMS:
+            raise ValueError(f"`platforms` entries must be among {_PLATFORMS}, got {platform!r}.")
+    _bits_lowering.update(dict.fromkeys(chosen, lowering))
+
+
+def bits_lowering() -> dict[str, str]:
+    """The lowering :func:`random_bits` uses per platform (see :func:`set_bits_lowering`)."""
+    return dict(_bits_lowering)
+
+
+def random_bits(key: Any, shape: Sequence[int], *, broadcast_to: Sequence[int] | None = None) -> jax.Array:
     """Uniform ``uint32`` bits, equal to ``jax.random.bits(key, shape, jnp.uint32)``.
 
     For threefry keys the bits are computed by a fusible unrolled threefry (see the module
     docstring); XLA then computes them inside whatever consumes them, so they are never stored.
+    When the caller broadcasts the bits to a larger shape (``broadcast_to``), they are drawn with
+    JAX's own lowering instead and materialised at ``shape`` (see the comment in the code).
+    :func:`set_bits_lowering` chooses JAX's lowering everywhere or on some backends.
 
     Args:
       key: a single PRNG key (typed or legacy raw).
       shape: the shape of the bits.
+      broadcast_to: the shape of the consumer the bits are broadcast into, if any.
 
     Returns:
       ``uint32`` array of ``shape``.
@@ -238,11 +289,28 @@ def random_bits(key: Any, shape: Sequence[int]) -> jax.Array:
     key = canonical_key(key)
     shape = tuple(int(d) for d in shape)
     size = math.prod(shape)
-    if str(jax.random.key_impl(key)) != "threefry2x32" or size >= 2**32:
+    # Compile hazard: fused into a consumer that broadcasts them, the 20 unrolled rounds can be
+    # invariant in the consumer's inner loop, where LLVM's vectorizer may run for hours (AVX-512).
+    broadcast = broadcast_to is not None and tuple(int(d) for d in broadcast_to) != shape
+    if str(jax.random.key_impl(key)) != "threefry2x32" or size >= 2**32 or broadcast:
         # Other generators are already fused or fast on their backend; >= 2**32 elements need
         # JAX's two-word counter, whose bits we then take as they are.
         return jax.random.bits(key, shape, jnp.uint32)
-    return _threefry_bits(jax.random.key_data(key), shape)
+    data = jax.random.key_data(key)
+    lowerings = set(_bits_lowering.values())
+    if lowerings == {"fused"}:
+        return _threefry_bits(data, shape)
+    if lowerings == {"jax"}:
+        return jax.random.bits(key, shape, jnp.uint32)
+    branches = {
+        platform: (partial(_threefry_bits, shape=shape) if lowering == "fused" else partial(_jax_bits, shape=shape))
+        for platform, lowering in _bits_lowering.items()
+    }
+    return lax.platform_dependent(data, **branches)
+
+
+def _jax_bits(data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.bits(jax.random.wrap_key_data(data), shape, jnp.uint32)
 
 
 @partial(jax.jit, static_argnums=(1,))
@@ -330,7 +398,7 @@ def keep_mask(key: Any, shape: Sequence[int], rate: Any, *, broadcast_dims: Sequ
     shape = tuple(int(d) for d in shape)
     mask_shape = broadcast_shape(shape, broadcast_dims)
     threshold = keep_threshold(keep_probability(rate))
-    return jnp.broadcast_to(keep_from_bits(random_bits(key, mask_shape), threshold), shape)
+    return jnp.broadcast_to(keep_from_bits(random_bits(key, mask_shape, broadcast_to=shape), threshold), shape)
 
 
 # --------------------------------------------------------------------------------------- floats

@@ -75,6 +75,66 @@ def test_random_bits_vmap_over_keys_equals_loop(key):
         np.testing.assert_array_equal(batched[i], jax.random.bits(keys[i], (13, 5), jnp.uint32))
 
 
+def _has_while_loop(fn, *args) -> bool:
+    return " while(" in jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.fixture
+def restore_bits_lowering():
+    before = masks.bits_lowering()
+    yield
+    for platform, lowering in before.items():
+        masks.set_bits_lowering(lowering, platforms=[platform])
+
+
+@pytest.mark.parametrize("lowering", ["fused", "jax"])
+def test_bits_lowering_switch_gives_the_same_bits(key, lowering, restore_bits_lowering):
+    masks.set_bits_lowering(lowering)
+    assert masks.bits_lowering()["cpu"] == lowering
+    draw = partial(masks.random_bits, shape=(13, 5))
+    expected = jax.random.bits(key, (13, 5), jnp.uint32)
+    np.testing.assert_array_equal(jax.jit(draw)(key), expected)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(draw))(jax.random.split(key, 3))[1],
+                                  jax.random.bits(jax.random.split(key, 3)[1], (13, 5), jnp.uint32))
+    # The switch changes the program: JAX's CPU lowering of threefry is a rolled loop, the fused one is not.
+    assert _has_while_loop(lambda k: jdrop.dropout(k, jnp.ones((13, 5)), 0.5), key) == (lowering == "jax")
+
+
+def test_bits_lowering_per_platform(key, restore_bits_lowering):
+    masks.set_bits_lowering("jax", platforms=["cuda", "rocm"])
+    assert masks.bits_lowering() == {"cpu": "fused", "cuda": "jax", "rocm": "jax", "tpu": "fused"}
+    np.testing.assert_array_equal(jax.jit(partial(masks.random_bits, shape=(7,)))(key),
+                                  jax.random.bits(key, (7,), jnp.uint32))
+    assert not _has_while_loop(lambda k: masks.random_bits(k, (7,)), key)  # lowered for CPU: the fused branch
+    masks.set_bits_lowering("jax", platforms=["cpu"])
+    assert _has_while_loop(lambda k: masks.random_bits(k, (7,)), key)
+
+
+def test_bits_lowering_rejects_unknown_values(restore_bits_lowering):
+    with pytest.raises(ValueError, match="`lowering` must be one of"):
+        masks.set_bits_lowering("unrolled")
+    with pytest.raises(ValueError, match="`platforms` entries"):
+        masks.set_bits_lowering("jax", platforms=["gpu"])
+
+
+def test_bits_lowering_from_environment(monkeypatch):
+    monkeypatch.setenv("JDROP_BITS_LOWERING", "jax")
+    assert set(masks._lowering_from_environment().values()) == {"jax"}
+    monkeypatch.setenv("JDROP_BITS_LOWERING", "nope")
+    with pytest.raises(ValueError, match="JDROP_BITS_LOWERING"):
+        masks._lowering_from_environment()
+
+
+def test_broadcast_bits_are_materialised_not_fused(key):
+    # Bits broadcast into a larger consumer are drawn by JAX's lowering (a rolled loop on CPU, materialised at the
+    # mask's shape), so the unrolled chain never sits loop-invariant inside the consumer's loop (compile hazard).
+    x = jnp.ones((100, 64))
+    assert _has_while_loop(lambda k: jdrop.dropout(k, x, 0.5, broadcast_dims=(1,)), key)
+    assert not _has_while_loop(lambda k: jdrop.dropout(k, x, 0.5), key)
+    np.testing.assert_array_equal(masks.random_bits(key, (100, 1), broadcast_to=(100, 64)),
+                                  jax.random.bits(key, (100, 1), jnp.uint32))
+
+
 @pytest.mark.parametrize("bad", [0, 1.5, "key", None, np.zeros((2,), np.float32), np.zeros((3,), np.uint32)], ids=repr)
 def test_random_bits_rejects_non_keys(bad):
     with pytest.raises(TypeError, match="`key`"):
