@@ -14,7 +14,7 @@ Layer ``l`` computes ``a_l = dropout(h_l; rate_l)``, ``z_l = a_l @ W_l + b_l`` a
     g_{l-1} = dh_l * act'(h_l)             (act' from the pre-dropout value h_l:
                                             tanh' = 1 - h_l^2, relu' = [h_l > 0])
 
-Memory: one activation per layer and the example keys (a few bytes per example); no mask, ever.
+Memory: one activation per layer and the layer keys (a few bytes per example); no mask, ever.
 
 - ReLU hidden layers keep the dropped activation ``a_l = m_l * s * h_l`` (the matrix product's
   input, which exists anyway). It holds all the backward pass needs: ``dW_l = a_l^T g_l``, and
@@ -30,51 +30,84 @@ Either way dropout adds nothing per element to a training step's memory.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
+from jax.typing import ArrayLike, DTypeLike
 
 from jdrop import masks
-from jdrop._dropout import DropoutResidual, dropout, dropout_bwd, dropout_fwd, mask_residual
+from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd, mask_residual
 from jdrop._rates import check_float_input, check_rate
+from jdrop._typing import KeyLike
 
 __all__ = ["MLPParams", "MLPResiduals", "apply", "backward", "forward", "init"]
 
-Activation = Literal["tanh", "relu"]
-_ACTIVATIONS = ("tanh", "relu")
+ActivationName = Literal["tanh", "relu"]
+
+
+class _Activation(NamedTuple):
+    """One activation, everything jdrop.mlp needs of it in one row."""
+
+    function: Callable[[jax.Array], jax.Array]
+    derivative_from_output: Callable[[jax.Array], jax.Array]  # act'(z) written in h = act(z)
+    init_gain: float  # W ~ N(0, gain / d_in)
+    keeps_dropped: bool  # a hidden layer keeps its dropped input a = m * s * h (its sign carries m * act')
+
+
+_ACTIVATIONS: dict[str, _Activation] = {
+    "tanh": _Activation(jnp.tanh, lambda h: 1.0 - h * h, 1.0, False),
+    "relu": _Activation(jax.nn.relu, lambda h: (h > 0).astype(h.dtype), 2.0, True),
+}
+
+
+def _activation(name: Any) -> _Activation:
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {tuple(_ACTIVATIONS)}, got {name!r}.")
+    return _ACTIVATIONS[name]
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["weights", "biases"], meta_fields=["activation"])
 @dataclasses.dataclass(frozen=True)
 class MLPParams:
-    """Weights ``W_l`` of shape ``(d_l, d_{l+1})``, biases ``b_l``, and the (static) activation."""
+    """Weights ``W_l`` of shape ``(d_l, d_{l+1})``, biases ``b_l``, and the (static) activation.
+
+    Raises:
+      ValueError: if ``activation`` is not one of jdrop.mlp's activations.
+    """
 
     weights: tuple[jax.Array, ...]
     biases: tuple[jax.Array, ...]
     activation: str = "tanh"
 
+    def __post_init__(self) -> None:
+        _activation(self.activation)
+
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["activations", "key_data", "rates", "layer_key_data"],
+    data_fields=["activations", "key_data", "rates"],
     meta_fields=["active", "scale", "impl"],
 )
 @dataclasses.dataclass(frozen=True)
 class MLPResiduals:
-    """What :func:`backward` needs: one activation per layer (batch-major) and the example keys.
+    """What :func:`backward` needs, batch-major: one activation per layer and the example keys.
 
-    ``activations[l]`` is the dropped ``a_l`` for a ReLU hidden layer and the pre-dropout ``h_l``
-    otherwise (``activations[0]`` is ``x``); see the module docstring.
-
-    ``key_data`` holds the example keys ``(B, *key)``; ``layer_key_data`` the keys each layer
-    draws its masks from, ``fold_in(example key, l)``, as one ``(L, B, *key)`` array (derived once
-    in the forward pass: a few bytes per example and layer, nothing per element).
+    Attributes:
+      activations: ``activations[l]`` is the dropped ``a_l`` for a ReLU hidden layer and the
+        pre-dropout ``h_l`` otherwise (``activations[0]`` is ``x``); see the module docstring.
+      key_data: the example keys' data, ``(B, *key)`` (``(*key,)`` for one example). Layer ``l``
+        draws its masks from ``fold_in(example key, l)``; the backward pass derives those keys
+        again (a few bytes per example) for the layers that regenerate their masks.
+      rates: every layer's rate as a float32 scalar (traced rates stay traced).
+      active: whether each layer drops (static: False for a static rate of 0).
+      scale: ``"inverted"`` or ``"classic"``.
+      impl: the PRNG implementation of the keys.
     """
 
     activations: tuple[jax.Array, ...]
@@ -83,11 +116,10 @@ class MLPResiduals:
     active: tuple[bool, ...]
     scale: str
     impl: str
-    layer_key_data: jax.Array | None = None
 
 
 def init(
-    key: Any, layer_sizes: Sequence[int], *, activation: Activation = "tanh", dtype: Any = jnp.float32
+    key: KeyLike, layer_sizes: Sequence[int], *, activation: ActivationName = "tanh", dtype: DTypeLike = jnp.float32
 ) -> MLPParams:
     """Initialises an MLP with ``len(layer_sizes) - 1`` weight layers.
 
@@ -99,12 +131,10 @@ def init(
       activation: ``"tanh"`` or ``"relu"``, stored in the params (static).
       dtype: parameter dtype.
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {_ACTIVATIONS}, got {activation!r}.")
+    gain = _activation(activation).init_gain
     sizes = tuple(layer_sizes)
     if len(sizes) < 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in sizes):
         raise ValueError(f"`layer_sizes` must hold at least two positive ints, got {layer_sizes!r}.")
-    gain = 2.0 if activation == "relu" else 1.0
     keys = jax.random.split(masks.canonical_key(key), len(sizes) - 1)
     weights = tuple(
         jax.random.normal(k, (d_in, d_out), dtype) * jnp.asarray(np.sqrt(gain / d_in), dtype)
@@ -145,40 +175,21 @@ def _check_input(params: MLPParams, x: Any) -> jax.Array:
 # ------------------------------------------------------------------------------------ the maths
 
 
-def _act(name: str, z: jax.Array) -> jax.Array:
-    return jnp.tanh(z) if name == "tanh" else jax.nn.relu(z)
-
-
-def _act_grad_from_output(name: str, h: jax.Array) -> jax.Array:
-    return 1.0 - h * h if name == "tanh" else (h > 0).astype(h.dtype)
-
-
 def _layer_keys(key_data: jax.Array, impl: str, num_layers: int) -> jax.Array:
     """``fold_in(example key, l)`` for every layer ``l`` and example: key data ``(L, B, *key)``.
 
-    One :func:`jdrop.masks.fold_in` derives all of them, once per step: the backward pass reads
-    them from the residuals instead of deriving them again.
+    One :func:`jdrop.masks.fold_in` derives all of them (a tiny, separate computation).
     """
     keys = jax.random.wrap_key_data(key_data, impl=impl)
     layers = jnp.arange(num_layers, dtype=jnp.uint32).reshape((num_layers,) + (1,) * keys.ndim)
     return jax.random.key_data(masks.fold_in(keys[None], layers))
 
 
-def _drop(
-    res: MLPResiduals, layer: int, h: jax.Array, residual: Literal["key", "mask"] = "key"
-) -> tuple[jax.Array, DropoutResidual | None]:
-    """Dropout of layer ``layer`` on a batch, one key per example; (a, per-example residuals)."""
-    if not res.active[layer]:
-        return h, None
-    assert res.layer_key_data is not None, "the forward pass derives the layer keys"
-    return _drop_examples(res.layer_key_data[layer], h, res.rates[layer], res.scale, res.impl, residual)
-
-
 @partial(jax.jit, static_argnums=(3, 4, 5))
 def _drop_examples(
     key_data: jax.Array, h: jax.Array, rate: jax.Array, scale: str, impl: str, residual: str
 ) -> tuple[jax.Array, DropoutResidual]:
-    """``dropout_fwd`` of every example (row of ``h``) with its own key (row of ``key_data``).
+    """``dropout_fwd`` of one example ``(d,)`` with its key, or of every row of a batch with its own key.
 
     A nested ``jit``, so that layers of the same width share one trace (and one lowering).
     """
@@ -187,169 +198,192 @@ def _drop_examples(
         key = jax.random.wrap_key_data(key_data, impl=impl)
         return dropout_fwd(key, h_example, rate, scale=scale, residual=residual)
 
-    return jax.vmap(one)(key_data, h)
+    return one(key_data, h) if h.ndim == 1 else jax.vmap(one)(key_data, h)
 
 
-def _keeps_dropped(activation: str, layer: int) -> bool:
-    """Whether layer ``layer`` keeps its dropped input ``a_l`` (else the pre-dropout ``h_l``).
+def _train_drop(res: MLPResiduals, residual: str = "key") -> Callable[[int, jax.Array], tuple[jax.Array, Any]]:
+    """Layer ``l``'s training dropout, one key per example: ``(a, per-example residuals)``."""
+    layer_keys = _layer_keys(res.key_data, res.impl, len(res.active)) if any(res.active) else None
 
-    A ReLU layer's ``a_l = m * s * relu(z)`` holds everything the backward pass needs:
-    ``dW = a_l^T g`` and ``m * relu'(z) = [a_l > 0]`` (``s > 0``), so its mask is never
-    regenerated. tanh needs ``h_l`` for ``1 - h_l^2``, and the input layer keeps ``x`` itself
-    (an argument, not a new buffer); both regenerate their masks from the key.
-    """
-    return activation == "relu" and layer > 0
+    def drop(layer: int, h: jax.Array) -> tuple[jax.Array, Any]:
+        if layer_keys is None or not res.active[layer]:
+            return h, None
+        return _drop_examples(layer_keys[layer], h, res.rates[layer], res.scale, res.impl, residual)
+
+    return drop
 
 
-def _forward_batch(params: MLPParams, x: jax.Array, res: MLPResiduals) -> tuple[jax.Array, MLPResiduals]:
-    h = x
-    kept = []
+def _eval_drop(rates: Sequence[float | jax.Array], scale: Scale) -> Callable[[int, jax.Array], tuple[jax.Array, Any]]:
+    """Layer ``l``'s evaluation pass: ``h`` (inverted) or ``keep_l * h`` (classic)."""
+
+    def drop(layer: int, h: jax.Array) -> tuple[jax.Array, Any]:
+        return dropout(None, h, rates[layer], deterministic=True, scale=scale), None
+
+    return drop
+
+
+def _forward(
+    params: MLPParams, x: jax.Array, drop: Callable[[int, jax.Array], tuple[jax.Array, Any]]
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """The network on one example ``(d_0,)`` or a batch ``(B, d_0)``: logits and what each layer keeps."""
+    act = _activation(params.activation)
+    h, kept = x, []
     last = len(params.weights) - 1
     for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
-        a, _ = _drop(res, layer, h)
-        kept.append(a if _keeps_dropped(params.activation, layer) else h)
+        a, _ = drop(layer, h)
+        kept.append(a if act.keeps_dropped and layer > 0 else h)
         z = a @ w + b
-        h = z if layer == last else _act(params.activation, z)
-    return h, dataclasses.replace(res, activations=tuple(kept))
+        h = z if layer == last else act.function(z)
+    return h, tuple(kept)
 
 
-def _backward_batch(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[MLPParams, jax.Array]:
+def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[MLPParams, jax.Array]:
+    """Gradients of ``sum(dout * logits)`` for one example or a batch: ``(grads, dx)`` (module docstring).
+
+    ``dW = sum_i a_i^T g_i`` is one contraction over the batch; for one example, an outer product. Under
+    ``jax.vmap`` over examples the sum over the batch is XLA's, which compiles it as one contraction too.
+    """
+    act = _activation(params.activation)
     g = dout
+    batch_axes = tuple(range(dout.ndim - 1))
+    regenerate = _train_drop(res, residual="mask")
+
+    def weight_grad(a, g):
+        return jnp.einsum("...i,...j->ij", a, g)
+
     grad_w, grad_b = [], []
     for layer in reversed(range(len(params.weights))):
-        if _keeps_dropped(params.activation, layer):
-            # a_l = m * s * relu(z): dW from a_l, and g = da * s * [a_l > 0] (= da * m * s * relu').
+        if act.keeps_dropped and layer > 0:
+            # a_l = m * s * act(z): dW from a_l, and g = da * s * [a_l > 0] (= da * m * s * relu').
             a = res.activations[layer]
-            grad_w.append(a.T @ g)
-            grad_b.append(jnp.sum(g, axis=0))
+            grad_w.append(weight_grad(a, g))
+            grad_b.append(jnp.sum(g, axis=batch_axes))
             da = g @ params.weights[layer].T
             rate = res.rates[layer] if res.active[layer] else 0.0
             g = dropout_bwd(mask_residual(a > 0, rate, scale=res.scale), da)
             continue
         h = res.activations[layer]
-        # Tie the recomputation to the cotangent so XLA runs it here, inside the backward fusions,
-        # instead of keeping the forward pass's copy alive (common-subexpression elimination).
+        # Ties the recomputation to the cotangent: it stops XLA's common-subexpression pass from merging it with
+        # the forward pass's (which would keep that one alive); XLA:CPU drops the barrier right after that pass.
         h, g = lax.optimization_barrier((h, g))
-        # One regeneration serves both uses of the mask (a for dW, and dh); it lives only here.
-        a, drop_res = _drop(res, layer, h, residual="mask")
-        grad_w.append(a.T @ g)
-        grad_b.append(jnp.sum(g, axis=0))
+        # One regeneration serves both uses of the mask (a for dW, and dh).
+        a, drop_res = regenerate(layer, h)
+        grad_w.append(weight_grad(a, g))
+        grad_b.append(jnp.sum(g, axis=batch_axes))
         dh = g @ params.weights[layer].T
         if drop_res is not None:
-            dh = jax.vmap(dropout_bwd)(drop_res, dh)
-        g = dh * _act_grad_from_output(params.activation, h) if layer > 0 else dh
+            dh = dropout_bwd(drop_res, dh) if dh.ndim == 1 else jax.vmap(dropout_bwd)(drop_res, dh)
+        g = dh * act.derivative_from_output(h) if layer > 0 else dh
     grads = MLPParams(tuple(reversed(grad_w)), tuple(reversed(grad_b)), params.activation)
     return grads, g
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _apply_batch(static, params, x, key_data, rates):
-    return _apply_batch_fwd(static, params, x, key_data, rates)[0]
-
-
-def _apply_batch_fwd(static, params, x, key_data, rates):
+def _train_forward(static, params, x, key_data, rates):
+    """Training forward pass of a batch: ``(logits, residuals)``."""
     active, scale, impl = static
-    layer_keys = _layer_keys(key_data, impl, len(params.weights)) if any(active) else None
-    res = MLPResiduals((), key_data, rates, active, scale, impl, layer_keys)
-    return _forward_batch(params, x, res)
+    res = MLPResiduals((), key_data, rates, active, scale, impl)
+    out, kept = _forward(params, x, _train_drop(res))
+    return out, dataclasses.replace(res, activations=kept)
 
 
-def _fwd_rule(static, params, x, key_data, rates):
-    out, res = _apply_batch_fwd(static, params, x, key_data, rates)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train_apply(static, params, x, key_data, rates):
+    return _train_forward(static, params, x, key_data, rates)[0]
+
+
+def _train_apply_fwd(static, params, x, key_data, rates):
+    out, res = _train_forward(static, params, x, key_data, rates)
     return out, (params, res)
 
 
-def _bwd_rule(static, saved, dout):
+def _train_apply_bwd(static, saved, dout):
     del static
     params, res = saved
-    grads, dx = _backward_batch(params, res, dout)
+    grads, dx = _backward(params, res, dout)
     return grads, dx, None, tuple(None for _ in res.rates)
 
 
-_apply_batch.defvjp(_fwd_rule, _bwd_rule)
+_train_apply.defvjp(_train_apply_fwd, _train_apply_bwd)
 
 
-def _apply_one(static, params, x, key_data, rates):
-    """One example through the batch core (a batch of one)."""
-    return _apply_batch(static, params, x[None], key_data[None], rates)[0]
+def _vmappable(static):
+    """``_train_apply`` of one example that, under ``jax.vmap`` over examples, runs once on the whole batch.
 
-
-def _make_vmappable(static):
-    """``_apply_one`` that, under ``jax.vmap`` over examples, runs the batch core once.
-
-    A custom_vjp vmapped over examples would compute ``dW`` per example and sum them; running
-    the batch core on the whole minibatch computes ``dW = A^T G`` as one matrix product.
+    The plain custom_vjp is correct under ``vmap`` too, but XLA then sums per-example outer products for
+    ``dW`` (measured 1.2-1.5x slower steps at 256 x 1024); on the batch it is one matrix product.
     """
 
     @custom_vmap
     def one(params, x, key_data, rates):
-        return _apply_one(static, params, x, key_data, rates)
+        return _train_apply(static, params, x, key_data, rates)
 
     @one.def_vmap
     def rule(axis_size, in_batched, params, x, key_data, rates):
         params_batched, x_batched, key_batched, rates_batched = in_batched
         if any(jax.tree_util.tree_leaves(params_batched)) or any(jax.tree_util.tree_leaves(rates_batched)):
             axes = jax.tree_util.tree_map(lambda b: 0 if b else None, tuple(in_batched))
-            return jax.vmap(partial(_apply_one, static), in_axes=axes)(params, x, key_data, rates), True
+            return jax.vmap(partial(_train_apply, static), in_axes=axes)(params, x, key_data, rates), True
         if not x_batched:
             x = jnp.broadcast_to(x, (axis_size, *x.shape))
         if not key_batched:
             key_data = jnp.broadcast_to(key_data, (axis_size, *key_data.shape))
-        return _apply_batch(static, params, x, key_data, rates), True
+        return _train_apply(static, params, x, key_data, rates), True
 
     return one
 
 
-def _is_vmapped(x: Any) -> bool:
-    """Whether the innermost transformation at this call is a ``vmap`` over ``x``.
+def _current_trace() -> Any:
+    from jax._src import core as jax_core  # JAX internal: see _vmap_is_innermost
 
-    Only then can the batched rule run: a ``custom_vmap`` cannot be differentiated from inside
-    (``vmap(grad(f))`` or plain ``grad(f)``), where the per-example path is used instead. The
-    check reads JAX's current trace; if that internal ever moves, the per-example path (correct,
-    slower under vmap) is taken.
+    return jax_core.trace_ctx.trace
+
+
+def _vmap_is_innermost(x: jax.Array) -> bool:
+    """Whether the innermost transformation at this call is a ``jax.vmap`` that batches ``x``.
+
+    Only then may :func:`_vmappable` run: a ``custom_vmap`` cannot be differentiated from inside
+    (``vmap(grad(f))`` or ``grad(f)``). JAX has no public API for this question, so it reads
+    ``jax._src.core.trace_ctx``; if that internal is missing or changes shape, the answer is False and
+    the plain custom_vjp runs, which ``vmap`` batches correctly, only slower (``tests/test_mlp.py``
+    runs both paths and compares them).
     """
     try:
-        from jax._src import core as jax_core
-
-        trace = jax_core.trace_ctx.trace
-        return type(trace).__name__ == "BatchTrace" and getattr(x, "_trace", None) is trace
-    except (ImportError, AttributeError):  # pragma: no cover - depends on JAX internals
+        trace = _current_trace()
+    except (ImportError, AttributeError):
         return False
+    return type(trace).__name__ == "BatchTrace" and getattr(x, "_trace", None) is trace
 
 
 # ------------------------------------------------------------------------------------ public API
 
 
-def _prepare(params, x, rates, scale):
+def _prepare(params: Any, x: Any, rates: Any, scale: Any) -> tuple[MLPParams, jax.Array, tuple[Any, ...]]:
     params = _check_params(params)
     x = _check_input(params, x)
     rates = _check_rates(rates, len(params.weights))
     if scale not in ("inverted", "classic"):
         raise ValueError(f"`scale` must be 'inverted' or 'classic', got {scale!r}.")
-    active = tuple(not (isinstance(r, float) and r == 0.0) for r in rates)
-    return params, x, rates, active
+    return params, x, rates
 
 
-def _key_data(key: Any, x: jax.Array) -> tuple[jax.Array, str]:
+def _train_arguments(params, x, key, rates, scale):
+    """The custom_vjp's arguments: a batch is keyed by ``example_keys(key, B)``, one example by ``key``."""
     key = masks.require_key(key, what="jdrop.mlp", eval_hint="train=False")
-    impl = str(jax.random.key_impl(key))
-    if x.ndim == 2:
-        return jax.random.key_data(masks.example_keys(key, x.shape[0])), impl
-    return jax.random.key_data(key), impl
-
-
-def _rates_array(rates) -> tuple[jax.Array, ...]:
-    return tuple(jnp.asarray(r, jnp.float32) for r in rates)
+    active = tuple(not (isinstance(r, float) and r == 0.0) for r in rates)
+    static = (active, scale, str(jax.random.key_impl(key)))
+    example_keys = masks.example_keys(key, x.shape[0]) if x.ndim == 2 else key
+    rates_array = tuple(jnp.asarray(r, jnp.float32) for r in rates)
+    return static, params, x, jax.random.key_data(example_keys), rates_array
 
 
 def apply(
     params: MLPParams,
-    x: Any,
+    x: ArrayLike,
     *,
-    key: Any = None,
-    rates: Sequence[Any] | float,
+    key: KeyLike | None = None,
+    rates: Sequence[ArrayLike] | float,
     train: bool = False,
-    scale: Literal["inverted", "classic"] = "inverted",
+    scale: Scale = "inverted",
 ) -> jax.Array:
     """Runs the MLP on one example ``(d_0,)`` or a batch ``(B, d_0)``; returns logits.
 
@@ -358,6 +392,10 @@ def apply(
     single examples with those keys) and layer ``l`` folds ``l`` into the example key. Eval:
     ``a_l = h_l`` (inverted) or ``a_l = keep_l * h_l`` (classic, the weight-scaling rule of
     Srivastava et al. 2014). Gradients use the hand-written :func:`backward`.
+
+    One example and a batch run the same custom_vjp. Under ``jax.vmap`` over examples (what
+    :func:`jdrop.train_step` does) it runs once on the whole batch, so the weight gradient
+    ``sum_i a_i^T g_i`` is one matrix product.
 
     Args:
       params: from :func:`init`.
@@ -368,49 +406,34 @@ def apply(
       train: training mode (dropout on) or evaluation.
       scale: ``"inverted"`` or ``"classic"``.
     """
-    params, x, checked, active = _prepare(params, x, rates, scale)
+    params, x, checked = _prepare(params, x, rates, scale)
     if not train:
-        h = x
-        last = len(params.weights) - 1
-        for layer, (w, b) in enumerate(zip(params.weights, params.biases)):
-            a = dropout(None, h, checked[layer], deterministic=True, scale=scale)
-            z = a @ w + b
-            h = z if layer == last else _act(params.activation, z)
-        return h
-    key_data, impl = _key_data(key, x)
-    static = (active, scale, impl)
-    rates_arr = _rates_array(checked)
-    if x.ndim == 2:
-        return _apply_batch(static, params, x, key_data, rates_arr)
-    if _is_vmapped(x):
-        return _make_vmappable(static)(params, x, key_data, rates_arr)
-    return _apply_one(static, params, x, key_data, rates_arr)
+        return _forward(params, x, _eval_drop(checked, scale))[0]
+    arguments = _train_arguments(params, x, key, checked, scale)
+    if x.ndim == 1 and _vmap_is_innermost(x):
+        return _vmappable(arguments[0])(*arguments[1:])
+    return _train_apply(*arguments)
 
 
 def forward(
     params: MLPParams,
-    x: Any,
-    key: Any,
-    rates: Sequence[Any] | float,
+    x: ArrayLike,
+    key: KeyLike,
+    rates: Sequence[ArrayLike] | float,
     *,
-    scale: Literal["inverted", "classic"] = "inverted",
+    scale: Scale = "inverted",
 ) -> tuple[jax.Array, MLPResiduals]:
     """The seed's training forward pass: returns ``(logits, residuals)`` for :func:`backward`.
 
     Same computation as ``apply(params, x, key=key, rates=rates, train=True)``. The residuals hold
-    one activation per layer (dropped for ReLU hidden layers, pre-dropout otherwise) and the example
-    keys (see the module docstring).
+    one activation per layer (dropped for ReLU hidden layers, pre-dropout otherwise) and the layer
+    keys (see :class:`MLPResiduals`), batch-major for a batch.
     """
-    params, x, checked, active = _prepare(params, x, rates, scale)
-    key_data, impl = _key_data(key, x)
-    batched = x.ndim == 2
-    if not batched:
-        x, key_data = x[None], key_data[None]
-    out, res = _apply_batch_fwd((active, scale, impl), params, x, key_data, _rates_array(checked))
-    return (out if batched else out[0]), res
+    params, x, checked = _prepare(params, x, rates, scale)
+    return _train_forward(*_train_arguments(params, x, key, checked, scale))
 
 
-def backward(params: MLPParams, residuals: MLPResiduals, dout: Any) -> MLPParams:
+def backward(params: MLPParams, residuals: MLPResiduals, dout: ArrayLike) -> MLPParams:
     """The seed's backward pass: gradients of ``sum(dout * logits)`` w.r.t. the parameters.
 
     Multiplies each layer's gradient by the same mask as the forward pass (read from a ReLU
@@ -419,7 +442,5 @@ def backward(params: MLPParams, residuals: MLPResiduals, dout: Any) -> MLPParams
     """
     params = _check_params(params)
     dout = jnp.asarray(dout)
-    if dout.ndim == 1:
-        dout = dout[None]
-    grads, _ = _backward_batch(params, residuals, dout.astype(residuals.activations[0].dtype))
+    grads, _ = _backward(params, residuals, dout.astype(residuals.activations[0].dtype))
     return grads

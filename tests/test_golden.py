@@ -49,7 +49,7 @@ def _cases():
     params = jdrop.mlp.init(key, [4, 8, 3])
     cases["mlp_apply_train"] = jdrop.mlp.apply(params, jnp.ones((5, 4)), key=key, rates=(0.2, 0.5), train=True)
     residuals = jdrop.mlp.forward(params, jnp.ones((5, 4)), key, (0.2, 0.5))[1]
-    cases["mlp_layer_key_data"] = residuals.layer_key_data
+    cases["mlp_residual_key_data"] = residuals.key_data
     return cases
 
 

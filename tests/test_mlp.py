@@ -293,6 +293,39 @@ def test_vmap_of_grad_gives_per_example_grads_that_sum_to_batch_grad():
     _allclose_tree(jax.tree_util.tree_map(lambda a: a[2], (dp_each, dx_each)), r["single"]["grad"])
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_vmap_takes_the_batched_rule_and_its_fallback_gives_the_same_values(activation, monkeypatch):
+    """Under vmap over examples, apply runs the batch once (custom_vmap); where JAX's internal trace state that
+    tells it so is unavailable, the plain custom_vjp runs under vmap instead: same outputs and gradients."""
+    params, x, _, _ = _shared(activation)
+    keys = jdrop.example_keys(KEY, BATCH)
+    calls = []
+    batched_rule = mlp._vmappable
+    monkeypatch.setattr(mlp, "_vmappable", lambda static: calls.append(static) or batched_rule(static))
+
+    def loss(p, x):
+        out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=RATES, train=True))(x, keys)
+        return jnp.sum(jnp.sin(out))
+
+    fast = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    assert calls, "vmap over examples runs the batched rule"
+
+    def missing():
+        raise AttributeError("trace_ctx")
+
+    calls.clear()
+    monkeypatch.setattr(mlp, "_current_trace", missing)
+    fallback = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    assert not calls, "without JAX's trace state the plain custom_vjp runs"
+    np.testing.assert_allclose(fallback[0], fast[0], rtol=1e-6)
+    _allclose_tree(fallback[1], fast[1])
+
+
+def test_params_reject_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        mlp.MLPParams((jnp.ones((2, 2)),), (jnp.zeros(2),), "gelu")
+
+
 # (layer, index) of the parameters checked against finite differences; index of length 2: weight, 1: bias.
 _FD_ENTRIES = [(0, (0, 0)), (0, (4, 6)), (1, (3, 2)), (1, (6, 5)), (2, (5, 1)), (2, (0, 2)), (0, (3,)), (1, (1,))]
 
