@@ -20,17 +20,20 @@ from jdrop._dropout import dropout_bwd as dropout_bwd
 from jdrop._dropout import dropout_fwd as dropout_fwd
 from jdrop.masks import example_keys as example_keys
 from jdrop.masks import keep_mask as keep_mask
+from jdrop.train import ClassificationPrediction as ClassificationPrediction
+from jdrop.train import RegressionPrediction as RegressionPrediction
 from jdrop.train import TrainState as TrainState
 from jdrop.train import eval_step as eval_step
 from jdrop.train import evaluate as evaluate
 from jdrop.train import fit as fit
 from jdrop.train import max_norm as max_norm
+from jdrop.train import mc_predict as mc_predict
+from jdrop.train import rdrop_loss as rdrop_loss
 from jdrop.train import softmax_cross_entropy as softmax_cross_entropy
+from jdrop.train import symmetric_kl as symmetric_kl
 from jdrop.train import train_epoch as train_epoch
 from jdrop.train import train_step as train_step
-from jdrop.variants import ClassificationPrediction as ClassificationPrediction
 from jdrop.variants import DropConnectMoments as DropConnectMoments
-from jdrop.variants import RegressionPrediction as RegressionPrediction
 from jdrop.variants import alpha_dropout as alpha_dropout
 from jdrop.variants import attention_dropout as attention_dropout
 from jdrop.variants import concrete_dropout as concrete_dropout
@@ -51,9 +54,6 @@ from jdrop.variants import gaussian_noise as gaussian_noise
 from jdrop.variants import late_dropout_schedule as late_dropout_schedule
 from jdrop.variants import linear_schedule as linear_schedule
 from jdrop.variants import locked_dropout as locked_dropout
-from jdrop.variants import mc_predict as mc_predict
-from jdrop.variants import rdrop_loss as rdrop_loss
-from jdrop.variants import symmetric_kl as symmetric_kl
 from jdrop.variants import zoneout as zoneout
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +13,22 @@ import numpy as np
 from jax import lax
 
 from jdrop import masks
-from jdrop._rates import check_float_input, check_rate, keep_probability, rate_is_valid
+from jdrop._validation import (
+    check_choice,
+    check_deterministic,
+    check_float_input,
+    check_rate,
+    check_scale,
+    keep_probability,
+    rate_is_valid,
+)
 
-__all__ = ["DropoutResidual", "dropout", "dropout_bwd", "dropout_fwd"]
+__all__ = ["DropoutResidual", "dropout", "dropout_bwd", "dropout_fwd", "keep_and_factor"]
 
 Scale = Literal["inverted", "classic"]
 Residual = Literal["key", "bits", "mask"]
-_SCALES = ("inverted", "classic")
-_RESIDUALS = ("key", "bits", "mask")
+RESIDUALS = ("key", "bits", "mask")
+"""The residual policies of :func:`dropout`."""
 
 
 @partial(
@@ -59,16 +67,71 @@ class DropoutResidual:
     identity: bool = False
 
 
-def _multiplier(res: DropoutResidual, dtype: Any) -> jax.Array:
-    """The factor applied to kept elements (train) or to every element (eval), NaN if invalid."""
-    keep = res.threshold.astype(dtype) / dtype.type(2.0**masks.THRESHOLD_BITS)
-    if res.train and res.scale == "inverted":
-        factor = jnp.where(res.threshold > 0, 1.0 / jnp.where(res.threshold > 0, keep, 1.0), 0.0)
-    elif res.train or res.scale == "inverted":
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The static part of a training call: the custom_vjp's (hashable) non-differentiable argument."""
+
+    residual: str
+    scale: str
+    impl: str | None
+    mask_shape: tuple[int, ...]
+
+
+def _residual(
+    options: _Options,
+    threshold: jax.Array,
+    valid: jax.Array,
+    *,
+    train: bool,
+    key_data: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    identity: bool = False,
+) -> DropoutResidual:
+    """The one place that builds a :class:`DropoutResidual`."""
+    return DropoutResidual(
+        key_data=key_data,
+        mask=mask,
+        threshold=threshold,
+        valid=valid,
+        residual=options.residual,
+        scale=options.scale,
+        train=train,
+        impl=options.impl,
+        mask_shape=options.mask_shape,
+        identity=identity,
+    )
+
+
+def _keep_and_factor(
+    threshold: jax.Array, valid: jax.Array | bool, *, scale: str, train: bool, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The realised keep probability and the factor of a pass, in ``dtype``; the factor is NaN if invalid.
+
+    Train: kept elements are multiplied by ``1 / keep`` (inverted; 0 when ``keep = 0``, where nothing
+    is kept) or 1 (classic). Eval: every element by 1 (inverted) or ``keep`` (classic).
+    """
+    keep = masks.realised_keep(threshold).astype(dtype)
+    if train and scale == "inverted":
+        factor = jnp.where(threshold > 0, 1.0 / jnp.where(threshold > 0, keep, 1.0), 0.0)
+    elif train or scale == "inverted":
         factor = jnp.ones((), dtype)
     else:
         factor = keep
-    return jnp.where(res.valid, factor, jnp.nan).astype(dtype)
+    return keep, jnp.where(valid, factor, jnp.nan).astype(dtype)
+
+
+def keep_and_factor(
+    rate: Any, *, scale: str = "inverted", train: bool = True, dtype: Any = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
+    """The realised keep probability of ``rate`` and the factor dropout multiplies by, as the core uses them.
+
+    ``keep = ceil((1 - rate) * 2**23) / 2**23``; the factor is ``1 / keep`` (inverted training, 0 at
+    ``keep = 0``), 1 (classic training, inverted evaluation) or ``keep`` (classic evaluation); NaN for a
+    traced ``rate`` outside [0, 1]. Variants that scale by hand (alpha dropout, DropConnect's moments) use it.
+    """
+    checked = check_rate(rate)
+    threshold = masks.keep_threshold(keep_probability(checked))
+    return _keep_and_factor(threshold, rate_is_valid(checked), scale=check_scale(scale), train=train, dtype=dtype)
 
 
 def _compute_dtype(dtype: Any) -> np.dtype:
@@ -80,7 +143,7 @@ def _apply(res: DropoutResidual, mask: jax.Array | None, values: jax.Array) -> j
     if res.identity:
         return values
     dtype = _compute_dtype(values.dtype)
-    factor = _multiplier(res, dtype)
+    _, factor = _keep_and_factor(res.threshold, res.valid, scale=res.scale, train=res.train, dtype=dtype)
     wide = values.astype(dtype)
     if mask is None:
         out = wide * factor
@@ -98,30 +161,25 @@ def _mask_from_key(key_data: jax.Array, res: DropoutResidual, shape: tuple[int, 
 
 
 def _train_forward(
-    cfg: tuple[str, str, str, tuple[int, ...]],
-    key_data: jax.Array,
-    x: jax.Array,
-    threshold: jax.Array,
-    valid: jax.Array,
+    options: _Options, key_data: jax.Array, x: jax.Array, threshold: jax.Array, valid: jax.Array
 ) -> tuple[jax.Array, DropoutResidual]:
-    residual, scale, impl, mask_shape = cfg
-    res = DropoutResidual(key_data, None, threshold, valid, residual, scale, True, impl, mask_shape)
+    res = _residual(options, threshold, valid, train=True, key_data=key_data)
     mask = _mask_from_key(key_data, res, x.shape)
     y = _apply(res, mask, x)
-    if residual == "bits":
+    if options.residual == "bits":
         res = dataclasses.replace(res, key_data=None, mask=masks.pack_bits(mask))
-    elif residual == "mask":
+    elif options.residual == "mask":
         res = dataclasses.replace(res, key_data=None, mask=mask)
     return y, res
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train_dropout(cfg, key_data, x, threshold, valid):
-    return _train_forward(cfg, key_data, x, threshold, valid)[0]
+def _train_dropout(options, key_data, x, threshold, valid):
+    return _train_forward(options, key_data, x, threshold, valid)[0]
 
 
-def _train_dropout_bwd(cfg, res, dy):
-    del cfg
+def _train_dropout_bwd(options, res, dy):
+    del options
     return None, dropout_bwd(res, dy), None, None
 
 
@@ -168,42 +226,51 @@ def mask_residual(mask: jax.Array, rate: Any, *, scale: str = "inverted") -> Dro
     times ``relu'``: the backward pass then needs neither the key nor a stored mask.
     """
     threshold = masks.keep_threshold(keep_probability(rate))
-    valid = jnp.asarray(rate_is_valid(rate))
-    return DropoutResidual(None, mask, threshold, valid, "mask", scale, True, None, tuple(mask.shape))
+    options = _Options(residual="mask", scale=check_scale(scale), impl=None, mask_shape=tuple(mask.shape))
+    return _residual(options, threshold, jnp.asarray(rate_is_valid(rate)), train=True, mask=mask)
 
 
-def _check_options(scale: Any, residual: Any, deterministic: Any) -> None:
-    if scale not in _SCALES:
-        raise ValueError(f"`scale` must be one of {_SCALES}, got {scale!r}.")
-    if residual not in _RESIDUALS:
-        raise ValueError(f"`residual` must be one of {_RESIDUALS}, got {residual!r}.")
-    if not isinstance(deterministic, (bool, np.bool_)):
-        raise TypeError(
-            f"`deterministic` must be a Python bool (static), got {type(deterministic).__name__}. "
-            "Choose train or eval outside jit, or mark it static."
-        )
+def check_options(scale: Any, residual: Any) -> None:
+    """Rejects an unknown ``scale`` or ``residual`` (``ValueError``)."""
+    check_scale(scale)
+    check_choice(residual, RESIDUALS, name="residual")
 
 
-def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual):
-    """Checks and canonicalises the arguments at trace time.
+class _Call(NamedTuple):
+    """A checked call: a training pass (``key_data`` set) or a deterministic one (``key_data`` None)."""
 
-    Returns ``(x, train_args, None)`` for a training pass (the arguments of the custom_vjp core)
-    or ``(x, None, res)`` for a deterministic one (``rate == 0`` statically counts as one).
-    """
+    x: jax.Array
+    options: _Options
+    threshold: jax.Array
+    valid: jax.Array
+    key_data: jax.Array | None
+    identity: bool
+
+    def eval_residual(self) -> DropoutResidual:
+        return _residual(self.options, self.threshold, self.valid, train=False, identity=self.identity)
+
+    def train_arguments(self) -> tuple[Any, ...]:
+        """The arguments of the custom_vjp core (and of its forward rule)."""
+        return self.options, self.key_data, self.x, self.threshold, self.valid
+
+
+def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual) -> _Call:
+    """Checks and canonicalises the arguments at trace time (``rate == 0`` statically is deterministic)."""
     x = check_float_input(x)
-    _check_options(scale, residual, deterministic)
+    check_options(scale, residual)
+    deterministic = check_deterministic(deterministic)
     rate = check_rate(rate)
     mask_shape = masks.broadcast_shape(x.shape, broadcast_dims)
     threshold = masks.keep_threshold(keep_probability(rate))
     valid = jnp.asarray(rate_is_valid(rate))
     static = isinstance(rate, float)
     if deterministic or (static and rate == 0.0):
+        options = _Options(residual=residual, scale=scale, impl=None, mask_shape=mask_shape)
         identity = static and (rate == 0.0 or scale == "inverted")
-        res = DropoutResidual(None, None, threshold, valid, residual, scale, False, None, mask_shape, identity)
-        return x, None, res
+        return _Call(x, options, threshold, valid, None, identity)
     key = masks.require_key(key, what="dropout")
-    cfg = (residual, scale, str(jax.random.key_impl(key)), mask_shape)
-    return x, (cfg, jax.random.key_data(key), x, threshold, valid), None
+    options = _Options(residual=residual, scale=scale, impl=str(jax.random.key_impl(key)), mask_shape=mask_shape)
+    return _Call(x, options, threshold, valid, jax.random.key_data(key), False)
 
 
 def dropout_fwd(
@@ -225,10 +292,11 @@ def dropout_fwd(
     Returns:
       ``(y, res)`` where ``res`` is a :class:`DropoutResidual`.
     """
-    x, train_args, eval_res = _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual)
-    if eval_res is not None:
-        return _apply(eval_res, None, x), eval_res
-    return _train_forward(*train_args)
+    call = _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual)
+    if call.key_data is None:
+        res = call.eval_residual()
+        return _apply(res, None, call.x), res
+    return _train_forward(*call.train_arguments())
 
 
 def dropout(
@@ -283,7 +351,7 @@ def dropout(
 
       >>> y = jdrop.dropout(jax.random.key(0), jnp.ones((4, 8)), 0.5)
     """
-    x, train_args, eval_res = _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual)
-    if eval_res is not None:
-        return _apply(eval_res, None, x)
-    return _train_dropout(*train_args)
+    call = _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual)
+    if call.key_data is None:
+        return _apply(call.eval_residual(), None, call.x)
+    return _train_dropout(*call.train_arguments())

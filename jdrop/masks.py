@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdrop._rates import keep_probability
+from jdrop._validation import canonical_axis, keep_probability
 
 __all__ = [
     "THRESHOLD_BITS",
@@ -363,15 +363,7 @@ def broadcast_shape(shape: Sequence[int], broadcast_dims: Sequence[int] = ()) ->
         broadcast_dims = (int(broadcast_dims),)
     seen = set()
     for dim in broadcast_dims:
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-            raise TypeError(f"`broadcast_dims` must hold ints, got {dim!r}.")
-        if not -ndim <= dim < ndim:
-            raise ValueError(
-                f"`broadcast_dims` entry {dim} is out of range for an input of rank {ndim}: "
-                f"allowed are {-ndim}..{ndim - 1}." if ndim else
-                f"`broadcast_dims` entry {dim} is out of range: a 0-d input has no dims."
-            )
-        canonical = int(dim) % ndim
+        canonical = canonical_axis(dim, ndim, name="broadcast_dims")
         if canonical in seen:
             raise ValueError(f"`broadcast_dims` names dim {canonical} twice: {tuple(broadcast_dims)}.")
         seen.add(canonical)

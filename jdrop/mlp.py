@@ -43,8 +43,8 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jdrop import masks
 from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd, mask_residual
-from jdrop._rates import check_float_input, check_rate
 from jdrop._typing import KeyLike
+from jdrop._validation import check_choice, check_float_input, check_rate, check_scale
 
 __all__ = ["MLPParams", "MLPResiduals", "apply", "backward", "forward", "init"]
 
@@ -67,9 +67,7 @@ _ACTIVATIONS: dict[str, _Activation] = {
 
 
 def _activation(name: Any) -> _Activation:
-    if not isinstance(name, str) or name not in _ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {tuple(_ACTIVATIONS)}, got {name!r}.")
-    return _ACTIVATIONS[name]
+    return _ACTIVATIONS[check_choice(name, tuple(_ACTIVATIONS), name="activation")]
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["weights", "biases"], meta_fields=["activation"])
@@ -361,8 +359,7 @@ def _prepare(params: Any, x: Any, rates: Any, scale: Any) -> tuple[MLPParams, ja
     params = _check_params(params)
     x = _check_input(params, x)
     rates = _check_rates(rates, len(params.weights))
-    if scale not in ("inverted", "classic"):
-        raise ValueError(f"`scale` must be 'inverted' or 'classic', got {scale!r}.")
+    check_scale(scale)
     return params, x, rates
 
 

@@ -613,7 +613,7 @@ def _step_temp_bytes(hidden_layers, rate, *, naive=False, batch=128, width=1024)
         "x": jax.ShapeDtypeStruct((batch, width), jnp.float32),
         "y": jax.ShapeDtypeStruct((batch,), jnp.int32),
     }
-    step = jax.jit(train._train_step, donate_argnums=(0,))
+    step = jax.jit(train._loop._train_step, donate_argnums=(0,))
     compiled = step.lower(state, batch_spec, jax.random.key(1), 0).compile()
     analysis = compiled.memory_analysis()
     if analysis is None:  # pragma: no cover - backend without memory analysis

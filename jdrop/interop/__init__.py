@@ -25,8 +25,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from jdrop._dropout import _RESIDUALS, _SCALES
-from jdrop._rates import check_rate
+from jdrop._dropout import check_options
+from jdrop._validation import check_rate
 
 _SUBMODULES = ("equinox", "linen", "nnx")
 
@@ -44,10 +44,7 @@ def __dir__() -> list[str]:
 
 def _check_fields(scale: Any, residual: Any) -> None:
     """Rejects an unknown ``scale`` or ``residual`` when the module is built, not at its first call."""
-    if scale not in _SCALES:
-        raise ValueError(f"`scale` must be one of {_SCALES}, got {scale!r}.")
-    if residual not in _RESIDUALS:
-        raise ValueError(f"`residual` must be one of {_RESIDUALS}, got {residual!r}.")
+    check_options(scale, residual)
 
 
 def _concrete_rate(rate: Any) -> float | None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdrop._dropout import Residual, Scale, dropout
-from jdrop._rates import check_float_input
+from jdrop._validation import check_float_input
 from jdrop.interop import _check_fields, _concrete_rate
 
 __all__ = ["Dropout"]

@@ -1,7 +1,13 @@
 """Dropout variants: each is a mask from :mod:`jdrop.masks` plus a scale, run through the one core.
 
 One module per concept; this package face re-exports the public names (``jdrop`` re-exports them too).
+Monte-Carlo prediction and R-Drop are training-level tools built on the per-example convention; they
+live in :mod:`jdrop.train` (``jdrop.mc_predict``, ``jdrop.rdrop_loss``), and their old names here
+still work.
 """
+
+import importlib
+from typing import Any
 
 from jdrop.variants.alpha import alpha_dropout as alpha_dropout
 from jdrop.variants.alpha import feature_alpha_dropout as feature_alpha_dropout
@@ -12,11 +18,6 @@ from jdrop.variants.concrete import concrete_dropout_regulariser as concrete_dro
 from jdrop.variants.feature import feature_dropout as feature_dropout
 from jdrop.variants.gaussian import gaussian_dropout as gaussian_dropout
 from jdrop.variants.gaussian import gaussian_noise as gaussian_noise
-from jdrop.variants.mc import ClassificationPrediction as ClassificationPrediction
-from jdrop.variants.mc import RegressionPrediction as RegressionPrediction
-from jdrop.variants.mc import mc_predict as mc_predict
-from jdrop.variants.rdrop import rdrop_loss as rdrop_loss
-from jdrop.variants.rdrop import symmetric_kl as symmetric_kl
 from jdrop.variants.recurrent import embedding_dropout as embedding_dropout
 from jdrop.variants.recurrent import locked_dropout as locked_dropout
 from jdrop.variants.recurrent import zoneout as zoneout
@@ -32,9 +33,7 @@ from jdrop.variants.weight import dropconnect_moments as dropconnect_moments
 from jdrop.variants.weight import dropconnect_predict as dropconnect_predict
 
 __all__ = [
-    "ClassificationPrediction",
     "DropConnectMoments",
-    "RegressionPrediction",
     "alpha_dropout",
     "attention_dropout",
     "concrete_dropout",
@@ -55,8 +54,14 @@ __all__ = [
     "late_dropout_schedule",
     "linear_schedule",
     "locked_dropout",
-    "mc_predict",
-    "rdrop_loss",
-    "symmetric_kl",
     "zoneout",
 ]
+
+_MOVED_TO_TRAIN = ("ClassificationPrediction", "RegressionPrediction", "mc_predict", "rdrop_loss", "symmetric_kl")
+
+
+def __getattr__(name: str) -> Any:
+    # Resolved on use, so that importing the variants never imports the layer above them.
+    if name in _MOVED_TO_TRAIN:
+        return getattr(importlib.import_module("jdrop.train"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,10 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdrop import masks
-from jdrop._dropout import Residual, dropout
-from jdrop._rates import check_float_input, check_rate, keep_probability
-from jdrop.variants._checks import check_deterministic
+from jdrop._dropout import Residual, dropout, keep_and_factor
+from jdrop._validation import check_deterministic, check_float_input, check_rate
 from jdrop.variants.feature import feature_broadcast_dims
 
 __all__ = ["SELU_ALPHA", "SELU_SCALE", "alpha_dropout", "feature_alpha_dropout"]
@@ -33,7 +31,7 @@ def _alpha_dropout(
     if deterministic or (isinstance(checked, float) and checked == 0.0):
         return dropout(None, x, rate, deterministic=True)  # the identity (NaN for an invalid traced rate)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    keep = masks.realised_keep(masks.keep_threshold(keep_probability(checked))).astype(dtype)
+    keep, _ = keep_and_factor(checked, dtype=dtype)
     # c = a * keep = sqrt(keep / (1 + alpha'^2 (1 - keep))) stays finite (0) at keep = 0, where a is infinite.
     c = jnp.sqrt(keep / (1.0 + _SATURATION**2 * (1.0 - keep)))
     # a (m x + (1 - m) alpha') + b  =  c (m (x - alpha') / keep + alpha'): the core's inverted dropout of x - alpha'.

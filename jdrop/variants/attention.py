@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from jdrop._dropout import Residual, dropout
-from jdrop._rates import check_float_input
+from jdrop._validation import check_float_input
 
 __all__ = ["attention_dropout"]
 

@@ -11,9 +11,16 @@ import numpy as np
 from jax import lax
 
 from jdrop import masks
-from jdrop._rates import check_float_input, check_rate
+from jdrop._validation import (
+    canonical_axis,
+    check_deterministic,
+    check_float_input,
+    check_rate,
+    nan_unless_valid,
+    positive_int,
+    static_bool,
+)
 from jdrop.masks import require_key
-from jdrop.variants._checks import canonical_axis, check_deterministic, positive_int
 
 __all__ = ["dropblock"]
 
@@ -100,13 +107,12 @@ def dropblock(
     deterministic = check_deterministic(deterministic)
     block_size = positive_int(block_size, name="block_size")
     channel, (height, width) = _layout(x.ndim, channel_axis, batch_axis)
-    if not isinstance(couple_channels, (bool, np.bool_)):
-        raise TypeError(f"`couple_channels` must be a bool, got {type(couple_channels).__name__}.")
+    couple_channels = static_bool(couple_channels, name="couple_channels")
     rate = check_rate(rate)
     if isinstance(rate, float) and (deterministic or rate == 0.0):
         return x
     if deterministic:
-        return x * jnp.where((rate >= 0) & (rate <= 1), 1, jnp.nan).astype(x.dtype)
+        return x * nan_unless_valid(rate, x.dtype)
     key = require_key(key, what="dropblock")
     mask_shape = tuple(1 if couple_channels and axis == channel else size for axis, size in enumerate(x.shape))
     block_h, block_w = min(block_size, x.shape[height]), min(block_size, x.shape[width])
@@ -134,4 +140,4 @@ def dropblock(
         return jax.checkpoint(static)(key, x.astype(dtype)).astype(x.dtype)
     gamma = jnp.clip(lax.stop_gradient(rate) * gamma_factor, 0.0, 1.0)
     y = jax.checkpoint(apply)(key, x.astype(dtype), gamma, rate >= 1.0)
-    return (y * jnp.where((rate >= 0) & (rate <= 1), 1, jnp.nan).astype(dtype)).astype(x.dtype)
+    return (y * nan_unless_valid(rate, dtype)).astype(x.dtype)

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdrop import masks
-from jdrop._rates import check_float_input, check_rate
+from jdrop._validation import check_deterministic, check_float_input, check_rate, int_at_least
 from jdrop.masks import require_key
-from jdrop.variants._checks import check_deterministic
 
 __all__ = ["concrete_dropout", "concrete_dropout_regulariser"]
 
@@ -114,8 +113,7 @@ def concrete_dropout_regulariser(
     if rate_logit.ndim:
         raise ValueError(f"`rate_logit` must be a scalar (one rate per layer), got shape {rate_logit.shape}.")
     kernel = check_float_input(kernel, name="kernel")
-    if isinstance(input_dim, (bool, np.bool_)) or not isinstance(input_dim, (int, np.integer)) or input_dim < 0:
-        raise ValueError(f"`input_dim` must be a non-negative int, got {input_dim!r}.")
+    input_dim = int_at_least(input_dim, 0, name="input_dim")
     for name, value in (("weight_regulariser", weight_regulariser), ("dropout_regulariser", dropout_regulariser)):
         if check_rate(value, name=name, upper=np.inf) == np.inf:
             raise ValueError(f"`{name}` must be finite and >= 0, got inf.")

@@ -11,9 +11,8 @@ import numpy as np
 from jax import lax
 
 from jdrop import masks
-from jdrop._rates import check_float_input, check_rate
+from jdrop._validation import check_deterministic, check_float_input, check_rate
 from jdrop.masks import require_key
-from jdrop.variants._checks import check_deterministic
 
 __all__ = ["gaussian_dropout", "gaussian_noise"]
 

@@ -7,8 +7,7 @@ from typing import Any
 import jax
 
 from jdrop._dropout import Residual, dropout
-from jdrop._rates import check_float_input
-from jdrop.variants._checks import canonical_axis
+from jdrop._validation import canonical_axis, check_float_input
 
 __all__ = ["embedding_dropout", "locked_dropout", "zoneout"]
 

@@ -13,19 +13,13 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
 
-from jdrop._rates import check_rate
+from jdrop._validation import check_choice, check_rate, int_at_least
 
 __all__ = ["Schedule", "constant_schedule", "early_dropout_schedule", "late_dropout_schedule", "linear_schedule"]
 
 Schedule = Callable[[Any], jax.Array]
-
-
-def _steps(value: Any, *, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 def _step(step: Any) -> jax.Array:
@@ -47,19 +41,20 @@ def constant_schedule(rate: Any) -> Schedule:
 
 
 def linear_schedule(init_rate: Any, end_rate: Any, transition_steps: int, *, transition_begin: int = 0) -> Schedule:
-    """Linear warm-up (``init_rate < end_rate``) or decay (``init_rate > end_rate``), as ``optax.linear_schedule``.
+    """Linear warm-up (``init_rate < end_rate``) or decay (``init_rate > end_rate``): ``optax.linear_schedule``.
 
     ``rate(step) = init_rate + (end_rate - init_rate) * clip((step - transition_begin) / transition_steps, 0, 1)``:
     ``init_rate`` until ``transition_begin``, ``end_rate`` from ``transition_begin + transition_steps`` on.
+    It is optax's schedule, with the rates checked to lie in [0, 1] and a float32 result.
     """
     init_rate = check_rate(init_rate, name="init_rate")
     end_rate = check_rate(end_rate, name="end_rate")
-    transition_steps = _steps(transition_steps, name="transition_steps", minimum=1)
-    transition_begin = _steps(transition_begin, name="transition_begin", minimum=0)
+    transition_steps = int_at_least(transition_steps, 1, name="transition_steps")
+    transition_begin = int_at_least(transition_begin, 0, name="transition_begin")
+    linear = optax.linear_schedule(init_rate, end_rate, transition_steps, transition_begin)
 
     def schedule(step: Any) -> jax.Array:
-        fraction = jnp.clip((_step(step) - transition_begin) / transition_steps, 0.0, 1.0)
-        return (init_rate + (end_rate - init_rate) * fraction).astype(jnp.float32)
+        return jnp.asarray(linear(_step(step)), jnp.float32)
 
     return schedule
 
@@ -77,10 +72,9 @@ def early_dropout_schedule(
     the two early schedules of the paper's ``drop_scheduler`` (``mode="early"``), in steps rather
     than epochs (``cutoff_step = cutoff_epoch * iterations_per_epoch``).
     """
-    if schedule not in ("constant", "linear"):
-        raise ValueError(f"`schedule` must be 'constant' or 'linear', got {schedule!r}.")
+    check_choice(schedule, ("constant", "linear"), name="schedule")
     rate = check_rate(rate)
-    cutoff_step = _steps(cutoff_step, name="cutoff_step", minimum=0)
+    cutoff_step = int_at_least(cutoff_step, 0, name="cutoff_step")
     span = max(cutoff_step - 1, 1)
 
     def early(step: Any) -> jax.Array:
@@ -98,7 +92,7 @@ def late_dropout_schedule(rate: Any, start_step: int) -> Schedule:
     regularising overfitting models).
     """
     rate = check_rate(rate)
-    start_step = _steps(start_step, name="start_step", minimum=0)
+    start_step = int_at_least(start_step, 0, name="start_step")
 
     def late(step: Any) -> jax.Array:
         return jnp.where(_step(step) < start_step, 0.0, rate).astype(jnp.float32)

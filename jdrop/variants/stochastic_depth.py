@@ -6,11 +6,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jdrop._dropout import Residual, Scale, dropout
-from jdrop._rates import check_float_input, check_rate
-from jdrop.variants._checks import canonical_axis
+from jdrop._validation import canonical_axis, check_float_input, check_rate, int_at_least, static_bool
 
 __all__ = ["drop_path", "drop_path_rates"]
 
@@ -57,8 +55,7 @@ def drop_path(
     else:
         batch = canonical_axis(batch_axis, x.ndim, name="batch_axis")
         dims = tuple(axis for axis in range(x.ndim) if axis != batch)
-    if not isinstance(scale_by_keep, (bool, np.bool_)):
-        raise TypeError(f"`scale_by_keep` must be a bool, got {type(scale_by_keep).__name__}.")
+    scale_by_keep = static_bool(scale_by_keep, name="scale_by_keep")
     # timm's evaluation is the identity with either scaling, hence "inverted" for deterministic.
     scale: Scale = "inverted" if scale_by_keep or deterministic else "classic"
     return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, scale=scale, residual=residual)
@@ -76,6 +73,5 @@ def drop_path_rates(max_rate: Any, depth: int) -> jax.Array:
       entry counts as a static rate).
     """
     max_rate = check_rate(max_rate, name="max_rate")
-    if isinstance(depth, (bool, np.bool_)) or not isinstance(depth, (int, np.integer)) or depth < 0:
-        raise ValueError(f"`depth` must be a non-negative int, got {depth!r}.")
-    return jnp.linspace(0.0, jnp.asarray(max_rate, jnp.float32), int(depth), dtype=jnp.float32)
+    depth = int_at_least(depth, 0, name="depth")
+    return jnp.linspace(0.0, jnp.asarray(max_rate, jnp.float32), depth, dtype=jnp.float32)

@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from jdrop import masks
-from jdrop._dropout import Residual, Scale, dropout
-from jdrop._rates import check_float_input, check_rate, keep_probability, rate_is_valid
+from jdrop._dropout import Residual, Scale, dropout, keep_and_factor
+from jdrop._validation import check_float_input, check_scale, positive_int
 from jdrop.masks import require_key
-from jdrop.variants._checks import positive_int
 
 __all__ = ["DropConnectMoments", "dropconnect", "dropconnect_moments", "dropconnect_predict"]
 
@@ -88,18 +87,11 @@ def dropconnect_moments(
     """
     x = check_float_input(x)
     w = check_float_input(w, name="w")
-    if scale not in ("inverted", "classic"):
-        raise ValueError(f"`scale` must be one of ('inverted', 'classic'), got {scale!r}.")
+    check_scale(scale)
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"`x` (..., d_in) and `w` (d_in, d_out) must be compatible, got {x.shape} and {w.shape}.")
-    checked = check_rate(rate)
     dtype = jnp.result_type(x.dtype, w.dtype)
-    keep = masks.realised_keep(masks.keep_threshold(keep_probability(checked))).astype(dtype)
-    if scale == "inverted":
-        factor = jnp.where(keep > 0, 1.0 / jnp.where(keep > 0, keep, 1.0), 0.0)
-    else:
-        factor = jnp.ones((), dtype)
-    factor = jnp.where(rate_is_valid(checked), factor, jnp.nan).astype(dtype)
+    keep, factor = keep_and_factor(rate, scale=scale, dtype=dtype)
     mean = factor * keep * (x @ w)
     if bias is not None:
         mean = mean + check_float_input(bias, name="bias")

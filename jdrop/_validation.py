@@ -1,4 +1,10 @@
-"""Validation and canonicalisation of rates and inputs, shared by every public function."""
+"""Argument checks of every public function: one function per rule, one wording per rule.
+
+Each check validates and canonicalises a value at trace time (where it is static) and raises a
+``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, outside the allowed range) that
+names the argument and what is allowed, as ``jax.random`` does. Traced rates cannot be checked at
+trace time: :func:`rate_is_valid` and :func:`nan_unless_valid` make an invalid one give NaN outputs.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_float_input", "check_rate", "keep_probability", "rate_is_valid"]
+__all__ = [
+    "canonical_axis",
+    "check_choice",
+    "check_deterministic",
+    "check_float_input",
+    "check_rate",
+    "check_scale",
+    "int_at_least",
+    "keep_probability",
+    "nan_unless_valid",
+    "positive_int",
+    "rate_is_valid",
+    "static_bool",
+    "SCALES",
+]
+
+SCALES = ("inverted", "classic")
+"""Dropout's two scalings: ``"inverted"`` (1/keep in training) and ``"classic"`` (keep at evaluation)."""
 
 
 def _is_tracer(value: Any) -> bool:
@@ -56,6 +79,11 @@ def rate_is_valid(rate: float | jax.Array, *, upper: float = 1.0) -> jax.Array |
     return (rate >= 0.0) & (rate <= upper)
 
 
+def nan_unless_valid(rate: float | jax.Array, dtype: Any) -> jax.Array:
+    """1 for a valid rate, NaN for a traced one outside [0, 1]: multiply an output by it."""
+    return jnp.where(rate_is_valid(rate), 1.0, jnp.nan).astype(dtype)
+
+
 def keep_probability(rate: Any) -> jax.Array:
     """``1 - rate`` as a float32 scalar after checking ``rate`` (see :func:`check_rate`).
 
@@ -88,3 +116,53 @@ def check_float_input(x: Any, *, name: str = "x") -> jax.Array:
             f"got dtype {x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."
         )
     return x
+
+
+def check_choice(value: Any, choices: tuple[str, ...], *, name: str) -> str:
+    """``value`` if it is one of ``choices``, else ``ValueError`` naming ``name`` and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+    return value
+
+
+def check_scale(scale: Any) -> str:
+    """``scale`` if it is ``"inverted"`` or ``"classic"``, else ``ValueError``."""
+    return check_choice(scale, SCALES, name="scale")
+
+
+def static_bool(value: Any, *, name: str, hint: str = "") -> bool:
+    """``value`` as a Python bool, or ``TypeError`` naming ``name`` (a flag that selects a code path is static)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a Python bool (static), got {type(value).__name__}.{hint}")
+    return bool(value)
+
+
+def check_deterministic(deterministic: Any) -> bool:
+    """``deterministic`` as a Python bool, or ``TypeError`` (see :func:`static_bool`)."""
+    return static_bool(
+        deterministic, name="deterministic", hint=" Choose train or eval outside jit, or mark it static."
+    )
+
+
+def canonical_axis(axis: Any, ndim: int, *, name: str) -> int:
+    """``axis`` in ``0..ndim-1`` (negative counts from the end), or ``TypeError``/``ValueError`` naming it."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int, got {type(axis).__name__} {axis!r}.")
+    if not -ndim <= axis < ndim:
+        allowed = f"allowed are {-ndim}..{ndim - 1}" if ndim else "a 0-d input has no axes"
+        raise ValueError(f"`{name}` = {axis} is out of range for an input of rank {ndim}: {allowed}.")
+    return int(axis) % ndim
+
+
+def int_at_least(value: Any, minimum: int, *, name: str) -> int:
+    """``value`` as a Python int >= ``minimum``: ``TypeError`` if it is not an int, ``ValueError`` if smaller."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.")
+    return int(value)
+
+
+def positive_int(value: Any, *, name: str) -> int:
+    """``value`` as a Python int >= 1 (see :func:`int_at_least`)."""
+    return int_at_least(value, 1, name=name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdrop import masks
-from jdrop.variants._checks import canonical_axis, positive_int
+from jdrop._validation import canonical_axis, check_choice, positive_int
+from jdrop.train._per_example import per_example
 
 __all__ = ["ClassificationPrediction", "RegressionPrediction", "mc_predict"]
 
@@ -47,6 +48,7 @@ def mc_predict(
     task: Task = "regression",
     chunk_size: int | None = None,
     batch_axis: int | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> RegressionPrediction | ClassificationPrediction:
     """Monte-Carlo dropout (Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation").
 
@@ -67,9 +69,10 @@ def mc_predict(
     they run ``chunk_size`` at a time in a ``lax.scan`` that carries running statistics (Chan et
     al.'s parallel mean/variance update), so memory does not grow with ``num_samples``.
 
-    ``apply_fn(params, x, *, key, train)`` follows the jdrop convention. By default it receives ``x``
-    as given (``jdrop.mlp.apply`` takes a batch); with ``batch_axis`` it is vmapped over that axis of
-    ``x`` with per-example keys ``jdrop.example_keys(k_s, n)``, as :func:`jdrop.train_step` does.
+    ``apply_fn(params, x, *, key, train, **hparams)`` follows the jdrop convention. By default it
+    receives ``x`` as given (``jdrop.mlp.apply`` takes a batch); with ``batch_axis`` it runs per example
+    through :func:`jdrop.train.per_example` (vmap over that axis of ``x``, keys
+    ``jdrop.example_keys(k_s, n)``), as :func:`jdrop.train_step` does.
 
     Args:
       apply_fn: the model.
@@ -80,6 +83,7 @@ def mc_predict(
       task: ``"regression"`` or ``"classification"``.
       chunk_size: samples per vectorised chunk (None: all at once).
       batch_axis: vmap ``apply_fn`` over this axis of ``x`` (None: call it on ``x`` whole).
+      hparams: keyword arguments of ``apply_fn`` (arrays, e.g. traced ``rates``), as in a ``TrainState``.
 
     Returns:
       :class:`RegressionPrediction` or :class:`ClassificationPrediction`; the leading sample axis is
@@ -87,21 +91,21 @@ def mc_predict(
     """
     if not callable(apply_fn):
         raise TypeError(f"`apply_fn` must be callable as apply_fn(params, x, *, key, train), got {apply_fn!r}.")
-    if task not in ("regression", "classification"):
-        raise ValueError(f"`task` must be 'regression' or 'classification', got {task!r}.")
+    check_choice(task, ("regression", "classification"), name="task")
     num_samples = positive_int(num_samples, name="num_samples")
     chunk = num_samples if chunk_size is None else min(positive_int(chunk_size, name="chunk_size"), num_samples)
     key = masks.canonical_key(key)
     axis = None if batch_axis is None else canonical_axis(batch_axis, jnp.ndim(x), name="batch_axis")
-    return _mc_predict(apply_fn, params, x, key, num_samples, task, chunk, axis)
+    return _mc_predict(apply_fn, params, x, key, dict(hparams or {}), num_samples, task, chunk, axis)
 
 
-@partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+@partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _mc_predict(
     apply_fn: Callable[..., jax.Array],
     params: Any,
     x: Any,
     key: jax.Array,
+    hparams: dict[str, Any],
     num_samples: int,
     task: str,
     chunk: int,
@@ -111,13 +115,12 @@ def _mc_predict(
     if axis is None:
 
         def sample(sample_key: jax.Array) -> jax.Array:
-            return apply_fn(params, x, key=sample_key, train=True)
+            return apply_fn(params, x, key=sample_key, train=True, **hparams)
 
     else:
 
         def sample(sample_key: jax.Array) -> jax.Array:
-            keys = masks.example_keys(sample_key, jnp.shape(x)[axis])
-            return jax.vmap(lambda xi, ki: apply_fn(params, xi, key=ki, train=True), in_axes=(axis, 0))(x, keys)
+            return per_example(apply_fn, params, x, sample_key, hparams=hparams, axis=axis)
 
     def chunk_stats(keys: jax.Array) -> tuple[jax.Array, ...]:
         outputs = jax.vmap(sample)(keys)

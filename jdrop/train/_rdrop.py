@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from jdrop import masks
-from jdrop._rates import check_float_input, check_rate
-from jdrop.variants._checks import canonical_axis
+from jdrop._validation import canonical_axis, check_float_input, check_rate
+from jdrop.train._per_example import per_example
 
 __all__ = ["rdrop_loss", "symmetric_kl"]
 
@@ -51,6 +51,7 @@ def rdrop_loss(
     key: Any,
     *,
     alpha: float = 1.0,
+    hparams: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """R-Drop (Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks").
 
@@ -61,7 +62,8 @@ def rdrop_loss(
 
     with softmax cross-entropy on integer labels. The two passes are the two halves of a doubled
     batch, as in the paper's implementation: ``apply_fn`` (written for one example, the jdrop
-    convention) is vmapped over ``concat([x, x])`` with keys ``jdrop.example_keys(key, 2 B)``, so
+    convention) runs through :func:`jdrop.train.per_example` on ``concat([x, x])``, with keys
+    ``jdrop.example_keys(key, 2 B)``, so
     pass 1 of example ``i`` uses key ``i`` and pass 2 key ``B + i``. The official code sums the KL
     over the batch while averaging the cross-entropy; here both are averaged (the paper's per-example
     loss), so its ``alpha`` corresponds to ``alpha * B`` here. Use it as the loss of a
@@ -74,6 +76,7 @@ def rdrop_loss(
       labels: integer labels ``(B,)`` (or ``(B, ...)`` matching the logits without the class axis).
       key: the step's PRNG key.
       alpha: weight of the symmetric KL, >= 0.
+      hparams: keyword arguments of ``apply_fn`` (arrays, e.g. traced ``rates``), as in a ``TrainState``.
 
     Returns:
       The scalar loss.
@@ -89,9 +92,7 @@ def rdrop_loss(
     if x.ndim < 1 or labels.ndim < 1 or x.shape[0] != labels.shape[0]:
         raise ValueError(f"`x` and `labels` must share their leading (example) axis, got {x.shape} and {labels.shape}.")
     batch = x.shape[0]
-    keys = masks.example_keys(key, 2 * batch)
-    doubled = jnp.concatenate([x, x], axis=0)
-    logits = jax.vmap(lambda xi, ki: apply_fn(params, xi, key=ki, train=True))(doubled, keys)
+    logits = per_example(apply_fn, params, jnp.concatenate([x, x], axis=0), masks.canonical_key(key), hparams=hparams)
     first, second = logits[:batch], logits[batch:]
     cross_entropy = 0.5 * (
         optax.softmax_cross_entropy_with_integer_labels(first, labels)
