@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop._validation import (
     check_choice,
     check_deterministic,
@@ -121,7 +123,7 @@ def _keep_and_factor(
 
 
 def keep_and_factor(
-    rate: Any, *, scale: str = "inverted", train: bool = True, dtype: Any = jnp.float32
+    rate: ArrayLike, *, scale: str = "inverted", train: bool = True, dtype: Any = jnp.float32
 ) -> tuple[jax.Array, jax.Array]:
     """The realised keep probability of ``rate`` and the factor dropout multiplies by, as the core uses them.
 
@@ -217,7 +219,7 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
     return _apply(res, mask, dy)
 
 
-def mask_residual(mask: jax.Array, rate: Any, *, scale: str = "inverted") -> DropoutResidual:
+def mask_residual(mask: jax.Array, rate: ArrayLike, *, scale: str = "inverted") -> DropoutResidual:
     """A training residual that holds ``mask`` itself, for ``dropout_bwd(res, dy) = dy * mask * s``.
 
     ``s`` is the training scale of ``rate`` (``1 / keep`` or 1) and a traced ``rate`` outside
@@ -225,9 +227,10 @@ def mask_residual(mask: jax.Array, rate: Any, *, scale: str = "inverted") -> Dro
     ``mask = [a > 0]`` for a ReLU layer's dropped activation ``a``, which is the dropout mask
     times ``relu'``: the backward pass then needs neither the key nor a stored mask.
     """
-    threshold = masks.keep_threshold(keep_probability(rate))
+    checked = check_rate(rate)
+    threshold = masks.keep_threshold(keep_probability(checked))
     options = _Options(residual="mask", scale=check_scale(scale), impl=None, mask_shape=tuple(mask.shape))
-    return _residual(options, threshold, jnp.asarray(rate_is_valid(rate)), train=True, mask=mask)
+    return _residual(options, threshold, jnp.asarray(rate_is_valid(checked)), train=True, mask=mask)
 
 
 def check_options(scale: Any, residual: Any) -> None:
@@ -274,9 +277,9 @@ def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual) -> _C
 
 
 def dropout_fwd(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     *,
     deterministic: bool = False,
     broadcast_dims: Sequence[int] = (),
@@ -300,9 +303,9 @@ def dropout_fwd(
 
 
 def dropout(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     *,
     deterministic: bool = False,
     broadcast_dims: Sequence[int] = (),

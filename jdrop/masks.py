@@ -38,7 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
+from jdrop._typing import KeyLike
 from jdrop._validation import canonical_axis, keep_probability
 
 __all__ = [
@@ -72,7 +74,7 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 # --------------------------------------------------------------------------------------- keys
 
 
-def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
+def canonical_key(key: KeyLike, *, name: str = "key") -> jax.Array:
     """Returns ``key`` as a typed PRNG key array, accepting legacy raw ``uint32`` keys.
 
     Accepted: a typed key (``jax.random.key(seed)``, any implementation) or a raw ``uint32`` key
@@ -94,7 +96,7 @@ def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
     )
 
 
-def require_key(key: Any, *, what: str, eval_hint: str = "deterministic=True") -> jax.Array:
+def require_key(key: KeyLike | None, *, what: str, eval_hint: str = "deterministic=True") -> jax.Array:
     """A single typed key for a training pass of ``what``, or an error that says what to do.
 
     Raises:
@@ -121,7 +123,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def example_keys(key: Any, n: int, *, offset: Any = 0) -> jax.Array:
+def example_keys(key: KeyLike, n: int, *, offset: Any = 0) -> jax.Array:
     """Keys for the examples with global indices ``offset, ..., offset + n - 1``.
 
     ``keys[j] = jax.random.fold_in(key, offset + j)``: example ``i``'s key depends only on the
@@ -151,7 +153,7 @@ def example_keys(key: Any, n: int, *, offset: Any = 0) -> jax.Array:
     return fold_in(key, index)
 
 
-def fold_in(key: Any, data: Any) -> jax.Array:
+def fold_in(key: KeyLike, data: Any) -> jax.Array:
     """``jax.random.fold_in`` of a key array and ``uint32`` data, broadcast against each other.
 
     ``out[i] = jax.random.fold_in(key[i], data[i])`` over the broadcast shape of ``key`` and
@@ -269,7 +271,7 @@ def bits_lowering() -> dict[str, str]:
     return dict(_bits_lowering)
 
 
-def random_bits(key: Any, shape: Sequence[int], *, broadcast_to: Sequence[int] | None = None) -> jax.Array:
+def random_bits(key: KeyLike, shape: Sequence[int], *, broadcast_to: Sequence[int] | None = None) -> jax.Array:
     """Uniform ``uint32`` bits, equal to ``jax.random.bits(key, shape, jnp.uint32)``.
 
     For threefry keys the bits are computed by a fusible unrolled threefry (see the module
@@ -370,7 +372,7 @@ def broadcast_shape(shape: Sequence[int], broadcast_dims: Sequence[int] = ()) ->
     return tuple(1 if axis in seen else size for axis, size in enumerate(shape))
 
 
-def keep_mask(key: Any, shape: Sequence[int], rate: Any, *, broadcast_dims: Sequence[int] = ()) -> jax.Array:
+def keep_mask(key: KeyLike, shape: Sequence[int], rate: ArrayLike, *, broadcast_dims: Sequence[int] = ()) -> jax.Array:
     """The exact bool keep mask that :func:`jdrop.dropout` uses for this key, shape and rate.
 
     ``m_i = [u_i < 1 - rate]`` with ``u`` uniform on the 2**-23 grid drawn from ``key``; equal to

@@ -162,7 +162,7 @@ def _check_rates(rates: Any, num_layers: int) -> tuple[float | jax.Array, ...]:
     return tuple(check_rate(r, name=f"rates[{i}]") for i, r in enumerate(rates))
 
 
-def _check_input(params: MLPParams, x: Any) -> jax.Array:
+def _check_input(params: MLPParams, x: ArrayLike) -> jax.Array:
     x = check_float_input(x)
     d_in = params.weights[0].shape[0]
     if x.ndim not in (1, 2) or x.shape[-1] != d_in:
@@ -355,7 +355,7 @@ def _vmap_is_innermost(x: jax.Array) -> bool:
 # ------------------------------------------------------------------------------------ public API
 
 
-def _prepare(params: Any, x: Any, rates: Any, scale: Any) -> tuple[MLPParams, jax.Array, tuple[Any, ...]]:
+def _prepare(params: Any, x: ArrayLike, rates: Any, scale: Any) -> tuple[MLPParams, jax.Array, tuple[Any, ...]]:
     params = _check_params(params)
     x = _check_input(params, x)
     rates = _check_rates(rates, len(params.weights))

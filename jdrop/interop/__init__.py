@@ -25,6 +25,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+from jax.typing import ArrayLike
+
 from jdrop._dropout import check_options
 from jdrop._validation import check_rate
 
@@ -47,7 +49,7 @@ def _check_fields(scale: Any, residual: Any) -> None:
     check_options(scale, residual)
 
 
-def _concrete_rate(rate: Any) -> float | None:
+def _concrete_rate(rate: ArrayLike) -> float | None:
     """A checked ``rate`` as a float when it is known in Python, else None (a traced rate).
 
     flax decides "rate 0: identity" and "rate 1: zeros" in Python, before drawing a key; the flax

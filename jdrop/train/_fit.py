@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop.train._loop import evaluate, train_epoch
 from jdrop.train._state import Batch, TrainState
 
@@ -18,7 +19,7 @@ def fit(
     state: TrainState,
     train_data: Batch,
     *,
-    key: Any,
+    key: KeyLike,
     epochs: int,
     batch_size: int,
     eval_data: Mapping[str, Batch] | None = None,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop._validation import positive_int
 from jdrop.train._per_example import per_example
 from jdrop.train._state import Batch, TrainState, check_batch
@@ -65,7 +66,7 @@ _train_step_donating = jax.jit(_train_step, static_argnames=("microbatches",), d
 def train_step(
     state: TrainState,
     batch: Batch,
-    key: Any,
+    key: KeyLike,
     *,
     offset: Any = 0,
     microbatches: int = 1,
@@ -145,7 +146,7 @@ def _train_epoch(state, data, key, batch_size, shuffle, batch_sharding):
 def train_epoch(
     state: TrainState,
     data: Batch,
-    key: Any,
+    key: KeyLike,
     *,
     batch_size: int,
     shuffle: bool = True,

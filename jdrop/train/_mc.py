@@ -9,8 +9,10 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop._validation import canonical_axis, check_choice, positive_int
 from jdrop.train._per_example import per_example
 
@@ -41,8 +43,8 @@ def _entropy(log_probs: jax.Array) -> jax.Array:
 def mc_predict(
     apply_fn: Callable[..., jax.Array],
     params: Any,
-    x: Any,
-    key: Any,
+    x: ArrayLike,
+    key: KeyLike,
     num_samples: int,
     *,
     task: Task = "regression",
@@ -103,7 +105,7 @@ def mc_predict(
 def _mc_predict(
     apply_fn: Callable[..., jax.Array],
     params: Any,
-    x: Any,
+    x: ArrayLike,
     key: jax.Array,
     hparams: dict[str, Any],
     num_samples: int,

@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 
 __all__ = ["per_example"]
 
@@ -22,8 +24,8 @@ __all__ = ["per_example"]
 def per_example(
     apply_fn: Callable[..., jax.Array],
     params: Any,
-    x: jax.Array,
-    key: jax.Array | None,
+    x: ArrayLike,
+    key: KeyLike | None,
     *,
     train: bool = True,
     offset: Any = 0,
@@ -50,5 +52,6 @@ def per_example(
     extra = dict(hparams or {})
     if not train:
         return jax.vmap(lambda xi: apply_fn(params, xi, key=None, train=False, **extra), in_axes=axis)(x)
+    key = masks.require_key(key, what="apply_fn", eval_hint="train=False")
     keys = masks.example_keys(key, jax.numpy.shape(x)[axis], offset=offset)
     return jax.vmap(lambda xi, ki: apply_fn(params, xi, key=ki, train=True, **extra), in_axes=(axis, 0))(x, keys)

@@ -9,15 +9,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop._validation import canonical_axis, check_float_input, check_rate
 from jdrop.train._per_example import per_example
 
 __all__ = ["rdrop_loss", "symmetric_kl"]
 
 
-def symmetric_kl(logits_a: Any, logits_b: Any, *, axis: int = -1) -> jax.Array:
+def symmetric_kl(logits_a: ArrayLike, logits_b: ArrayLike, *, axis: int = -1) -> jax.Array:
     """The symmetric KL divergence of R-Drop: ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2``.
 
     With ``p_a = softmax(logits_a)`` and ``p_b = softmax(logits_b)`` along ``axis``, this is
@@ -46,9 +48,9 @@ def symmetric_kl(logits_a: Any, logits_b: Any, *, axis: int = -1) -> jax.Array:
 def rdrop_loss(
     apply_fn: Callable[..., jax.Array],
     params: Any,
-    x: Any,
-    labels: Any,
-    key: Any,
+    x: ArrayLike,
+    labels: ArrayLike,
+    key: KeyLike,
     *,
     alpha: float = 1.0,
     hparams: Mapping[str, Any] | None = None,

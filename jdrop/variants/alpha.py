@@ -8,8 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jdrop._dropout import Residual, dropout, keep_and_factor
+from jdrop._typing import KeyLike
 from jdrop._validation import check_deterministic, check_float_input, check_rate
 from jdrop.variants.feature import feature_broadcast_dims
 
@@ -23,7 +25,12 @@ _SATURATION = -SELU_SCALE * SELU_ALPHA  # alpha' = -lambda * alpha, SELU's limit
 
 
 def _alpha_dropout(
-    key: Any, x: Any, rate: Any, broadcast_dims: Sequence[int], deterministic: Any, residual: Residual
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
+    broadcast_dims: Sequence[int],
+    deterministic: Any,
+    residual: Residual,
 ) -> jax.Array:
     x = check_float_input(x)
     deterministic = check_deterministic(deterministic)
@@ -41,9 +48,9 @@ def _alpha_dropout(
 
 
 def alpha_dropout(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool = False,
@@ -81,9 +88,9 @@ def alpha_dropout(
 
 
 def feature_alpha_dropout(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     *,
     channel_axis: int = -1,
     batch_axis: int | None = 0,

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
+from jax.typing import ArrayLike
 
 from jdrop._dropout import Residual, dropout
+from jdrop._typing import KeyLike
 from jdrop._validation import check_float_input
 
 __all__ = ["attention_dropout"]
 
 
 def attention_dropout(
-    key: Any,
-    probs: Any,
-    rate: Any,
+    key: KeyLike | None,
+    probs: ArrayLike,
+    rate: ArrayLike,
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool = False,

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop._validation import (
     canonical_axis,
     check_deterministic,
@@ -54,9 +56,9 @@ def _valid_centres(shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
 
 
 def dropblock(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     block_size: int,
     *,
     channel_axis: int = -1,

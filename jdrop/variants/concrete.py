@@ -8,8 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop._validation import check_deterministic, check_float_input, check_rate, int_at_least
 from jdrop.masks import require_key
 
@@ -18,7 +20,7 @@ __all__ = ["concrete_dropout", "concrete_dropout_regulariser"]
 _EPS = 1e-7  # the reference implementation's K.epsilon()
 
 
-def _check_logit(rate_logit: Any) -> jax.Array:
+def _check_logit(rate_logit: ArrayLike) -> jax.Array:
     """``rate_logit`` as a floating array (a Python float becomes float32), or ``TypeError``."""
     if isinstance(rate_logit, numbers.Real) and not isinstance(rate_logit, (bool, np.bool_)):
         return jnp.asarray(rate_logit, jnp.float32)
@@ -26,9 +28,9 @@ def _check_logit(rate_logit: Any) -> jax.Array:
 
 
 def concrete_dropout(
-    key: Any,
-    x: Any,
-    rate_logit: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate_logit: ArrayLike,
     *,
     temperature: float = 0.1,
     deterministic: bool = False,
@@ -80,8 +82,8 @@ def concrete_dropout(
 
 
 def concrete_dropout_regulariser(
-    rate_logit: Any,
-    kernel: Any,
+    rate_logit: ArrayLike,
+    kernel: ArrayLike,
     input_dim: int,
     *,
     weight_regulariser: float,

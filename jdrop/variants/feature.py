@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.typing import ArrayLike
 
 from jdrop._dropout import Residual, dropout
+from jdrop._typing import KeyLike
 from jdrop._validation import canonical_axis, check_float_input
 
 __all__ = ["feature_dropout"]
@@ -32,9 +34,9 @@ def feature_broadcast_dims(ndim: int, *, channel_axis: Any, batch_axis: Any) -> 
 
 
 def feature_dropout(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     *,
     channel_axis: int = -1,
     batch_axis: int | None = 0,

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._typing import KeyLike
 from jdrop._validation import check_deterministic, check_float_input, check_rate
 from jdrop.masks import require_key
 
@@ -28,7 +30,7 @@ def _perturb(key: jax.Array, x: jax.Array, multiplier: jax.Array, addend: jax.Ar
     return x * (1 + multiplier * z) + addend * z
 
 
-def _noisy(key: Any, x: jax.Array, multiplier: Any, addend: Any, valid: Any, what: str) -> jax.Array:
+def _noisy(key: KeyLike | None, x: jax.Array, multiplier: Any, addend: Any, valid: Any, what: str) -> jax.Array:
     key = require_key(key, what=what)
     dtype = np.dtype(jnp.promote_types(x.dtype, jnp.float32))
     multiplier, addend = (lax.stop_gradient(jnp.asarray(v, dtype)) for v in (multiplier, addend))
@@ -38,7 +40,7 @@ def _noisy(key: Any, x: jax.Array, multiplier: Any, addend: Any, valid: Any, wha
     return y.astype(x.dtype)
 
 
-def gaussian_dropout(key: Any, x: Any, rate: Any, *, deterministic: bool = False) -> jax.Array:
+def gaussian_dropout(key: KeyLike | None, x: ArrayLike, rate: ArrayLike, *, deterministic: bool = False) -> jax.Array:
     """Gaussian dropout: multiplicative ``N(1, rate / (1 - rate))`` noise (Srivastava et al. 2014, sec. 10).
 
     With ``z ~ N(0, 1)`` per element::
@@ -83,7 +85,7 @@ def gaussian_dropout(key: Any, x: Any, rate: Any, *, deterministic: bool = False
     return _noisy(key, x, jnp.sqrt(safe / (1.0 - safe)), 0.0, valid, "gaussian_dropout")
 
 
-def gaussian_noise(key: Any, x: Any, stddev: Any, *, deterministic: bool = False) -> jax.Array:
+def gaussian_noise(key: KeyLike | None, x: ArrayLike, stddev: ArrayLike, *, deterministic: bool = False) -> jax.Array:
     """Additive Gaussian noise, ``keras.layers.GaussianNoise``.
 
     With ``z ~ N(0, 1)`` per element (``jax.random.normal(key, x.shape)``, drawn through

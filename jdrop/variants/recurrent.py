@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
+from jax.typing import ArrayLike
 
 from jdrop._dropout import Residual, dropout
+from jdrop._typing import KeyLike
 from jdrop._validation import canonical_axis, check_float_input
 
 __all__ = ["embedding_dropout", "locked_dropout", "zoneout"]
 
 
 def locked_dropout(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     *,
     time_axis: int | None,
     deterministic: bool = False,
@@ -59,7 +59,7 @@ def locked_dropout(
 
 
 def embedding_dropout(
-    key: Any, table: Any, rate: Any, *, deterministic: bool = False, residual: Residual = "key"
+    key: KeyLike, table: ArrayLike, rate: ArrayLike, *, deterministic: bool = False, residual: Residual = "key"
 ) -> jax.Array:
     """Embedding dropout: whole word types dropped (Gal & Ghahramani 2016, sec. 4; Merity et al. 2017).
 
@@ -89,10 +89,10 @@ def embedding_dropout(
 
 
 def zoneout(
-    key: Any,
-    h_prev: Any,
-    h_new: Any,
-    rate: Any,
+    key: KeyLike | None,
+    h_prev: ArrayLike,
+    h_new: ArrayLike,
+    rate: ArrayLike,
     *,
     deterministic: bool = False,
     residual: Residual = "key",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from jdrop._validation import check_choice, check_rate, int_at_least
 
@@ -29,7 +30,7 @@ def _step(step: Any) -> jax.Array:
     return step.astype(jnp.float32)
 
 
-def constant_schedule(rate: Any) -> Schedule:
+def constant_schedule(rate: ArrayLike) -> Schedule:
     """``rate(step) = rate`` for every step (standard dropout)."""
     rate = check_rate(rate)
 
@@ -40,7 +41,9 @@ def constant_schedule(rate: Any) -> Schedule:
     return schedule
 
 
-def linear_schedule(init_rate: Any, end_rate: Any, transition_steps: int, *, transition_begin: int = 0) -> Schedule:
+def linear_schedule(
+    init_rate: ArrayLike, end_rate: ArrayLike, transition_steps: int, *, transition_begin: int = 0
+) -> Schedule:
     """Linear warm-up (``init_rate < end_rate``) or decay (``init_rate > end_rate``): ``optax.linear_schedule``.
 
     ``rate(step) = init_rate + (end_rate - init_rate) * clip((step - transition_begin) / transition_steps, 0, 1)``:
@@ -60,7 +63,7 @@ def linear_schedule(init_rate: Any, end_rate: Any, transition_steps: int, *, tra
 
 
 def early_dropout_schedule(
-    rate: Any, cutoff_step: int, *, schedule: Literal["constant", "linear"] = "constant"
+    rate: ArrayLike, cutoff_step: int, *, schedule: Literal["constant", "linear"] = "constant"
 ) -> Schedule:
     """Early dropout (Liu et al. 2023, "Dropout Reduces Underfitting"): dropout only for the first steps.
 
@@ -85,7 +88,7 @@ def early_dropout_schedule(
     return early
 
 
-def late_dropout_schedule(rate: Any, start_step: int) -> Schedule:
+def late_dropout_schedule(rate: ArrayLike, start_step: int) -> Schedule:
     """Late dropout (Liu et al. 2023): no dropout before ``start_step``, ``rate`` from then on.
 
     ``rate(step) = 0`` for ``step < start_step``, else ``rate`` (the paper's ``mode="late"``, for

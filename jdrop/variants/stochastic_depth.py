@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jdrop._dropout import Residual, Scale, dropout
+from jdrop._typing import KeyLike
 from jdrop._validation import canonical_axis, check_float_input, check_rate, int_at_least, static_bool
 
 __all__ = ["drop_path", "drop_path_rates"]
 
 
 def drop_path(
-    key: Any,
-    x: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    rate: ArrayLike,
     *,
     scale_by_keep: bool = True,
     batch_axis: int | None = 0,
@@ -61,7 +61,7 @@ def drop_path(
     return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, scale=scale, residual=residual)
 
 
-def drop_path_rates(max_rate: Any, depth: int) -> jax.Array:
+def drop_path_rates(max_rate: ArrayLike, depth: int) -> jax.Array:
     """Per-block drop rates for stochastic depth, rising linearly from 0 to ``max_rate`` with depth.
 
     ``rates[l] = max_rate * l / (depth - 1)`` for ``l = 0..depth-1``, as timm builds them

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._dropout import Residual, Scale, dropout, keep_and_factor
+from jdrop._typing import KeyLike
 from jdrop._validation import check_float_input, check_scale, positive_int
 from jdrop.masks import require_key
 
@@ -17,9 +19,9 @@ __all__ = ["DropConnectMoments", "dropconnect", "dropconnect_moments", "dropconn
 
 
 def dropconnect(
-    key: Any,
-    w: Any,
-    rate: Any,
+    key: KeyLike | None,
+    w: ArrayLike,
+    rate: ArrayLike,
     *,
     scale: Scale = "inverted",
     deterministic: bool = False,
@@ -63,7 +65,7 @@ class DropConnectMoments(NamedTuple):
 
 
 def dropconnect_moments(
-    x: Any, w: Any, rate: Any, *, bias: Any = None, scale: Scale = "inverted"
+    x: ArrayLike, w: ArrayLike, rate: ArrayLike, *, bias: ArrayLike | None = None, scale: Scale = "inverted"
 ) -> DropConnectMoments:
     """Mean and variance of ``u = x @ W' + b`` over DropConnect masks ``W' = s * M * W`` (Wan et al. 2013, sec. 3).
 
@@ -100,14 +102,14 @@ def dropconnect_moments(
 
 
 def dropconnect_predict(
-    key: Any,
-    x: Any,
-    w: Any,
-    rate: Any,
+    key: KeyLike | None,
+    x: ArrayLike,
+    w: ArrayLike,
+    rate: ArrayLike,
     *,
     activation: Callable[[jax.Array], jax.Array],
     num_samples: int,
-    bias: Any = None,
+    bias: ArrayLike | None = None,
     scale: Scale = "inverted",
 ) -> jax.Array:
     """DropConnect's inference (Wan et al. 2013, Algorithm 2): average the activation over a Gaussian moment match.
