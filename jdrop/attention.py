@@ -58,8 +58,8 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], batch: int, cfg:
 
 
 def _scores(cfg: _Config, q: jax.Array, k: jax.Array, bias: jax.Array | None, mask: jax.Array | None,
-            i: jax.Array, j: jax.Array) -> jax.Array:
-    """Logits of tile (i, j): ``(B, Hk, G, bq, bk)``, masked as flax masks them.
+            i: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Logits of tile (i, j): ``(B, Hk, G, bq, bk)``, masked as flax masks them, and the mask (or None).
 
     ``q`` is ``(B, Hk, G, bq, D)`` (already scaled by ``1/sqrt(D)``), ``k`` is ``(B, Hk, bk, D)``.
     Masked entries get ``finfo(float32).min`` (flax's big negative, so a fully masked row is uniform,
@@ -81,7 +81,7 @@ def _scores(cfg: _Config, q: jax.Array, k: jax.Array, bias: jax.Array | None, ma
         s = jnp.where(allowed, s, jnp.finfo(s.dtype).min)
     if cfg.k_length % cfg.block_k:
         s = jnp.where(cols < cfg.k_length, s, -jnp.inf)
-    return s
+    return s, allowed
 
 
 def _tile(cfg: _Config, array: jax.Array, i: jax.Array, j: jax.Array) -> jax.Array:
@@ -174,10 +174,12 @@ def _first_q_block(cfg: _Config, j: jax.Array) -> jax.Array | int:
 
 
 def _forward(cfg: _Config, q, k, v, bias, mask, drop):
-    """Blockwise forward: ``(out, logsumexp)``, tile-major.
+    """Blockwise forward: ``(out, (row_max, log_row_sum))``, tile-major.
 
     ``q``: ``(nq, B, Hk, G, bq, D)``, ``k``: ``(nk, B, Hk, bk, D)``, ``v``: ``(nk, B, Hk, bk, Dv)``.
-    Returns ``out`` ``(nq, B, Hk, G, bq, Dv)`` in ``q``'s dtype and the float32 logsumexp of each row.
+    Returns ``out`` ``(nq, B, Hk, G, bq, Dv)`` in ``q``'s dtype and each row's logsumexp as the pair
+    (max, log of the sum of ``exp(s - max)``): their sum would round ``log(Tk)`` away for a fully masked
+    row (logits ``finfo.min``), whose probabilities the backward pass must still find uniform.
     """
     n_k = k.shape[0]
     batch, kv_heads, group, bq, _ = q.shape[1:]
@@ -190,7 +192,7 @@ def _forward(cfg: _Config, q, k, v, bias, mask, drop):
         def step(j, carry):
             row_max, row_sum, acc = carry
             k_j, v_j = k[j], v[j]
-            s = _scores(cfg, q_i, k_j, bias, mask, i, j)
+            s, _ = _scores(cfg, q_i, k_j, bias, mask, i, j)
             new_max = jnp.maximum(row_max, s.max(axis=-1))
             # A row whose logits so far are all -inf (a -inf bias) keeps a finite reference point.
             safe_max = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
@@ -212,7 +214,7 @@ def _forward(cfg: _Config, q, k, v, bias, mask, drop):
         )
         row_max, row_sum, acc = lax.fori_loop(0, _visible_k_blocks(cfg, i, n_k), step, init)
         out = (acc / row_sum[..., None]).astype(q.dtype)
-        return out, row_max + jnp.log(row_sum)
+        return out, (row_max, jnp.log(row_sum))
 
     return lax.map(row_block, (jnp.arange(q.shape[0]), q))
 
@@ -227,7 +229,7 @@ def _backward(cfg: _Config, residuals, d_out):
     again from the key, so nothing of size ``Tq x Tk`` exists. ``dK``, ``dV`` of a key tile accumulate
     in the inner loop; ``dQ`` (and ``dbias``) accumulate in place across the outer loop.
     """
-    q, k, v, bias, mask, drop, out, logsumexp = residuals
+    q, k, v, bias, mask, drop, out, (row_max, log_row_sum) = residuals
     n_q = q.shape[0]
     batch, kv_heads, group, bq, depth = q.shape[1:]
     bk = cfg.block_k
@@ -244,8 +246,9 @@ def _backward(cfg: _Config, residuals, d_out):
         def step(i, inner):
             d_k, d_v, d_q, d_bias = inner
             q_i, do_i = q[i], d_out[i]
-            s = _scores(cfg, q_i, k_j, bias, mask, i, j)
-            p = jnp.exp(s - logsumexp[i][..., None])
+            s, allowed = _scores(cfg, q_i, k_j, bias, mask, i, j)
+            shifted = s - row_max[i][..., None]
+            p = jnp.exp(shifted - log_row_sum[i][..., None])
             dp = _dot(do_i.reshape(batch, kv_heads, group * bq, -1), v_j, (3, 3), 2, cfg)
             dp = dp.reshape(p.shape)
             # dS = P * (dP~ * factors - delta) = P~ * dP~ - P * delta with P~ = P * factors: the factors are
@@ -256,10 +259,13 @@ def _backward(cfg: _Config, residuals, d_out):
             elif drop is not None:
                 log_factors = jnp.log(_dropout_factors(cfg, drop, batch, i * bq, bq, j * bk, bk))
             if drop is not None:
-                p_dropped = jnp.exp(s - logsumexp[i][..., None] + log_factors)
+                p_dropped = jnp.exp(shifted - log_row_sum[i][..., None] + log_factors)
             else:
                 p_dropped = p
             ds = p_dropped * dp - p * delta[i][..., None]
+            if mask is not None:
+                # Masked logits are a constant: no gradient, even in a fully masked row (whose P is uniform).
+                ds = jnp.where(allowed, ds, 0.0)
             rows = (batch, kv_heads, group * bq, bk)
             d_v = d_v + _dot(p_dropped.astype(q.dtype).reshape(rows),
                              do_i.reshape(batch, kv_heads, group * bq, -1), (2, 2), 2, cfg)
@@ -434,7 +440,7 @@ def dot_product_attention(
     train = not deterministic and not (isinstance(rate, float) and rate == 0.0)
     drop = None
     if train:
-        drop = _dropout_arguments(dropout_rng, rate)
+        drop = _dropout_arguments(dropout_rng, rate, dtype)
 
     batch_shape, (q_length, q_heads, depth) = tuple(query.shape[:-3]), query.shape[-3:]
     k_length, kv_heads = key.shape[-3], key.shape[-2]
@@ -497,7 +503,7 @@ def _check_shapes(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
         raise ValueError(f"query and key lengths must be positive, got {query.shape[-3]} and {key.shape[-3]}.")
 
 
-def _dropout_arguments(dropout_rng: Any, rate: float | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _dropout_arguments(dropout_rng: Any, rate: float | jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(key_data, threshold, factor)`` for a training pass; ``factor`` is ``1/keep`` (0 at rate 1, NaN if invalid)."""
     if dropout_rng is None:
         raise ValueError(
@@ -515,7 +521,7 @@ def _dropout_arguments(dropout_rng: Any, rate: float | jax.Array) -> tuple[jax.A
             "generators use jdrop.attention_dropout on probabilities you compute yourself."
         )
     threshold = masks.keep_threshold(keep_probability(rate))
-    keep = masks.realised_keep(threshold)
+    keep = masks.realised_keep(threshold).astype(jnp.promote_types(dtype, jnp.float32))  # exact: k / 2**23
     factor = jnp.where(threshold > 0, 1.0 / jnp.where(threshold > 0, keep, 1.0), 0.0)
     factor = jnp.where(rate_is_valid(rate), factor, jnp.nan)
     return jax.random.key_data(rng), threshold, factor
