@@ -6,6 +6,7 @@ Examples::
     PYTHONPATH=. python -m benchmarks --quick              # small sizes, a smoke test
     PYTHONPATH=. python -m benchmarks --only ops --json out/ops.json
     PYTHONPATH=. python -m benchmarks --only memory --framework jdrop --framework none
+    PYTHONPATH=. python -m benchmarks --only attention        # attention with dropout, ~15 minutes
 
 The tables (Markdown) go to stdout, progress to stderr.
 """
@@ -20,10 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import memory, models, ops, step
+from benchmarks import attention, memory, models, ops, step
 from benchmarks._common import log, machine_description, run_worker
 
-SUITES = {"ops": (ops, ops.FRAMEWORKS), "memory": (memory, models.FRAMEWORKS), "step": (step, (step.ALL,))}
+SUITES = {
+    "ops": (ops, ops.FRAMEWORKS),
+    "memory": (memory, models.FRAMEWORKS),
+    "step": (step, (step.ALL,)),
+    "attention": (attention, attention.FRAMEWORKS),
+}
 """Each suite: its module (``measure``, ``summarize``, ``table``, ``title``) and its worker frameworks."""
 
 

@@ -12,6 +12,10 @@ It runs in one process, in a few minutes on an H100, and needs only JAX with its
    where dropout's memory traffic matters most, reported the same way.
 4. The memory table of :mod:`benchmarks.memory` (the MLP training step's temporary memory from
    XLA's buffer assignment on this backend; compilation only, one compilation per step).
+5. Fused attention: ``jdrop.dot_product_attention`` against ``flax.linen.dot_product_attention``
+   with the same ``dropout_rng`` (outputs and gradients at highest precision, and the exact mask),
+   then the training step of :mod:`benchmarks.attention` (B=4, H=8, D=64, dropout 0.1): its time
+   and temporary memory for jdrop, flax with dropout and flax without, at T = 1024 and 4096.
 
 Without a GPU (or with ``--quick``) the sizes shrink so that it runs on a CPU in a minute or
 two. Results go to ``$OUT/gpu.json`` when ``OUT`` is set (or ``--out PATH``); the exit status is
@@ -34,8 +38,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import memory, models, ops
-from benchmarks._common import log, machine_description
+from benchmarks import attention, memory, models, ops
+from benchmarks._common import MiB, log, machine_description, markdown_table, time_call
 
 JAX_FRAMEWORKS = tuple(f for f in ops.FRAMEWORKS if f != "torch")
 ATTENTION_SHAPE = {"gpu": (8, 16, 2048, 2048), "cpu": (8, 16, 128, 128), "quick": (2, 4, 64, 64)}
@@ -44,6 +48,7 @@ RUNS = {"gpu": (50, 200), "cpu": (10, 30), "quick": (3, 5)}
 """Timed runs (large arrays, small arrays) per measurement."""
 CALLS_PER_RUN = {"gpu": 10, "cpu": 1, "quick": 1}
 """Calls queued per timed run: on a GPU, enough to hide the per-call host round trip."""
+FUSED_ATTENTION_LENGTHS = {"gpu": (1024, 4096), "cpu": (256,), "quick": (64,)}
 
 # ------------------------------------------------------------------------------------- checks
 
@@ -93,7 +98,61 @@ def correctness_checks() -> list[dict[str, Any]]:
         check(f"grad dropout[{policy}] == grad naive", lambda g=grad: np.allclose(g(x), naive_grad))
     for name, matches in golden_matches().items():
         check(f"golden bits: {name}", lambda m=matches: m)
+    for name, passed in fused_attention_checks().items():
+        check(name, passed)
     return results
+
+
+def fused_attention_checks() -> dict[str, Callable[[], bool]]:
+    """``jdrop.dot_product_attention`` against flax's attention with the same ``dropout_rng``.
+
+    Products at highest precision (a GPU's default float32 matmul is TF32), lengths that are not
+    multiples of the tiles, both mask layouts; and the exact mask: with ``value`` the identity, the
+    output rows are the dropped probabilities, so their zeros are the dropped entries.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jdrop
+
+    rng = jax.random.key(7)
+    q, k, v = (jax.random.normal(key, (2, 301, 4, 32)) for key in jax.random.split(jax.random.key(3), 3))
+    cotangent = jax.random.normal(jax.random.key(4), q.shape)
+
+    def value_and_grads(fn: Callable[..., Any], broadcast: bool) -> Any:
+        options = {"dropout_rng": rng, "dropout_rate": 0.1, "broadcast_dropout": broadcast, "precision": "highest"}
+
+        def loss(q: Any, k: Any, v: Any) -> Any:
+            return jnp.vdot(fn(q, k, v, **options), cotangent)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    def close(broadcast: bool) -> bool:
+        got, want = value_and_grads(jdrop.dot_product_attention, broadcast), value_and_grads(
+            nn.dot_product_attention, broadcast
+        )
+        return all(
+            np.allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+        )
+
+    def exact_mask() -> bool:
+        length = 299
+        identity = jnp.broadcast_to(jnp.eye(length)[None, :, None, :], (1, length, 2, length))
+        out = jax.jit(
+            lambda q, k: jdrop.dot_product_attention(q, k, identity, dropout_rng=rng, dropout_rate=0.5,
+                                                     broadcast_dropout=False)
+        )(q[:1, :, :2], k[:1, :length, :2])
+        keep = jax.random.bernoulli(rng, 0.5, (1, 2, 301, length))
+        return np.array_equal(np.asarray(out).transpose(0, 2, 1, 3) != 0, np.asarray(keep))
+
+    return {
+        "dot_product_attention == flax (broadcast mask): outputs and grads": lambda: close(True),
+        "dot_product_attention == flax (per-element mask): outputs and grads": lambda: close(False),
+        "dot_product_attention mask == bernoulli exactly (301 x 299)": exact_mask,
+    }
 
 
 def golden_matches() -> dict[str, bool]:
@@ -162,6 +221,26 @@ def memory_records(quick: bool) -> list[dict[str, Any]]:
     return records
 
 
+def fused_attention_records(size: str) -> list[dict[str, Any]]:
+    """Step time and temporary memory of :mod:`benchmarks.attention`'s step for jdrop and flax."""
+    import jax
+
+    functions = attention._attention_functions()
+    records = []
+    for length in FUSED_ATTENTION_LENGTHS[size]:
+        args = [jax.random.normal(key, (attention.BATCH, length, attention.HEADS, attention.DEPTH))
+                for key in jax.random.split(jax.random.key(0), 4)]
+        for name in (attention.JDROP, attention.FLAX, attention.FLAX_PLAIN):
+            memory_result = attention.compiled_memory(functions[name], length)
+            step = attention._step(functions[name])
+            timing = time_call(lambda s=step, a=args: s(*a), jax.block_until_ready, runs=RUNS[size][0],
+                               calls_per_run=CALLS_PER_RUN[size])
+            records.append({"name": name, "length": length, "temp_mib": memory_result["temp_bytes"] / MiB, **timing})
+            log(f"  {name:28s} T={length:5d}: {timing['median_ms']:9.3f} ms, temp "
+                f"{records[-1]['temp_mib']:9.1f} MiB")
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the checks and timings, prints the tables, writes the JSON; 1 if a check failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -182,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     attention_records = time_frameworks([ATTENTION_SHAPE[size]], size)
     log("MLP step memory")
     memory_summary = memory.summarize(memory_records(quick=size != "gpu"))
+    log("fused attention step")
+    fused_records = fused_attention_records(size)
     op_summary, attention_summary = ops.summarize(op_records), ops.summarize(attention_records)
     failed = [c["check"] for c in checks if not c["passed"]]
     passed = len(checks) - len(failed)
@@ -192,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(ops.table(attention_summary))
     print(f"\n## {memory.title(quick=size != 'gpu')}\n")
     print(memory.table(memory_summary))
+    print("\n## Fused attention step (B=4, H=8, D=64, dropout 0.1)\n")
+    print(markdown_table(("variant", "T", "median ms", "min ms", "temp MiB"),
+                         [(r["name"], r["length"], r["median_ms"], r["min_ms"], r["temp_mib"]) for r in fused_records]))
     report = {
         "machine": machine_description(),
         "sizes": size,
@@ -200,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ops": op_summary,
         "attention": attention_summary,
         "memory": memory_summary,
+        "fused_attention": fused_records,
     }
     out = args.out or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
     if out is not None:

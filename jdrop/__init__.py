@@ -1,12 +1,14 @@
 """jdrop: dropout for JAX, fast, light on memory, and provably correct.
 
 The package face re-exports the public names; the code lives in one module per concept:
-``jdrop.masks`` (keys to masks), ``jdrop.dropout`` and friends (the custom_vjp core), ``jdrop.mlp``
+``jdrop.masks`` (keys to masks), ``jdrop.dropout`` and friends (the custom_vjp core),
+``jdrop.dot_product_attention`` (fused blockwise attention with dropout), ``jdrop.mlp``
 (the seed's network), ``jdrop.train`` (the training loop), ``jdrop.variants`` (every other dropout, on the
 same core), ``jdrop.distributed``, ``jdrop.checkpoint`` and ``jdrop.interop`` (flax and equinox modules,
 imported on demand).
 """
 
+from jdrop import attention as attention
 from jdrop import checkpoint as checkpoint
 from jdrop import distributed as distributed
 from jdrop import interop as interop
@@ -18,6 +20,7 @@ from jdrop._dropout import DropoutResidual as DropoutResidual
 from jdrop._dropout import dropout as dropout
 from jdrop._dropout import dropout_bwd as dropout_bwd
 from jdrop._dropout import dropout_fwd as dropout_fwd
+from jdrop.attention import dot_product_attention as dot_product_attention
 from jdrop.masks import example_keys as example_keys
 from jdrop.masks import keep_mask as keep_mask
 from jdrop.train import ClassificationPrediction as ClassificationPrediction

@@ -45,6 +45,7 @@ from jdrop._validation import canonical_axis, keep_probability
 
 __all__ = [
     "THRESHOLD_BITS",
+    "bits_at",
     "bits_lowering",
     "broadcast_shape",
     "canonical_key",
@@ -325,6 +326,27 @@ def _threefry_bits(data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     consumers.
     """
     t0, t1 = threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), _flat_index(shape))
+    return t0 ^ t1
+
+
+def bits_at(key_data: jax.Array, index_hi: jax.Array, index_lo: jax.Array) -> jax.Array:
+    """The bits of ``jax.random.bits(key, shape, jnp.uint32)`` at flat indices ``index_hi * 2**32 + index_lo``.
+
+    JAX's partitionable threefry gives element ``i`` (row-major) of any shape the word
+    ``t0 ^ t1`` of ``threefry2x32(key, (i >> 32, i & 0xffffffff))``: it depends on the key and
+    ``i`` only, not on the shape. So a tiled computation can draw each tile's bits by global index
+    and together the tiles hold exactly the bits of the whole array (this is how
+    :func:`jdrop.dot_product_attention` draws flax's ``(B, H, Tq, Tk)`` dropout mask block by block).
+
+    Args:
+      key_data: a threefry key's data, ``uint32[2]`` (``jax.random.key_data(key)``).
+      index_hi: ``uint32`` high words of the indices (zero below ``2**32`` elements).
+      index_lo: ``uint32`` low words, broadcastable against ``index_hi``.
+
+    Returns:
+      ``uint32`` bits of the broadcast shape of the indices.
+    """
+    t0, t1 = threefry2x32(key_data[0], key_data[1], index_hi, index_lo)
     return t0 ^ t1
 
 

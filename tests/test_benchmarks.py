@@ -31,3 +31,17 @@ def test_step_suite_times_every_variant_round_robin():
     rows = step.summarize(result["records"])
     assert all(row["vs_no_dropout"] > 0 for row in rows)
     assert "steps/s" in step.table(rows)
+
+
+def test_attention_suite_reports_memory_against_flax():
+    from benchmarks import attention
+
+    functions = attention._attention_functions()
+    records = [
+        {"kind": "memory", "name": name, "length": 64, **attention.compiled_memory(functions[name], 64)}
+        for name in (attention.JDROP, attention.FLAX)
+    ]
+    records.append({"kind": "fit", "name": attention.JDROP, "longest_length": 128})
+    rows = {row["name"]: row for row in attention.summarize(records)}
+    assert rows[attention.FLAX]["temp_vs_flax"] == 1.0 and rows[attention.JDROP]["temp_mib"] > 0
+    assert "longest T in 16 GiB" in attention.table(list(rows.values()))

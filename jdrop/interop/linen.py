@@ -1,4 +1,8 @@
-"""``flax.linen`` Dropout around :func:`jdrop.dropout`: a drop-in replacement for ``flax.linen.Dropout``."""
+"""``flax.linen`` Dropout around :func:`jdrop.dropout`: a drop-in replacement for ``flax.linen.Dropout``.
+
+For attention, pass ``attention_fn=jdrop.dot_product_attention`` to ``flax.linen.MultiHeadDotProductAttention``:
+the same dropout mask for the same rngs, in O(T) memory (see :func:`jdrop.dot_product_attention`).
+"""
 
 from __future__ import annotations
 

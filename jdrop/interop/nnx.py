@@ -1,4 +1,8 @@
-"""``flax.nnx`` Dropout around :func:`jdrop.dropout`: a drop-in replacement for ``flax.nnx.Dropout``."""
+"""``flax.nnx`` Dropout around :func:`jdrop.dropout`: a drop-in replacement for ``flax.nnx.Dropout``.
+
+For attention, pass ``attention_fn=jdrop.dot_product_attention`` to ``flax.nnx.MultiHeadAttention``: the
+same dropout mask for the same rngs, in O(T) memory (see :func:`jdrop.dot_product_attention`).
+"""
 
 from __future__ import annotations
 

@@ -37,6 +37,11 @@ def attention_dropout(
     ``jax.random.bernoulli`` + ``where``) keeps the mask and the random bits alive. For flax's
     ``broadcast_dropout=True`` (one mask for all batch rows and heads) pass ``broadcast_dims=(0, 1)``.
 
+    This is for probabilities you compute yourself. For standard softmax attention use
+    :func:`jdrop.dot_product_attention`: it fuses the softmax, this dropout (the same mask for the
+    same key) and the products blockwise, so the ``(B, H, L, L)`` probabilities are never stored
+    either, and the training step's memory grows linearly in ``L`` instead of quadratically.
+
     Args:
       key: PRNG key (may be None when ``deterministic``).
       probs: attention probabilities, e.g. ``(B, H, L_q, L_k)``, floating.
