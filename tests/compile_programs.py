@@ -416,6 +416,43 @@ def _():
     return jax.grad(loss), (w, jnp.ones((20, B, 32)), _key(1))
 
 
+# ------------------------------------------------------------------------------------------ attention
+
+
+def _attention_grad(**options):
+    import jdrop
+
+    def loss(q, k, v, rng):
+        return jnp.sum(jdrop.dot_product_attention(q, k, v, dropout_rng=rng, dropout_rate=0.1, **options))
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+@program("attention-broadcast-mask-gqa-and-bf16")
+def _():
+    # The grads hold the forward kernels too (the custom_vjp's forward is the forward pass).
+    q, kv = jnp.ones((2, 40, 4, 8)), jnp.ones((2, 33, 2, 8))
+
+    def both(q, k, v, rng):
+        low = tuple(a.astype(jnp.bfloat16) for a in (q, k, v))
+        return _attention_grad()(q, k, v, rng), _attention_grad()(*low, rng)
+
+    return both, (q, kv, kv, _key(1))
+
+
+@program("attention-per-element-causal-and-vmap-over-keys")
+def _():
+    q, kv = jnp.ones((2, 40, 4, 8)), jnp.ones((2, 33, 2, 8))
+    per_element = _attention_grad(broadcast_dropout=False, is_causal=True)
+
+    def both(q, k, v, rng):
+        return per_element(q, k, v, rng), jax.vmap(per_element, in_axes=(None, None, None, 0))(
+            q, k, v, jax.random.split(rng, 2)
+        )
+
+    return both, (q, kv, kv, _key(1))
+
+
 # -------------------------------------------------------------------------------------------- adapters
 
 

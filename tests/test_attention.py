@@ -5,10 +5,6 @@ The reference is ``flax.linen.dot_product_attention`` with the same ``dropout_rn
 zero patterns must match exactly and values to float rounding. Every computation runs under ``jax.jit``.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
 from functools import partial
 from pathlib import Path
 
@@ -318,35 +314,3 @@ def test_training_step_temporary_memory_grows_linearly():
     assert large <= 2.3 * small, (small, large)
     # Far below a single (heads, T, T) float32 array, which flax keeps several of.
     assert large < 2 * 2048 * 2048 * 4 / 4, large
-
-
-def test_programs_compile_fast_under_the_avx512_interleave_hazard():
-    # LLVM's vectorizer takes hours on a threefry chain that is loop-invariant in a fusion's inner loop
-    # when it interleaves (AVX-512's choice); this flag makes any x86 machine interleave.
-    code = textwrap.dedent(
-        """
-        import time
-        import jax, jax.numpy as jnp
-        import jdrop
-        q = jnp.ones((2, 40, 4, 8)); kv = jnp.ones((2, 33, 2, 8)); key = jax.random.key(0)
-        def grad(**options):
-            attend = lambda q, k, v, r: jdrop.dot_product_attention(q, k, v, dropout_rng=r, dropout_rate=0.1, **options)
-            return jax.grad(lambda q, k, v, r: jnp.sum(attend(q, k, v, r)), argnums=(0, 1, 2))
-        bf16 = tuple(a.astype(jnp.bfloat16) for a in (q, kv, kv))
-        # The grads hold the forward kernels too (the custom_vjp's forward is the forward pass).
-        programs = {
-            "broadcast mask over batch and heads, GQA": (grad(), (q, kv, kv, key)),
-            "per-element mask, causal": (grad(broadcast_dropout=False, is_causal=True), (q, kv, kv, key)),
-            "bf16": (grad(), (*bf16, key)),
-            "vmap over keys": (jax.vmap(grad(broadcast_dropout=False)), (q, kv, kv, jax.random.split(key, 2))),
-        }
-        for name, (fn, args) in programs.items():
-            start = time.perf_counter()
-            jax.jit(fn).lower(*args).compile()
-            print(name, round(time.perf_counter() - start, 1), flush=True)
-        """
-    )
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_backend_extra_options=-force-vector-interleave=2")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
