@@ -5,6 +5,7 @@ Statistical tolerances are 5 standard errors of the statistic: a two-sided false
 runs per check. Test files import this module as ``_util`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
+import math
 from functools import partial
 
 import chex
@@ -82,6 +83,13 @@ def grad_of(fn, *args, argnums=0):
         return jnp.sum(cotangent * y.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=argnums))(*args)
+
+
+def signed_input(shape, dtype=jnp.float32, seed=0):
+    """Nonzero values of both signs (|x| in [0.5, 2), every third negative): a zero output means a dropped element."""
+    size = math.prod(shape)
+    values = np.random.default_rng(seed).uniform(0.5, 2.0, size) * np.where(np.arange(size) % 3, 1, -1)
+    return jnp.asarray(values.reshape(shape), dtype)
 
 
 def positive_input(shape, seed=1, dtype=jnp.float32):

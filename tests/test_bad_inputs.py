@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import FLOAT_DTYPES
 
 import jdrop
 
@@ -126,7 +127,7 @@ def test_axis_rank_and_option_errors(call, match):
 EXTREME_RATES = [0.0, 1e-7, 0.5, 1 - 1e-7, 1.0]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_no_nan_or_inf_for_extreme_rates(dtype):
     x = X.astype(dtype)
 

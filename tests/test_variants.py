@@ -8,10 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import (
-    FLOAT_DTYPES,
-    positive_input,
-)
+from _util import FLOAT_DTYPES, positive_input
 
 from jdrop import variants
 

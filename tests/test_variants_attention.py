@@ -8,11 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import (
-    keep_mask,
-    normal_input,
-    realised_keep,
-)
+from _util import keep_mask, normal_input, realised_keep
 
 from jdrop import variants
 

@@ -6,17 +6,11 @@ Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each
 next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import (
-    grad_of,
-    keep_mask,
-    positive_input,
-)
+from _util import grad_of, keep_mask, mean_tolerance, positive_input
 
 import jdrop
 from jdrop import variants
@@ -90,7 +84,7 @@ def test_dropblock_statistics(key):
     # so Var(sum of N kept indicators) <= N (2 block - 1)^2 / 4: 5 sigma of the mean.
     n = batch * size * size
     kept_fraction = float(jnp.mean(y != 0))
-    assert abs(kept_fraction - expected_kept) < 5 * (2 * block - 1) / (2 * math.sqrt(n))
+    assert abs(kept_fraction - expected_kept) < mean_tolerance((2 * block - 1) ** 2 / 4, n)
 
 
 def test_dropblock_edge_cases_and_errors(key):

@@ -12,11 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import (
-    bernoulli_mean_tolerance,
-    grad_of,
-    normal_input,
-)
+from _util import bernoulli_mean_tolerance, grad_of, normal_input
 
 import jdrop
 from jdrop import masks, variants

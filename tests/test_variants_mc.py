@@ -6,11 +6,7 @@ information, chunking, per-example keys, memory and errors.
 import jax
 import numpy as np
 import pytest
-from _util import (
-    mc_model,
-    mc_params,
-    normal_input,
-)
+from _util import mc_model, mc_params, normal_input
 
 import jdrop
 from jdrop import variants

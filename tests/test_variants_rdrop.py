@@ -6,11 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import (
-    mc_model,
-    mc_params,
-    normal_input,
-)
+from _util import mc_model, mc_params, normal_input
 
 import jdrop
 from jdrop import variants

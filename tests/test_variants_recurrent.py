@@ -10,14 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import (
-    bernoulli_mean_tolerance,
-    grad_of,
-    keep_mask,
-    normal_input,
-    positive_input,
-    realised_keep,
-)
+from _util import bernoulli_mean_tolerance, grad_of, keep_mask, normal_input, positive_input, realised_keep
 
 from jdrop import variants
 

@@ -10,13 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import (
-    bernoulli_mean_tolerance,
-    grad_of,
-    keep_mask,
-    positive_input,
-    realised_keep,
-)
+from _util import bernoulli_mean_tolerance, grad_of, keep_mask, positive_input, realised_keep
 
 import jdrop
 from jdrop import variants
