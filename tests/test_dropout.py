@@ -525,6 +525,8 @@ def test_key_array_is_rejected(key):
         ({"deterministic": jnp.asarray(True)}, TypeError, "`deterministic`"),
         ({"broadcast_dims": (2,)}, ValueError, "`broadcast_dims`"),
         ({"broadcast_dims": (0, -2)}, ValueError, "`broadcast_dims`"),
+        ({"broadcast_dims": (-3,)}, ValueError, "`broadcast_dims`"),
+        ({"broadcast_dims": (1, 1)}, ValueError, "`broadcast_dims`"),
     ],
     ids=str,
 )

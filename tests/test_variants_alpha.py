@@ -102,13 +102,7 @@ def test_alpha_dropout_rate_one_and_errors(key):
     fn = jax.jit(lambda k, v: variants.alpha_dropout(k, v, 1.0))
     np.testing.assert_array_equal(fn(key, x), jnp.zeros_like(x))  # as PyTorch: p = 1 gives zeros
     np.testing.assert_array_equal(grad_of(lambda v: fn(key, v), x), jnp.zeros_like(x))
-    with pytest.raises(ValueError, match="rate"):
-        variants.alpha_dropout(key, x, 1.01)
-    with pytest.raises(TypeError, match="floating"):
-        variants.alpha_dropout(key, jnp.ones(3, jnp.int32), 0.1)
     with pytest.raises(TypeError, match="deterministic"):
         variants.alpha_dropout(key, x, 0.1, deterministic=jnp.bool_(True))
-    with pytest.raises(ValueError, match="needs a PRNG `key`"):
-        variants.alpha_dropout(None, x, 0.1)
     with pytest.raises(ValueError, match="batch_axis"):
         variants.feature_alpha_dropout(key, x, 0.1, channel_axis=0)

@@ -99,5 +99,3 @@ def test_dropconnect_predict_gaussian_average(key):
         variants.dropconnect_moments(x, w.T, rate)
     with pytest.raises(ValueError, match="num_samples"):
         variants.dropconnect_predict(key, x, w, rate, activation=jnp.tanh, num_samples=0)
-    with pytest.raises(TypeError, match="w"):
-        variants.dropconnect(key, jnp.ones((2, 2), jnp.int32), rate)
