@@ -6,6 +6,7 @@ Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each
 next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,16 +34,21 @@ def alpha_reference(x, mask, rate):
     return a * jnp.where(mask, x, SATURATION) + b
 
 
-def test_alpha_dropout_formula_and_gradient(key):
-    rate, shape = 0.2, (40, 30)
-    x = normal_input(shape)
-    fn = jax.jit(lambda k, v: variants.alpha_dropout(k, v, rate))
-    mask = keep_mask(key, shape, rate)
-    np.testing.assert_allclose(fn(key, x), alpha_reference(x, mask, rate), rtol=1e-5, atol=1e-6)
-    grad = grad_of(lambda v: fn(key, v), x)
-    np.testing.assert_allclose(grad, grad_of(lambda v: alpha_reference(v, mask, rate), x), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(variants.alpha_dropout(None, x, rate, deterministic=True), x)
-    np.testing.assert_array_equal(variants.alpha_dropout(key, x, 0.0), x)
+class AlphaDropoutFormulaTest(chex.TestCase):
+    """The affine formula and its gradient, with and without jit (chex variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_alpha_dropout_formula_and_gradient(self):
+        key = jax.random.key(0)
+        rate, shape = 0.2, (40, 30)
+        x = normal_input(shape)
+        fn = self.variant(lambda k, v: variants.alpha_dropout(k, v, rate))
+        mask = keep_mask(key, shape, rate)
+        np.testing.assert_allclose(fn(key, x), alpha_reference(x, mask, rate), rtol=1e-5, atol=1e-6)
+        grad = grad_of(lambda v: fn(key, v), x)
+        np.testing.assert_allclose(grad, grad_of(lambda v: alpha_reference(v, mask, rate), x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(variants.alpha_dropout(None, x, rate, deterministic=True), x)
+        np.testing.assert_array_equal(variants.alpha_dropout(key, x, 0.0), x)
 
 
 def test_alpha_dropout_keeps_zero_mean_unit_variance(key):

@@ -8,6 +8,7 @@ next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,29 +26,35 @@ def concrete_reference(x, u, rate_logit, temperature, eps=1e-7):
     return x * (1 - jax.nn.sigmoid(logit / temperature)) / (1 - p)
 
 
-def test_concrete_dropout_formula_and_gradients(key):
-    x, logit, temperature = normal_input((30, 20)), jnp.float32(-1.0), 0.1
-    per_feature = jnp.linspace(-2.0, 2.0, 20)  # one learnable rate per feature
+class ConcreteDropoutFormulaTest(chex.TestCase):
+    """The relaxed mask and its gradients, with and without jit (chex variants)."""
 
-    @jax.jit
-    def run(x, logit):
-        u = masks.uniform_from_bits(masks.random_bits(key, x.shape))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_concrete_dropout_formula_and_gradients(self):
+        key = jax.random.key(0)
+        x, logit, temperature = normal_input((30, 20)), jnp.float32(-1.0), 0.1
+        per_feature = jnp.linspace(-2.0, 2.0, 20)  # one learnable rate per feature
 
         def ours(v, l):
             return variants.concrete_dropout(key, v, l, temperature=temperature)
 
-        def naive(v, l):
-            return concrete_reference(v, u, l, temperature)
+        @jax.jit  # the reference, jitted either way
+        def reference(x, logit):
+            u = masks.uniform_from_bits(masks.random_bits(key, x.shape))
 
-        outputs = [(ours(x, l), naive(x, l)) for l in (logit, per_feature)]
-        return outputs, grad_of(ours, x, logit, argnums=(0, 1)), grad_of(naive, x, logit, argnums=(0, 1))
+            def naive(v, l):
+                return concrete_reference(v, u, l, temperature)
 
-    outputs, grads, naive_grads = run(x, logit)
-    for got, expected in outputs:
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    for got, expected in zip(grads, naive_grads):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(variants.concrete_dropout(None, x, logit, deterministic=True), x)
+            return [naive(x, l) for l in (logit, per_feature)], grad_of(naive, x, logit, argnums=(0, 1))
+
+        outputs = self.variant(lambda x, logit: [ours(x, l) for l in (logit, per_feature)])(x, logit)
+        grads = grad_of(self.variant(ours), x, logit, argnums=(0, 1))
+        expected_outputs, naive_grads = reference(x, logit)
+        for got, expected in zip(outputs, expected_outputs):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        for got, expected in zip(grads, naive_grads):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(variants.concrete_dropout(None, x, logit, deterministic=True), x)
 
 
 def test_concrete_dropout_cold_limit_is_dropout(key):

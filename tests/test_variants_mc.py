@@ -3,6 +3,7 @@
 information, chunking, per-example keys, memory and errors.
 """
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -12,23 +13,31 @@ import jdrop
 from jdrop import variants
 
 
-def test_mc_predict_regression_matches_naive_and_chunking(key):
-    params, x, samples = mc_params(), normal_input((5, 4), seed=7), 30
+class McPredictRegressionTest(chex.TestCase):
+    """Regression mean and variance, whole and chunked, with and without jit (chex variants)."""
 
-    @jax.jit
-    def run(k):
-        naive = jax.vmap(lambda sample_key: mc_model(params, x, key=sample_key, train=True))(
-            jdrop.example_keys(k, samples)
-        )
-        whole = variants.mc_predict(mc_model, params, x, k, samples)
-        return naive, whole, variants.mc_predict(mc_model, params, x, k, samples, chunk_size=7)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mc_predict_regression_matches_naive_and_chunking(self):
+        key = jax.random.key(0)
+        params, x, samples = mc_params(), normal_input((5, 4), seed=7), 30
 
-    outputs, whole, chunked = run(key)
-    outputs = np.asarray(outputs, np.float64)
-    assert isinstance(whole, variants.RegressionPrediction)
-    for prediction in (whole, chunked):  # 30 = 4 chunks of 7 + 2: same samples, same statistics
-        np.testing.assert_allclose(prediction.mean, outputs.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(prediction.variance, outputs.var(0), rtol=1e-4, atol=1e-6)
+        @jax.jit  # the reference, jitted either way
+        def naive(k):
+            return jax.vmap(lambda sample_key: mc_model(params, x, key=sample_key, train=True))(
+                jdrop.example_keys(k, samples)
+            )
+
+        def run(k):
+            whole = variants.mc_predict(mc_model, params, x, k, samples)
+            return whole, variants.mc_predict(mc_model, params, x, k, samples, chunk_size=7)
+
+        whole, chunked = self.variant(run)(key)
+        outputs = naive(key)
+        outputs = np.asarray(outputs, np.float64)
+        assert isinstance(whole, variants.RegressionPrediction)
+        for prediction in (whole, chunked):  # 30 = 4 chunks of 7 + 2: same samples, same statistics
+            np.testing.assert_allclose(prediction.mean, outputs.mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(prediction.variance, outputs.var(0), rtol=1e-4, atol=1e-6)
 
 
 def test_mc_predict_classification_entropy_and_bald(key):
