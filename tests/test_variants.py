@@ -36,14 +36,14 @@ def all_variants(key, x, rate):
 def test_all_variants_preserve_dtype(key, dtype):
     x = positive_input((2, 6, 6, 4), dtype=dtype)
     # Tracing decides the dtypes: eval_shape checks them without compiling.
-    for name, y in jax.eval_shape(all_variants, key, x, jnp.float32(0.3)).items():
-        assert y.dtype == dtype and y.shape == x.shape, name
+    outputs = jax.eval_shape(all_variants, key, x, jnp.float32(0.3))
+    chex.assert_trees_all_equal_shapes_and_dtypes(outputs, dict.fromkeys(outputs, x))
 
 
 def test_float64_inputs_stay_float64(key, x64):
     x = positive_input((2, 6, 6, 4), dtype=jnp.float64)
-    for name, y in jax.eval_shape(all_variants, key, x, 0.3).items():
-        assert y.dtype == jnp.float64, name
+    outputs = jax.eval_shape(all_variants, key, x, 0.3)
+    chex.assert_trees_all_equal_dtypes(outputs, dict.fromkeys(outputs, x))
 
 
 def test_all_variants_compile_once_for_traced_rates(key):
