@@ -2,7 +2,8 @@
 test inputs and the naive references more than one file checks against.
 
 Statistical tolerances are 5 standard errors of the statistic: a two-sided false alarm about once in 1.7 million
-runs per check. Test files import this module as ``_util`` (pytest puts ``tests/`` on ``sys.path``).
+runs per check; each use derives the variance it passes in a comment next to it. Test files import this module
+as ``_util`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
 import math
@@ -64,7 +65,7 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
 
 @partial(jax.jit, static_argnums=(1, 2), static_argnames=("broadcast_dims",))
 def keep_mask(key, shape, rate, *, broadcast_dims=()):
-    """``jdrop.keep_mask``, jitted: eagerly, the unrolled threefry compiles op by op (seconds per shape)."""
+    """``jdrop.keep_mask`` as one jitted program (static shape, rate and dims), cheaper than eager dispatch."""
     return jdrop.keep_mask(key, shape, rate, broadcast_dims=broadcast_dims)
 
 
@@ -90,6 +91,19 @@ def signed_input(shape, dtype=jnp.float32, seed=0):
     size = math.prod(shape)
     values = np.random.default_rng(seed).uniform(0.5, 2.0, size) * np.where(np.arange(size) % 3, 1, -1)
     return jnp.asarray(values.reshape(shape), dtype)
+
+
+def assert_variant_matches_reference(variant, key, x, rate, reference, *, rtol, atol, transform=lambda f: f):
+    """``variant(key, x, rate)`` and its gradient against a naive ``reference(x)`` and its gradient; in eval mode
+    and at rate 0 the variant is the identity.
+
+    ``transform`` wraps the variant's training call (``self.variant`` of a ``chex.variants`` test: jit or not).
+    """
+    op = transform(lambda v: variant(key, v, rate))
+    np.testing.assert_allclose(op(x), reference(x), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(grad_of(op, x), grad_of(reference, x), rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(variant(None, x, rate, deterministic=True), x)
+    np.testing.assert_array_equal(variant(key, x, 0.0), x)
 
 
 def positive_input(shape, seed=1, dtype=jnp.float32):

@@ -3,8 +3,8 @@
 Every output and gradient is checked against a naive ``jnp.where`` implementation with the same mask (the mask
 itself is checked against ``jax.random.bernoulli`` in test_masks.py), and against flax, equinox and haiku.
 
-Compiling jdrop's unrolled threefry takes ~0.2 s per jitted function and ~1 s per new shape when run eagerly, so
-each test jits the variants it checks together, and eager runs use the shared shape ``SHAPE``.
+A jitted function compiles in ~0.2 s; run eagerly, jdrop compiles its small ops one by one for each new shape
+(~1 s), so each test jits the variants it checks together, and eager runs use the shared shape ``SHAPE``.
 """
 
 import itertools

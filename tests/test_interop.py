@@ -4,7 +4,7 @@ Each adapter is checked against its framework's own Dropout: same rng state, sam
 patterns), same outputs and gradients up to float rounding, and bit-identical to ``jdrop.dropout`` with the
 key the framework derives. Then a small MLP per framework is trained with the adapter.
 
-Eager jdrop is slow to dispatch (an unrolled threefry), so every computation here runs under ``jax.jit``.
+Eager jdrop compiles its small ops one by one for each new shape, so every computation here runs under ``jax.jit``.
 """
 
 import os

@@ -1,10 +1,9 @@
 """Tests for jdrop.variants.alpha (alpha_dropout, feature_alpha_dropout): Klambauer et al. 2017's affine formula
 (as ``torch.nn.functional.alpha_dropout`` computes it) for a given keep mask, the self-normalising statistics (zero
 mean, unit variance), PyTorch's semantics, low precision, rate 1 and errors.
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
+
+from functools import partial
 
 import chex
 import jax
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import (
+    assert_variant_matches_reference,
     bernoulli_mean_tolerance,
     grad_of,
     keep_mask,
@@ -42,13 +42,11 @@ class AlphaDropoutFormulaTest(chex.TestCase):
         key = jax.random.key(0)
         rate, shape = 0.2, (40, 30)
         x = normal_input(shape)
-        fn = self.variant(lambda k, v: variants.alpha_dropout(k, v, rate))
         mask = keep_mask(key, shape, rate)
-        np.testing.assert_allclose(fn(key, x), alpha_reference(x, mask, rate), rtol=1e-5, atol=1e-6)
-        grad = grad_of(lambda v: fn(key, v), x)
-        np.testing.assert_allclose(grad, grad_of(lambda v: alpha_reference(v, mask, rate), x), rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(variants.alpha_dropout(None, x, rate, deterministic=True), x)
-        np.testing.assert_array_equal(variants.alpha_dropout(key, x, 0.0), x)
+        reference = partial(alpha_reference, mask=mask, rate=rate)
+        assert_variant_matches_reference(
+            variants.alpha_dropout, key, x, rate, reference, rtol=1e-5, atol=1e-6, transform=self.variant
+        )
 
 
 def test_alpha_dropout_keeps_zero_mean_unit_variance(key):

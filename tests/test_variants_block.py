@@ -1,9 +1,6 @@
 """Tests for jdrop.variants.block (dropblock): Ghiasi et al. 2018's DropBlock against a naive numpy reference
 that loops over the dropped block centres (the TF reference's valid-centre clip), the exact expected kept fraction,
 edge cases and errors.
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
 import chex

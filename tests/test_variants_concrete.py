@@ -1,9 +1,6 @@
 """Tests for jdrop.variants.concrete (concrete_dropout, concrete_dropout_regulariser): Gal et al. 2017's relaxed
 dropout against the reference implementation's formula, its cold limit (ordinary dropout), the regulariser formula,
 learning the rate in the right direction, and errors.
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
 import math

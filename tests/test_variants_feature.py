@@ -1,9 +1,6 @@
 """Tests for jdrop.variants.feature (feature_dropout: Dropout1d/2d/3d, SpatialDropout): the output against
 ``where(keep_mask(key, shape, rate, broadcast_dims=spatial axes), x / keep, 0)``, the channel-drop statistics,
 PyTorch's ``dropout2d`` semantics, per-example keys under ``vmap``, eval mode and argument errors.
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
 import chex

@@ -1,9 +1,6 @@
 """Tests for jdrop.variants.gaussian (gaussian_dropout, gaussian_noise): Keras's ``GaussianDropout`` and
 ``GaussianNoise`` formulas with the normals of ``jax.random.normal(key, shape)``, their statistics, no per-element
 residual, and errors. Also checks the test helpers' normals and uniforms against ``jax.random``.
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
 import math
@@ -15,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import (
+    assert_variant_matches_reference,
     grad_of,
     keep_mask,
     mean_tolerance,
@@ -52,16 +50,12 @@ class GaussianDropoutFormulaTest(chex.TestCase):
         key = jax.random.key(0)
         rate, shape = 0.2, (50, 40)
         x = normal_input(shape)
-        fn = self.variant(lambda k, v: variants.gaussian_dropout(k, v, rate))
-        y = fn(key, x)
         z = standard_normal(key, shape)  # = jax.random.normal(key, shape), test_masks_float_helpers_match_jax_random
         stddev = math.sqrt(rate / (1 - rate))
-        np.testing.assert_allclose(y, x * (1 + stddev * z), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(
-            grad_of(lambda v: fn(key, v), x), grad_of(lambda v: v * (1 + stddev * z), x), rtol=1e-6, atol=1e-6
+        noise = 1 + stddev * z
+        assert_variant_matches_reference(
+            variants.gaussian_dropout, key, x, rate, lambda v: v * noise, rtol=1e-6, atol=1e-6, transform=self.variant
         )
-        np.testing.assert_array_equal(variants.gaussian_dropout(None, x, rate, deterministic=True), x)
-        np.testing.assert_array_equal(variants.gaussian_dropout(key, x, 0.0), x)
 
 
 def test_gaussian_dropout_statistics(key):

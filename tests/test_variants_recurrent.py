@@ -1,9 +1,6 @@
 """Tests for jdrop.variants.recurrent (locked_dropout, embedding_dropout, zoneout): each against its naive
 ``jnp.where`` formula with masks from ``jdrop.keep_mask`` (Gal & Ghahramani 2016's time-shared mask, Merity et al.
 2018's word-type dropout, Krueger et al. 2017's zoneout), gradients through ``lax.scan``, statistics and errors.
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
 import chex

@@ -1,9 +1,6 @@
 """Tests for jdrop.variants.stochastic_depth (drop_path, drop_path_rates): one keep draw per example against
 ``keep_mask(key, shape, rate, broadcast_dims=non-batch axes)``, timm's ``drop_path`` formula (scale_by_keep) and
 ``torch.linspace`` depth rule, statistics, rate 1 and argument errors.
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
 import chex

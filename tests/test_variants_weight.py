@@ -1,9 +1,6 @@
 """Tests for jdrop.variants.weight (dropconnect, dropconnect_moments, dropconnect_predict): Wan et al. 2013's
 DropConnect against a naive ``where(keep_mask, w / keep, 0)`` layer with per-example masks, the moment formulas against
 sampled masks, and the Gaussian-average prediction against the closed form of E[relu(u)].
-
-Statistical bounds are 5 standard errors of the statistic (tests/_util.py); each bound's derivation is in a comment
-next to it. Everything heavy runs under ``jit``: eager dispatch compiles each op per shape.
 """
 
 import math
