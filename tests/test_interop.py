@@ -4,7 +4,7 @@ Each adapter is checked against its framework's own Dropout: same rng state, sam
 patterns), same outputs and gradients up to float rounding, and bit-identical to ``jdrop.dropout`` with the
 key the framework derives. Then a small MLP per framework is trained with the adapter.
 
-Eager jdrop is slow to dispatch (an unrolled threefry), so every computation here runs under ``jax.jit``.
+Eager jdrop compiles its small ops one by one for each new shape, so every computation here runs under ``jax.jit``.
 """
 
 import os
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _util import signed_input
 from flax import nnx
 
 import jdrop
@@ -33,12 +34,6 @@ FRAMEWORKS = ["linen", "nnx", "equinox"]
 RESIDUALS = ["key", "bits", "mask"]
 SHAPE = (8, 16)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _x(shape=SHAPE, seed=0):
-    """Nonzero values of both signs, so a zero output always means a dropped element."""
-    values = np.random.default_rng(seed).uniform(0.5, 2.0, shape) * np.where(np.arange(shape[-1]) % 3, 1, -1)
-    return jnp.asarray(values, jnp.float32)
 
 
 def _assert_same_mask(y, y_ref):
@@ -88,7 +83,7 @@ CLASSES = {
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_layer_is_the_framework_mask_and_jdrop_dropout(framework, key):
     reference, adapter = CLASSES[framework]
-    x = _x()
+    x = signed_input(SHAPE)
     # (rate, broadcast_dims); equinox's Dropout has no broadcast_dims.
     cases = [(0.1, ()), (0.5, () if framework == "equinox" else (0,)), (0.9, ())]
 
@@ -122,7 +117,7 @@ def test_layer_is_the_framework_mask_and_jdrop_dropout(framework, key):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_residual_policy_sets_what_the_backward_pass_keeps(framework, key):
     _, adapter = CLASSES[framework]
-    x = _x()
+    x = signed_input(SHAPE)
     kept = {"key": ("uint32", (2,)), "bits": ("uint8", (x.size // 8,)), "mask": ("bool", x.shape)}
     for residual, expected in kept.items():
 
@@ -136,7 +131,7 @@ def test_residual_policy_sets_what_the_backward_pass_keeps(framework, key):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_eval_is_identity_and_needs_no_rng(framework):
     _, adapter = CLASSES[framework]
-    x = _x()
+    x = signed_input(SHAPE)
 
     @jax.jit
     def run(x):
@@ -171,7 +166,7 @@ def test_eval_is_identity_and_needs_no_rng(framework):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_rate_one_gives_zeros_and_zero_gradients(framework, key):
     _, adapter = CLASSES[framework]
-    x = _x()
+    x = signed_input(SHAPE)
 
     @jax.jit
     def grad(x):
@@ -186,7 +181,7 @@ def test_rate_one_gives_zeros_and_zero_gradients(framework, key):
 def test_rate_may_be_traced(framework, key):
     """A jdrop extension: a rate schedule needs one compilation (the frameworks' Dropout needs a static rate)."""
     _, adapter = CLASSES[framework]
-    x = _x()
+    x = signed_input(SHAPE)
     traces = []
 
     @jax.jit
@@ -202,7 +197,7 @@ def test_rate_may_be_traced(framework, key):
 
 def test_rng_streams_advance_as_the_frameworks_do(key):
     """Rate 0, rate 1 and eval calls draw no key, so later masks still match the framework's."""
-    x = _x()
+    x = signed_input(SHAPE)
 
     class Stack(nn.Module):
         cls: type
@@ -255,7 +250,7 @@ def test_unknown_option_is_rejected_at_construction(framework, field):
 
 
 def test_linen_errors_follow_flax():
-    x = _x()
+    x = signed_input(SHAPE)
     for cls_call in [
         lambda cls: cls(0.5).apply({}, x, deterministic=False),  # no 'dropout' rng
         lambda cls: cls(0.5).apply({}, x),  # deterministic neither in constructor nor call
@@ -265,7 +260,7 @@ def test_linen_errors_follow_flax():
 
 
 def test_nnx_errors_follow_flax(key):
-    x = _x()
+    x = signed_input(SHAPE)
     for cls_call in [
         lambda cls: cls(0.5)(x),  # no rngs
         lambda cls: cls(0.5, deterministic=None)(x, rngs=key),  # no deterministic
@@ -278,7 +273,7 @@ def test_nnx_errors_follow_flax(key):
 
 
 def test_equinox_errors_and_deprecations_follow_equinox():
-    x = _x()
+    x = signed_input(SHAPE)
     _raises_like(lambda: eqx.nn.Dropout(0.5)(x), lambda: jdrop_eqx.Dropout(0.5)(x))  # no key in training
     with pytest.warns(UserWarning, match="deprecated"):
         layer = jdrop_eqx.Dropout(0.5, deterministic=True)

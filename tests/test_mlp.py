@@ -15,19 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _util import assert_trees_close as _allclose_tree
+from _util import realised_keep as _keep
 
 import jdrop
-from jdrop import masks, mlp, train
+from jdrop import mlp, train
 
 SIZES = (5, 7, 6, 3)
 RATES = (0.2, 0.5, 0.25)  # input dropout + both hidden layers
 BATCH = 4
 KEY = jax.random.key(7)
-
-
-def _keep(rate):
-    """The realised keep probability of a rate: what jdrop scales by."""
-    return masks.realised_keep(masks.keep_threshold(1.0 - rate))
 
 
 def _act(name, z):
@@ -83,12 +80,6 @@ def _setup(activation, sizes=SIZES, batch=BATCH, dtype=jnp.float32):
     biases = tuple(jnp.asarray(0.1 * np.arange(o) - 0.2, dtype) for o in sizes[1:])
     x = jnp.asarray(rng.normal(size=(batch, sizes[0])), dtype)
     return mlp.MLPParams(weights, biases, activation), x
-
-
-def _allclose_tree(a, b, rtol=1e-5, atol=1e-6):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------------------------------------- init

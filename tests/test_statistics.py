@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import bernoulli_mean_tolerance, realised_keep
 
 import jdrop
 from jdrop import masks
@@ -11,16 +12,12 @@ from jdrop import masks
 N = 1 << 20  # elements per sample
 
 
-def _five_sigma_binomial(n, p):
-    return 5.0 * np.sqrt(n * p * (1.0 - p))
-
-
 @pytest.mark.parametrize("rate", [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
 def test_keep_fraction_over_rate_sweep(rate):
-    keep = float(masks.realised_keep(masks.keep_threshold(np.float32(1.0 - rate))))
+    keep = float(realised_keep(rate))
     kept = int(jnp.sum(jdrop.keep_mask(jax.random.key(11), (N,), rate)))
     # kept ~ Binomial(N, keep): |kept - N keep| <= 5 sqrt(N keep (1 - keep)).
-    assert abs(kept - N * keep) <= _five_sigma_binomial(N, keep)
+    assert abs(kept - N * keep) <= N * bernoulli_mean_tolerance(N, keep)
 
 
 def test_thresholds_are_uniform_chi_squared():
@@ -44,7 +41,7 @@ def _assert_independent(a, b, keep):
     both = int(np.sum(a & b))
     p = keep * keep
     # both ~ Binomial(n, keep^2) under independence; 5 sigma bound.
-    assert abs(both - n * p) <= _five_sigma_binomial(n, p), (both, n * p)
+    assert abs(both - n * p) <= n * bernoulli_mean_tolerance(n, p), (both, n * p)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _util import assert_trees_close
 
 import jdrop
 from jdrop import mlp
@@ -44,12 +45,6 @@ def _data(n, seed=1):
 def _copy(state):
     """A copy of a state's buffers (train_epoch and donate=True consume their input)."""
     return jax.tree_util.tree_map(jnp.copy, state)
-
-
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
 def _cross_entropy(logits, labels):
@@ -83,17 +78,17 @@ def test_train_state_create_and_apply_gradients():
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
     new = state.apply_gradients(grads)
     assert int(new.step) == 1
-    _assert_trees_close(new.params, jax.tree_util.tree_map(lambda p: p - LR * 0.5, params))
+    assert_trees_close(new.params, jax.tree_util.tree_map(lambda p: p - LR * 0.5, params))
     assert new.params.activation == "tanh" and new.apply_fn is apply_fn
     # The old state is untouched (functional update).
-    _assert_trees_close(state.params, params)
+    assert_trees_close(state.params, params)
 
     small = {"w": jnp.arange(6.0).reshape(2, 3)}
     adam = jdrop.TrainState.create(apply_fn=apply_fn, params=small, tx=optax.adam(1e-2))
-    _assert_trees_close(adam.opt_state, optax.adam(1e-2).init(small))
+    assert_trees_close(adam.opt_state, optax.adam(1e-2).init(small))
     stepped = adam.apply_gradients({"w": jnp.full((2, 3), -0.5)})
     # Adam's first step moves every parameter by -lr * sign(g) (up to eps).
-    _assert_trees_close(stepped.params, {"w": small["w"] + 1e-2}, rtol=1e-6)
+    assert_trees_close(stepped.params, {"w": small["w"] + 1e-2}, rtol=1e-6)
     assert int(stepped.step) == 1 and int(stepped.opt_state[0].count) == 1
 
 
@@ -177,7 +172,7 @@ def test_train_step_loss_metrics_and_update_equal_reference(run):
     assert float(metrics["accuracy"]) == pytest.approx(accuracy)
     # One SGD update with the gradient of that loss.
     assert int(state.step) == 1
-    _assert_trees_close(state.params, jax.tree_util.tree_map(lambda p, g: p - LR * g, state0.params, ref_grads))
+    assert_trees_close(state.params, jax.tree_util.tree_map(lambda p, g: p - LR * g, state0.params, ref_grads))
     # The next step starts from the updated parameters.
     (state2, _), _, _ = run["again"]
     assert int(state2.step) == 2
@@ -208,7 +203,7 @@ def test_microbatches_with_offsets_equal_the_whole_batch(run):
                                rtol=1e-6)
     p0 = run["state0"].params
     averaged = jax.tree_util.tree_map(lambda p, a, b: p + ((a - p) + (b - p)) / 2, p0, state_a.params, state_b.params)
-    _assert_trees_close(state.params, averaged)
+    assert_trees_close(state.params, averaged)
     # The offset matters: the first half trained at offset B/2 gets the second half's masks (other outputs).
     assert not np.allclose(run["half0_at_4"][1], out_a, atol=1e-4)
     ref_out, _, _ = _reference(p0, run["data"]["x"][: B // 2], run["data"]["y"][: B // 2], run["key"], B // 2)
@@ -221,7 +216,7 @@ def test_train_step_donate(run):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Dd]onat.*")  # backends that cannot donate say so
         new, new_metrics = jdrop.train_step(donated, run["data"], run["key"], donate=True)
-    _assert_trees_close(new.params, state.params, rtol=0, atol=0)
+    assert_trees_close(new.params, state.params, rtol=0, atol=0)
     np.testing.assert_array_equal(new_metrics["loss"], metrics["loss"])
     # The original state was not donated and is still usable.
     np.testing.assert_array_equal(run["state0"].params.weights[0], _params().weights[0])
@@ -262,7 +257,7 @@ def test_user_loss_fn_regression():
 
     value, grads = jax.value_and_grad(reference)(params)
     np.testing.assert_allclose(float(metrics["loss"]), float(value), rtol=1e-6)
-    _assert_trees_close(new.params, jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads))
+    assert_trees_close(new.params, jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads))
 
 
 # ------------------------------------------------------------------------------------- eval/evaluate
@@ -313,7 +308,7 @@ def test_train_epoch_equals_python_loop_of_train_step(run, epoch_data):
     by_hand, losses = _epoch_by_hand(state0, epoch_data, key, B)
     state, metrics = jdrop.train_epoch(_copy(state0), epoch_data, key, batch_size=B)
     assert int(state.step) == 2
-    _assert_trees_close(state.params, by_hand.params)
+    assert_trees_close(state.params, by_hand.params)
     assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
     assert set(metrics) == {"loss", "accuracy"}
     # The whole epoch is one lax.scan over the minibatches.
@@ -344,7 +339,7 @@ def test_fit_histories(run, epoch_data):
     for epoch in range(2):
         manual, metrics = jdrop.train_epoch(manual, epoch_data, jax.random.fold_in(key, epoch), batch_size=B)
         assert history["step_loss"][epoch] == pytest.approx(float(metrics["loss"]), rel=1e-6)
-    _assert_trees_close(state.params, manual.params)
+    assert_trees_close(state.params, manual.params)
     assert history["test_loss"][-1] == pytest.approx(jdrop.evaluate(state, test_data)["loss"], rel=1e-6)
     assert int(state.step) == 4
     # Without eval_data only the training curve is kept.
@@ -392,7 +387,7 @@ def test_max_norm_on_mlp_params_and_axis():
     projected = optax.apply_updates(big, updates)
     for w_new, w_big in zip(projected.weights, big.weights):
         np.testing.assert_allclose(w_new, _project(np.asarray(w_big), 2.0), rtol=1e-5, atol=1e-6)
-    _assert_trees_close(projected.biases, big.biases)
+    assert_trees_close(projected.biases, big.biases)
     # axis=1: outgoing rows instead of incoming columns.
     tx_rows = jdrop.max_norm(2.0, axis=1)
     updates, _ = tx_rows.update(zeros, tx_rows.init(big), big)
