@@ -1,4 +1,4 @@
-"""Tests for jdrop.variants.mc (mc_predict): Monte-Carlo dropout prediction (Gal & Ghahramani 2016) against a naive
+"""Tests for jdrop.train.mc_predict: Monte-Carlo dropout prediction (Gal & Ghahramani 2016) against a naive
 ``vmap`` over ``jdrop.example_keys``: regression mean and variance, classification entropy and BALD mutual
 information, chunking, per-example keys, memory and errors.
 """
@@ -10,7 +10,7 @@ import pytest
 from _util import mc_model, mc_params, normal_input
 
 import jdrop
-from jdrop import variants
+from jdrop import train
 
 
 class McPredictRegressionTest(chex.TestCase):
@@ -28,13 +28,13 @@ class McPredictRegressionTest(chex.TestCase):
             )
 
         def run(k):
-            whole = variants.mc_predict(mc_model, params, x, k, samples)
-            return whole, variants.mc_predict(mc_model, params, x, k, samples, chunk_size=7)
+            whole = train.mc_predict(mc_model, params, x, k, samples)
+            return whole, train.mc_predict(mc_model, params, x, k, samples, chunk_size=7)
 
         whole, chunked = self.variant(run)(key)
         outputs = naive(key)
         outputs = np.asarray(outputs, np.float64)
-        assert isinstance(whole, variants.RegressionPrediction)
+        assert isinstance(whole, train.RegressionPrediction)
         for prediction in (whole, chunked):  # 30 = 4 chunks of 7 + 2: same samples, same statistics
             np.testing.assert_allclose(prediction.mean, outputs.mean(0), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(prediction.variance, outputs.var(0), rtol=1e-4, atol=1e-6)
@@ -49,8 +49,8 @@ def test_mc_predict_classification_entropy_and_bald(key):
             jdrop.example_keys(k, samples)
         )
         # 24 samples = 4 chunks of 5 in the scan + a remainder of 4 (unchunked is tested for regression).
-        prediction = variants.mc_predict(mc_model, params, x, k, samples, task="classification", chunk_size=5)
-        certain = variants.mc_predict(mc_model, mc_params(0.0), x, k, 3, task="classification")
+        prediction = train.mc_predict(mc_model, params, x, k, samples, task="classification", chunk_size=5)
+        certain = train.mc_predict(mc_model, mc_params(0.0), x, k, 3, task="classification")
         return jax.nn.softmax(logits, -1), prediction, certain
 
     probs, prediction, certain = run(key)
@@ -74,27 +74,37 @@ def test_mc_predict_per_example_keys_and_errors(key):
 
     @jax.jit
     def run(k):
-        prediction = variants.mc_predict(mc_model, params, x, k, samples, batch_axis=0)
+        prediction = train.mc_predict(mc_model, params, x, k, samples, batch_axis=0)
         return prediction, jax.vmap(sample)(jdrop.example_keys(k, samples))
 
     prediction, outputs = run(key)
     np.testing.assert_allclose(prediction.mean, outputs.mean(0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="task"):
-        variants.mc_predict(mc_model, params, x, key, 4, task="ranking")
+        train.mc_predict(mc_model, params, x, key, 4, task="ranking")
     with pytest.raises(ValueError, match="num_samples"):
-        variants.mc_predict(mc_model, params, x, key, 0)
+        train.mc_predict(mc_model, params, x, key, 0)
     with pytest.raises(ValueError, match="chunk_size"):
-        variants.mc_predict(mc_model, params, x, key, 4, chunk_size=-1)
+        train.mc_predict(mc_model, params, x, key, 4, chunk_size=-1)
     with pytest.raises(TypeError, match="apply_fn"):
-        variants.mc_predict("model", params, x, key, 4)
+        train.mc_predict("model", params, x, key, 4)
 
 
 def test_mc_predict_chunks_bound_memory(key):
     params, x, samples = mc_params(), normal_input((256, 4), seed=7), 512
 
     def temp_bytes(chunk_size):
-        fn = jax.jit(lambda k: variants.mc_predict(mc_model, params, x, k, samples, chunk_size=chunk_size))
+        fn = jax.jit(lambda k: train.mc_predict(mc_model, params, x, k, samples, chunk_size=chunk_size))
         return fn.lower(key).compile().memory_analysis().temp_size_in_bytes
 
     # All samples at once hold samples x 256 x 16 hidden activations; chunks of 16 hold 1/32 of that.
     assert temp_bytes(16) * 8 < temp_bytes(None)
+
+
+def test_old_names_under_variants_still_resolve():
+    # mc_predict and rdrop_loss moved to the training layer; their names under jdrop.variants stay.
+    from jdrop import variants
+
+    for name in ("mc_predict", "rdrop_loss", "symmetric_kl", "RegressionPrediction", "ClassificationPrediction"):
+        assert getattr(variants, name) is getattr(train, name) is getattr(jdrop, name)
+    with pytest.raises(AttributeError):
+        variants.no_such_variant  # noqa: B018

@@ -1,4 +1,4 @@
-"""Tests for jdrop.variants.rdrop (symmetric_kl, rdrop_loss): R-Drop (Liang et al. 2021) against a naive
+"""Tests for jdrop.train.rdrop_loss and symmetric_kl: R-Drop (Liang et al. 2021) against a naive
 two-pass loss with the same example keys, its gradients, and the symmetric KL against numpy.
 """
 
@@ -10,19 +10,19 @@ import pytest
 from _util import mc_model, mc_params, normal_input
 
 import jdrop
-from jdrop import variants
+from jdrop import train
 
 
 def test_symmetric_kl_formula():
     a, b = normal_input((6, 5), seed=1), normal_input((6, 5), seed=2)
     p, q = np.asarray(jax.nn.softmax(a), np.float64), np.asarray(jax.nn.softmax(b), np.float64)
     naive = 0.5 * (np.sum(p * np.log(p / q), -1) + np.sum(q * np.log(q / p), -1))
-    kl = jax.jit(variants.symmetric_kl, static_argnames="axis")
+    kl = jax.jit(train.symmetric_kl, static_argnames="axis")
     np.testing.assert_allclose(kl(a, b), naive, rtol=1e-5)
     np.testing.assert_allclose(kl(a, a), 0.0, atol=1e-7)
     np.testing.assert_allclose(kl(a.T, b.T, axis=0), naive, rtol=1e-5)
     with pytest.raises(ValueError, match="same shape"):
-        variants.symmetric_kl(a, b[:2])
+        train.symmetric_kl(a, b[:2])
 
 
 class RDropLossTest(chex.TestCase):
@@ -52,10 +52,10 @@ class RDropLossTest(chex.TestCase):
             return jnp.mean(cross_entropy + alpha * kl)
 
         def loss(p):
-            return variants.rdrop_loss(model, p, x, labels, key, alpha=alpha)
+            return train.rdrop_loss(model, p, x, labels, key, alpha=alpha)
 
         def run(p):
-            without_dropout = variants.rdrop_loss(model, mc_params(0.0), x, labels, key, alpha=alpha)
+            without_dropout = train.rdrop_loss(model, mc_params(0.0), x, labels, key, alpha=alpha)
             logits = jnp.tanh(x @ p["w1"]) @ p["w2"]
             # Without dropout the two passes agree: R-Drop reduces to the cross-entropy.
             plain = jdrop.softmax_cross_entropy(logits, labels)
@@ -69,8 +69,8 @@ class RDropLossTest(chex.TestCase):
             np.testing.assert_allclose(grads[name], naive_grads[name], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(*deterministic, rtol=1e-5)
         with pytest.raises(TypeError, match="labels"):
-            variants.rdrop_loss(model, params, x, labels.astype(jnp.float32), key)
+            train.rdrop_loss(model, params, x, labels.astype(jnp.float32), key)
         with pytest.raises(ValueError, match="leading"):
-            variants.rdrop_loss(model, params, x, labels[:3], key)
+            train.rdrop_loss(model, params, x, labels[:3], key)
         with pytest.raises(ValueError, match="alpha"):
-            variants.rdrop_loss(model, params, x, labels, key, alpha=-1.0)
+            train.rdrop_loss(model, params, x, labels, key, alpha=-1.0)
