@@ -200,13 +200,19 @@ def _drop_examples(
 
 
 def _train_drop(res: MLPResiduals, residual: str = "key") -> Callable[[int, jax.Array], tuple[jax.Array, Any]]:
-    """Layer ``l``'s training dropout, one key per example: ``(a, per-example residuals)``."""
-    layer_keys = _layer_keys(res.key_data, res.impl, len(res.active)) if any(res.active) else None
+    """Layer ``l``'s training dropout, one key per example: ``(a, per-example residuals)``.
+
+    The layer keys are derived at the first layer that drops (one :func:`_layer_keys` for all layers), so a
+    backward pass whose layers all read their masks from the kept activations (ReLU) derives none.
+    """
+    layer_keys: list[jax.Array] = []
 
     def drop(layer: int, h: jax.Array) -> tuple[jax.Array, Any]:
-        if layer_keys is None or not res.active[layer]:
+        if not res.active[layer]:
             return h, None
-        return _drop_examples(layer_keys[layer], h, res.rates[layer], res.scale, res.impl, residual)
+        if not layer_keys:
+            layer_keys.append(_layer_keys(res.key_data, res.impl, len(res.active)))
+        return _drop_examples(layer_keys[0][layer], h, res.rates[layer], res.scale, res.impl, residual)
 
     return drop
 
