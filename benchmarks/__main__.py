@@ -7,6 +7,7 @@ Examples::
     PYTHONPATH=. python -m benchmarks --only ops --json out/ops.json
     PYTHONPATH=. python -m benchmarks --only memory --framework jdrop --framework none
     PYTHONPATH=. python -m benchmarks --only attention        # attention with dropout, ~15 minutes
+    PYTHONPATH=. python -m benchmarks --only transformer      # a transformer with flax's / jdrop's dropout
 
 The tables (Markdown) go to stdout, progress to stderr.
 """
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, memory, models, ops, step
+from benchmarks import attention, memory, models, ops, step, transformer
 from benchmarks._common import log, machine_description, run_worker
 
 SUITES = {
@@ -29,6 +30,7 @@ SUITES = {
     "memory": (memory, models.FRAMEWORKS),
     "step": (step, (step.ALL,)),
     "attention": (attention, attention.FRAMEWORKS),
+    "transformer": (transformer, transformer.FRAMEWORKS),
 }
 """Each suite: its module (``measure``, ``summarize``, ``table``, ``title``) and its worker frameworks."""
 
