@@ -270,10 +270,13 @@ def batch_specs(cfg: Config) -> tuple[Any, Any, Any]:
 # ------------------------------------------------------------------------------------- measurements
 
 
-def compile_step(model: Variant, cfg: Config, repeats: int) -> tuple[Any, dict[str, Any]]:
+def compile_step(
+    model: Variant, cfg: Config, repeats: int, compiler_options: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """The compiled step, its temporary memory and compile time (median of ``repeats``, each from cleared caches).
 
     Compiled from abstract shapes (nothing allocated); the returned executable is the one timed later.
+    ``compiler_options`` go to XLA (the smoke test skips LLVM's optimisations with them).
     """
     import jax
 
@@ -284,7 +287,7 @@ def compile_step(model: Variant, cfg: Config, repeats: int) -> tuple[Any, dict[s
     for _ in range(repeats):
         jax.clear_caches()
         start = time.perf_counter()
-        compiled = step.lower(params, opt_state, *batch_specs(cfg)).compile()
+        compiled = step.lower(params, opt_state, *batch_specs(cfg)).compile(compiler_options)
         totals.append(time.perf_counter() - start)
     result = {"temp_bytes": compiled.memory_analysis().temp_size_in_bytes, "compile_s": statistics.median(totals),
               "compile_s_runs": totals}

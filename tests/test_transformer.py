@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,36 +17,27 @@ pytest.importorskip("flax")
 
 from benchmarks import transformer  # noqa: E402
 
-CFG = dataclasses.replace(transformer.QUICK, length=24, batch=2, width=32, heads=2, depth=2, rate=0.3)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+"""XLA:CPU without its LLVM optimisations: the same numbers (to rounding) in a quarter of the compile time."""
+CFG = dataclasses.replace(transformer.QUICK, length=24, batch=2, width=16, heads=2, depth=1, rate=0.3)
 
 
-def _loss_and_grads(framework: str, kind: str, remat: bool):
+def _loss_and_grads(framework: str, kind: str, remat: bool, seeds=(3,)):
+    """``jit(value_and_grad(loss))`` of one variant at the same parameters and data, for each dropout seed."""
     model = transformer.variant(framework, kind, remat, CFG)
     params = model.init(jax.random.key(0))
     x = jax.random.randint(jax.random.key(1), (CFG.batch, CFG.length), 0, CFG.vocab)
     y = jax.random.randint(jax.random.key(2), (CFG.batch,), 0, CFG.classes)
-    return jax.jit(jax.value_and_grad(model.loss))(params, x, y, jax.random.key(3))
+    step = jax.jit(jax.value_and_grad(model.loss)).lower(params, x, y, jax.random.key(0)).compile(FAST_COMPILE)
+    return [step(params, x, y, jax.random.key(seed)) for seed in seeds]
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
 @pytest.mark.parametrize("framework", transformer.MODEL_FRAMEWORKS)
 def test_jdrop_swap_gives_flax_outputs_and_gradients(framework, remat):
-    flax_loss, flax_grads = _loss_and_grads(framework, transformer.FLAX, remat)
-    jdrop_loss, jdrop_grads = _loss_and_grads(framework, transformer.JDROP, remat)
-    plain_loss, _ = _loss_and_grads(framework, transformer.NONE, remat)
-    assert abs(float(flax_loss) - float(plain_loss)) > 1e-3, "dropout at 0.3 changes the loss"
+    [(flax_loss, flax_grads)] = _loss_and_grads(framework, transformer.FLAX, remat)
+    (jdrop_loss, jdrop_grads), (other_loss, _) = _loss_and_grads(framework, transformer.JDROP, remat, seeds=(3, 4))
+    assert abs(float(other_loss) - float(jdrop_loss)) > 1e-4, "dropout is on: another seed, another loss"
     np.testing.assert_allclose(jdrop_loss, flax_loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(jax.tree_util.tree_leaves(jdrop_grads), jax.tree_util.tree_leaves(flax_grads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_linen_logits_equal_flax_per_example():
-    tokens = jax.random.randint(jax.random.key(1), (CFG.batch, CFG.length), 0, CFG.vocab)
-    variables = transformer.linen_model(CFG).init(jax.random.key(0), tokens)
-    rngs = {"dropout": jax.random.key(5)}
-    want = transformer.linen_model(CFG).apply(variables, tokens, rngs=rngs)
-    got = transformer.linen_model(CFG, transformer.JDROP).apply(variables, tokens, rngs=rngs)
-    evaluated = transformer.linen_model(CFG, transformer.JDROP, train=False).apply(variables, tokens)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(evaluated, want), "train mode drops"
-    assert jnp.all(jnp.isfinite(evaluated))
