@@ -41,3 +41,23 @@ def test_jdrop_swap_gives_flax_outputs_and_gradients(framework, remat):
     np.testing.assert_allclose(jdrop_loss, flax_loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(jax.tree_util.tree_leaves(jdrop_grads), jax.tree_util.tree_leaves(flax_grads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_equinox_multihead_attention_gives_equinox_outputs_masks_and_gradients():
+    eqx = pytest.importorskip("equinox")
+    from jdrop.interop import equinox as jdrop_eqx
+
+    mha = eqx.nn.MultiheadAttention(4, 32, dropout_p=0.3, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (20, 32))
+    key = jax.random.key(2)
+    head_masks = jax.random.bernoulli(jax.random.key(3), 0.8, (4, 20, 20))
+    for mask in (None, head_masks, head_masks[0]):
+        np.testing.assert_allclose(jdrop_eqx.multihead_attention(mha, x, x, x, mask, key=key),
+                                   mha(x, x, x, mask, key=key), rtol=1e-5, atol=1e-6)
+    want = jax.grad(lambda q: mha(q, x, x, key=key).sum())(x)
+    got = jax.grad(lambda q: jdrop_eqx.multihead_attention(mha, q, x, x, key=key).sum())(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jdrop_eqx.multihead_attention(mha, x, x, x, inference=True),
+                               mha(x, x, x, inference=True), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="requires a key"):
+        jdrop_eqx.multihead_attention(mha, x, x, x)
