@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--framework",
         action="append",
-        choices=tuple(dict.fromkeys((*ops.FRAMEWORKS, *models.FRAMEWORKS))),
+        choices=tuple(dict.fromkeys((*ops.FRAMEWORKS, *models.FRAMEWORKS, *transformer.FRAMEWORKS))),
         help="run only this framework's workers (repeatable)",
     )
     parser.add_argument("--json", type=Path, help="write the machine description and all results here")
@@ -67,7 +67,8 @@ def run_suite(name: str, args: argparse.Namespace) -> dict[str, Any]:
         elif args.framework and framework not in args.framework:
             continue
         log(f"[{name}] {framework}")
-        result = run_worker(name, framework, worker_options, timeout_s=args.timeout)
+        timeout_s = max(args.timeout, getattr(module, "MIN_TIMEOUT_S", 0.0))
+        result = run_worker(name, framework, worker_options, timeout_s=timeout_s)
         if "error" in result:
             log(f"[{name}] {framework} failed: {result['error']}")
             errors.append(result)

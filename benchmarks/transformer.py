@@ -1,7 +1,7 @@
 """Transformer benchmark: a pre-LN transformer's training step with flax's dropout, jdrop's, and none.
 
-``python -m benchmarks --only transformer`` (or the worker itself, ``python -m benchmarks.transformer
---framework all``) builds one model, written once in ``flax.linen`` and once in ``flax.nnx``: tokens
+``python -m benchmarks --only transformer`` (or a worker, ``python -m benchmarks.transformer
+--framework flax.linen``, resp. ``flax.nnx``) builds one model, written once in each: tokens
 (vocabulary 256) embedded to width 256 plus a learned position embedding, 4 pre-LN blocks (4-head
 self-attention, a 4x GELU MLP), a final LayerNorm, mean pooling over the sequence and a 10-way
 classifier, batch 8, softmax cross-entropy, plain SGD with donated parameters. Dropout 0.1 sits where
@@ -23,7 +23,7 @@ numbers; only where the bits are computed and what the backward pass keeps diffe
 
 Memory is XLA's ``compiled.memory_analysis().temp_size_in_bytes`` of the step compiled from abstract
 shapes (deterministic; every T). Compile time (trace + lower + XLA) is the median of repeats from
-cleared caches. Step times are medians of steps run round-robin in this one process (step ``r`` of
+cleared caches. Step times are medians of steps run round-robin in one process per framework (step ``r`` of
 every variant before step ``r + 1`` of any, the order rotating), so a slow minute of a shared
 machine slows every variant alike; lengths whose slowest step exceeds ``TIME_LIMIT_S`` are skipped
 (and reported as skipped).
@@ -40,9 +40,11 @@ from typing import Any
 from benchmarks._common import MiB, log, markdown_table, worker_main
 from benchmarks.models import Variant, make_step
 
-FRAMEWORKS = ("all",)
-"""One worker measures every variant (round-robin timing needs them in one process)."""
 MODEL_FRAMEWORKS = ("flax.linen", "flax.nnx")
+FRAMEWORKS = MODEL_FRAMEWORKS
+"""One worker per framework, timing all of that framework's variants round-robin."""
+MIN_TIMEOUT_S = 3600.0
+"""A worker compiles 10 variants at 4 lengths and times them: about half an hour on a busy 2-core CPU."""
 NONE, NONE_FUSED = "no dropout", "no dropout, jdrop attention"
 FLAX, JDROP_DROPOUT, JDROP = "flax dropout", "jdrop Dropout", "jdrop"
 KINDS = (NONE, NONE_FUSED, FLAX, JDROP_DROPOUT, JDROP)
@@ -241,7 +243,9 @@ def variant_name(framework: str, kind: str, remat: bool) -> str:
     return f"{framework} {kind}{' + remat' if remat else ''}"
 
 
-def all_variants(cfg: Config, quick: bool = False) -> dict[str, tuple[dict[str, Any], Variant]]:
+def all_variants(
+    cfg: Config, quick: bool = False, frameworks: Sequence[str] = MODEL_FRAMEWORKS
+) -> dict[str, tuple[dict[str, Any], Variant]]:
     """Every (framework, remat, kind) variant by name, with its description (``quick``: no remat, 3 kinds)."""
     kinds = (NONE, FLAX, JDROP) if quick else KINDS
     return {
@@ -249,7 +253,7 @@ def all_variants(cfg: Config, quick: bool = False) -> dict[str, tuple[dict[str, 
             {"framework": framework, "dropout": kind, "remat": remat},
             variant(framework, kind, remat, cfg),
         )
-        for framework in MODEL_FRAMEWORKS
+        for framework in frameworks
         for remat in ((False,) if quick else (False, True))
         for kind in kinds
     }
@@ -349,14 +353,13 @@ def measure(framework: str, quick: bool) -> dict[str, Any]:
     import jax.numpy as jnp
     import optax
 
-    del framework  # one worker for all variants
     jax.jit(lambda v: v + 1).lower(jnp.zeros(())).compile()  # XLA's one-time set-up, outside the timings
     records: list[dict[str, Any]] = []
     base = QUICK if quick else Config()
     timing = True
     for length in LENGTHS[quick]:
         cfg = dataclasses.replace(base, length=length)
-        described = all_variants(cfg, quick)
+        described = all_variants(cfg, quick, (framework,))
         compiled = {}
         for name, (info, model) in described.items():
             compiled[name], result = compile_step(model, cfg, COMPILE_REPEATS[quick])
@@ -367,12 +370,9 @@ def measure(framework: str, quick: bool) -> dict[str, Any]:
             records.append({"kind": "skipped", "length": length,
                             "reason": f"a step at a shorter T took over {TIME_LIMIT_S:.0f} s"})
             continue
-        params = {fw: jax.jit(variant(fw, FLAX, False, cfg).init)(jax.random.key(0)) for fw in MODEL_FRAMEWORKS}
+        params = jax.jit(variant(framework, FLAX, False, cfg).init)(jax.random.key(0))
         opt_init = optax.sgd(cfg.learning_rate).init
-        runners = {
-            name: _Runner(step, opt_init, cfg, params[described[name][0]["framework"]])
-            for name, step in compiled.items()
-        }
+        runners = {name: _Runner(step, opt_init, cfg, params) for name, step in compiled.items()}
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
         timed = time_steps(runners, ROUNDS[quick])
         load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -382,7 +382,7 @@ def measure(framework: str, quick: bool) -> dict[str, Any]:
             log(f"  {name:44s} T={length:5d}: {result['median_ms']:8.1f} ms / step")
         del runners
         timing = max(r["warm_ms"] for r in timed.values()) <= TIME_LIMIT_S * 1e3
-    return {"framework": "all", "records": records}
+    return {"framework": framework, "records": records}
 
 
 # ------------------------------------------------------------------------------------- summary
@@ -450,7 +450,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Worker entry point: ``python -m benchmarks.transformer --framework all [--quick] [--out PATH]``."""
+    """Worker entry point: ``python -m benchmarks.transformer --framework flax.linen [--quick] [--out PATH]``."""
     worker_main(__doc__.splitlines()[0], FRAMEWORKS, measure, argv)
 
 
