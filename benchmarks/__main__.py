@@ -7,6 +7,7 @@ Examples::
     PYTHONPATH=. python -m benchmarks --only ops --json out/ops.json
     PYTHONPATH=. python -m benchmarks --only memory --framework jdrop --framework none
     PYTHONPATH=. python -m benchmarks --only attention        # attention with dropout, ~15 minutes
+    PYTHONPATH=. python -m benchmarks --only transformer      # a transformer with flax's / jdrop's dropout
 
 The tables (Markdown) go to stdout, progress to stderr.
 """
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, memory, models, ops, step
+from benchmarks import attention, memory, models, ops, step, transformer
 from benchmarks._common import log, machine_description, run_worker
 
 SUITES = {
@@ -29,6 +30,7 @@ SUITES = {
     "memory": (memory, models.FRAMEWORKS),
     "step": (step, (step.ALL,)),
     "attention": (attention, attention.FRAMEWORKS),
+    "transformer": (transformer, transformer.FRAMEWORKS),
 }
 """Each suite: its module (``measure``, ``summarize``, ``table``, ``title``) and its worker frameworks."""
 
@@ -41,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--framework",
         action="append",
-        choices=tuple(dict.fromkeys((*ops.FRAMEWORKS, *models.FRAMEWORKS))),
+        choices=tuple(dict.fromkeys((*ops.FRAMEWORKS, *models.FRAMEWORKS, *transformer.FRAMEWORKS))),
         help="run only this framework's workers (repeatable)",
     )
     parser.add_argument("--json", type=Path, help="write the machine description and all results here")
@@ -65,7 +67,8 @@ def run_suite(name: str, args: argparse.Namespace) -> dict[str, Any]:
         elif args.framework and framework not in args.framework:
             continue
         log(f"[{name}] {framework}")
-        result = run_worker(name, framework, worker_options, timeout_s=args.timeout)
+        timeout_s = max(args.timeout, getattr(module, "MIN_TIMEOUT_S", 0.0))
+        result = run_worker(name, framework, worker_options, timeout_s=timeout_s)
         if "error" in result:
             log(f"[{name}] {framework} failed: {result['error']}")
             errors.append(result)

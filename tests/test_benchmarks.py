@@ -45,3 +45,23 @@ def test_attention_suite_reports_memory_against_flax():
     rows = {row["name"]: row for row in attention.summarize(records)}
     assert rows[attention.FLAX]["temp_vs_flax"] == 1.0 and rows[attention.JDROP]["temp_mib"] > 0
     assert "longest T in 16 GiB" in attention.table(list(rows.values()))
+
+
+def test_transformer_suite_reports_memory_against_no_dropout():
+    import dataclasses
+
+    from benchmarks import transformer
+
+    cfg = dataclasses.replace(transformer.QUICK, length=8, width=16, depth=1)
+    records = []
+    for kind in (transformer.NONE, transformer.JDROP):
+        model = transformer.variant("flax.linen", kind, False, cfg)
+        fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+        _, result = transformer.compile_step(model, cfg, repeats=1, compiler_options=fast)
+        info = {"framework": "flax.linen", "dropout": kind, "remat": False}
+        records.append({"kind": "memory", "name": transformer.variant_name("flax.linen", kind, False),
+                        "length": cfg.length, **info, **result})
+    records.append({"kind": "skipped", "length": 16, "reason": "a test"})
+    rows = transformer.summarize(records)
+    assert rows[0]["temp_vs_no_dropout"] == 1.0 and rows[1]["temp_mib"] > 0
+    assert "T=16 not timed" in transformer.table(rows)

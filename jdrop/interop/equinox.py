@@ -1,4 +1,12 @@
-"""``equinox`` Dropout around :func:`jdrop.dropout`: a drop-in replacement for ``equinox.nn.Dropout``."""
+"""``equinox`` Dropout around :func:`jdrop.dropout`: a drop-in replacement for ``equinox.nn.Dropout``.
+
+For attention, :func:`multihead_attention` runs an ``equinox.nn.MultiheadAttention`` through
+:func:`jdrop.dot_product_attention`: equinox's masks for the same key, in O(T) memory. equinox's module
+has no ``attention_fn`` argument, so the function takes the module (its projections and dropout rate)::
+
+    out = mha(q, k, v, key=key)                                             # equinox: (H, T, T) stored
+    out = jdrop.interop.equinox.multihead_attention(mha, q, k, v, key=key)  # same output, blockwise
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,10 @@ import jax
 from jaxtyping import Array, PRNGKeyArray
 
 from jdrop._dropout import Residual, Scale, dropout
+from jdrop.attention import dot_product_attention
 from jdrop.interop import _check_fields
 
-__all__ = ["Dropout"]
+__all__ = ["Dropout", "multihead_attention"]
 
 
 class Dropout(eqx.Module):
@@ -115,3 +124,72 @@ class Dropout(eqx.Module):
             if key is None:
                 raise RuntimeError("Dropout requires a key when running in non-deterministic mode.")
             return dropout(key, x, self.p, scale=self.scale, residual=self.residual)
+
+
+def multihead_attention(
+    attention: eqx.nn.MultiheadAttention,
+    query: Array,
+    key_: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    inference: bool | None = None,
+) -> Array:
+    """``attention(query, key_, value, mask, key=key, inference=inference)`` by :func:`jdrop.dot_product_attention`.
+
+    The same computation as calling the ``equinox.nn.MultiheadAttention`` module (its projections,
+    ``1/sqrt(D)`` scaling, masking and ``attention.dropout``), the same dropout masks for the same
+    ``key`` (head ``h`` drops with ``jax.random.bernoulli(split(key, H)[h], 1 - p, (Tq, Tk))``, as
+    equinox draws it), so the same output and gradients to float rounding. With ``P`` the softmax
+    probabilities of a head and ``m`` its mask::
+
+        train      out_h = (m * P / keep) @ V_h           inference  out_h = P @ V_h
+
+    but computed blockwise (Rabe & Staats 2021; Dao et al. 2022): no ``(H, Tq, Tk)`` array is stored
+    or built, and the backward pass regenerates the masks from the key.
+
+    Args:
+      attention: the equinox module (``process_heads`` and ``MultiheadAttention`` subclasses that
+        change ``__call__`` are not supported).
+      query: ``(Tq, query_size)``; call under ``jax.vmap`` for a batch, as with the module.
+      key_: ``(Tk, key_size)``.
+      value: ``(Tk, value_size)``.
+      mask: bool ``(Tq, Tk)`` or ``(num_heads, Tq, Tk)``; False entries are masked out.
+      key: PRNG key of the dropout masks (needed when dropout is on).
+      inference: overrides ``attention.dropout.inference`` when not None.
+
+    Returns:
+      ``(Tq, output_size)``, as the module returns.
+
+    Example::
+
+      >>> mha = eqx.nn.MultiheadAttention(4, 64, dropout_p=0.1, key=jax.random.key(0))
+      >>> x = jnp.ones((128, 64))
+      >>> out = jdrop_eqx.multihead_attention(mha, x, x, x, key=jax.random.key(1))
+    """
+    rate = attention.dropout.p
+    inference = attention.dropout.inference if inference is None else inference
+    deterministic = bool(inference) or (isinstance(rate, (int, float)) and rate == 0)
+    if not deterministic and key is None:
+        raise RuntimeError("multihead_attention requires a key when dropout is on (as equinox's Dropout does).")
+
+    def project(linear: eqx.nn.Linear, x: Array) -> Array:
+        return jax.vmap(linear)(x).reshape(x.shape[0], attention.num_heads, -1)
+
+    query_heads = project(attention.query_proj, query)
+    key_heads = project(attention.key_proj, key_)
+    value_heads = project(attention.value_proj, value)
+    keys = None if deterministic or key is None else jax.random.split(key, attention.num_heads)
+
+    def one_head(q: Array, k: Array, v: Array, head_mask: Array | None, head_key: Array | None) -> Array:
+        # (T, 1, D) per head with a broadcast (Tq, Tk) mask drawn from the head's key: equinox's mask.
+        return dot_product_attention(
+            q[:, None], k[:, None], v[:, None], mask=head_mask, dropout_rng=head_key, dropout_rate=rate,
+            deterministic=deterministic,
+        )[:, 0]
+
+    per_head_mask = mask is not None and mask.ndim == 3
+    out = jax.vmap(one_head, in_axes=(1, 1, 1, 0 if per_head_mask else None, None if keys is None else 0),
+                   out_axes=1)(query_heads, key_heads, value_heads, mask, keys)
+    return jax.vmap(attention.output_proj)(out.reshape(query.shape[0], -1))

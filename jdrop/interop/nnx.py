@@ -2,6 +2,17 @@
 
 For attention, pass ``attention_fn=jdrop.dot_product_attention`` to ``flax.nnx.MultiHeadAttention``: the
 same dropout mask for the same rngs, in O(T) memory (see :func:`jdrop.dot_product_attention`).
+
+A flax.nnx transformer gets jdrop's dropout everywhere with two changes, same parameters, same rngs, same
+outputs and gradients (to float rounding)::
+
+    self.dropout = jdrop.interop.nnx.Dropout(0.1, rngs=rngs)       # was nnx.Dropout: residual and MLP dropout
+    self.attention = nnx.MultiHeadAttention(heads, width, dropout_rate=0.1, decode=False, rngs=rngs,
+                                            attention_fn=jdrop.dot_product_attention)
+
+nnx's attention draws ``dropout_rng`` from its ``rngs`` stream (the call's ``rngs``, else the module's) and
+passes it to ``attention_fn``, which draws flax's mask tile by tile. Both work under ``nnx.remat``; see
+BENCHMARKS.md, "Transformer benchmark", for the memory and time.
 """
 
 from __future__ import annotations
