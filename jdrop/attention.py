@@ -4,6 +4,11 @@ The forward pass visits the ``(Tq, Tk)`` logits one ``(block_q, block_k)`` tile 
 online softmax (Rabe & Staats 2021; Dao et al. 2022); the backward pass recomputes each tile's
 probabilities from the per-row logsumexp and regenerates its dropout mask from the key by global
 index (:func:`jdrop.masks.bits_at`), so no array of ``Tq x Tk`` elements is ever stored or built.
+
+References: A. Vaswani et al., Attention is all you need, NeurIPS 2017; M. Rabe, C. Staats,
+Self-attention does not need O(n^2) memory, arXiv:2112.05682, 2021; T. Dao, D. Fu, S. Ermon, A. Rudra,
+C. Ré, FlashAttention: fast and memory-efficient exact attention with IO-awareness, NeurIPS 2022;
+T. Dao, FlashAttention-2, arXiv:2307.08691, 2023.
 """
 
 from __future__ import annotations
@@ -361,10 +366,10 @@ def dot_product_attention(
     tile at a time with an online softmax (Rabe & Staats 2021; Dao et al. 2022, FlashAttention),
     each tile drawing its part of the mask by global element index (:func:`jdrop.masks.bits_at`);
     the backward pass (a ``jax.custom_vjp`` whose residuals are q, k, v, the output, the per-row
-    logsumexp and the key) recomputes each tile's probabilities and mask. No ``Tq x Tk`` array is
-    stored or built, so a training step's temporary memory grows linearly in the length, and
-    results do not depend on the tile sizes (up to float rounding). It is plain JAX (``lax`` loops),
-    so XLA compiles it for CPU, GPU and TPU.
+    logsumexp, kept as its max and log-sum, and the key) recomputes each tile's probabilities and
+    mask. No ``Tq x Tk`` array is stored or built, so a training step's temporary memory grows
+    linearly in the length, and results do not depend on the tile sizes (up to float rounding). It
+    is plain JAX (``lax`` loops), so XLA compiles it for CPU, GPU and TPU.
 
     Grouped-query and multi-query attention: ``key`` and ``value`` may have fewer heads than
     ``query`` (a divisor of its heads); query head ``h`` attends with key/value head
