@@ -223,3 +223,24 @@ def format_number(value: Any) -> str:
             return f"{value:.2f}"
         return f"{value:.3f}"
     return str(value)
+
+
+class StepRunner:
+    """A compiled training step ``(params, opt_state, x, y, key) -> (params, opt_state, loss)`` and its state.
+
+    Each call runs one step to completion, threading the parameters and optimiser state from step to step,
+    and returns its wall time in seconds.
+    """
+
+    def __init__(self, step: Any, params: Any, opt_state: Any, x: Any, y: Any, key: Any) -> None:
+        self.step = step
+        self.state = [params, opt_state]
+        self.x, self.y, self.key = x, y, key
+
+    def __call__(self) -> float:
+        import jax
+
+        start = time.perf_counter()
+        self.state[0], self.state[1], loss = self.step(self.state[0], self.state[1], self.x, self.y, self.key)
+        jax.block_until_ready(loss)
+        return time.perf_counter() - start

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import log, markdown_table
+from benchmarks._common import StepRunner, log, markdown_table
 from benchmarks.models import BASELINE, FRAMEWORKS, Config, make_step, variants
 
 FULL = Config(batch=512, width=4096, depth=4)
@@ -35,35 +34,23 @@ ALL = "interleaved"
 """The framework name under which ``python -m benchmarks`` runs every framework in one worker."""
 
 
-class _Runner:
-    """One variant's compiled step and its state (parameters threaded from step to step)."""
+def _runner(variant: Any, cfg: Config) -> StepRunner:
+    """One variant's jitted step with fresh parameters and a fixed batch."""
+    import jax
+    import jax.numpy as jnp
 
-    def __init__(self, variant: Any, cfg: Config) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        self.step, opt_init = make_step(variant.loss, cfg)
-        params = jax.jit(variant.init)(jax.random.key(0))
-        self.state = [params, opt_init(params)]
-        self.x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.width), jnp.float32)
-        self.y = jax.random.randint(jax.random.key(2), (cfg.batch,), 0, cfg.classes)
-        self.key = jax.random.key(3)
-
-    def __call__(self) -> float:
-        """Runs one step to completion; its wall time in seconds."""
-        import jax
-
-        start = time.perf_counter()
-        self.state[0], self.state[1], loss = self.step(self.state[0], self.state[1], self.x, self.y, self.key)
-        jax.block_until_ready(loss)
-        return time.perf_counter() - start
+    step, opt_init = make_step(variant.loss, cfg)
+    params = jax.jit(variant.init)(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.width), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (cfg.batch,), 0, cfg.classes)
+    return StepRunner(step, params, opt_init(params), x, y, jax.random.key(3))
 
 
 def measure(frameworks: Sequence[str], quick: bool) -> dict[str, Any]:
     """Steps per second of every variant of ``frameworks``, timed round-robin: the worker's result."""
     cfg = QUICK if quick else FULL
     records: dict[str, dict[str, Any]] = {}
-    runners: dict[str, _Runner] = {}
+    runners: dict[str, StepRunner] = {}
     for framework in frameworks:
         for name, variant in variants(framework, cfg, POLICIES).items():
             base = {"framework": framework, "name": name, "batch": cfg.batch, "width": cfg.width, "depth": cfg.depth}
@@ -71,7 +58,7 @@ def measure(frameworks: Sequence[str], quick: bool) -> dict[str, Any]:
                 records[name] = {**base, "note": variant}
                 log(f"  {name:24s}: {variant}")
                 continue
-            runners[name] = _Runner(variant, cfg)
+            runners[name] = _runner(variant, cfg)
             first = runners[name]()  # tracing + compilation + the first step
             runners[name]()  # warm-up
             records[name] = {**base, "first_call_ms": first * 1e3}

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks._common import MiB, log, markdown_table, worker_main
+from benchmarks._common import MiB, StepRunner, log, markdown_table, worker_main
 from benchmarks.models import Variant, make_step
 
 MODEL_FRAMEWORKS = ("flax.linen", "flax.nnx")
@@ -300,29 +300,17 @@ def compile_step(
     return compiled, result
 
 
-class _Runner:
-    """One variant's compiled step and its state (parameters threaded from step to step)."""
+def runner(compiled: Any, opt_init: Any, cfg: Config, params: Any) -> StepRunner:
+    """A compiled step with its own copy of ``params`` and a fixed batch of token ids."""
+    import jax
 
-    def __init__(self, compiled: Any, opt_init: Any, cfg: Config, params: Any) -> None:
-        import jax
-
-        self.step = compiled
-        params = jax.tree_util.tree_map(lambda a: a.copy(), params)
-        self.state = [params, opt_init(params)]
-        self.x = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.length), 0, cfg.vocab)
-        self.y = jax.random.randint(jax.random.key(2), (cfg.batch,), 0, cfg.classes)
-        self.key = jax.random.key(3)
-
-    def __call__(self) -> float:
-        import jax
-
-        start = time.perf_counter()
-        self.state[0], self.state[1], loss = self.step(self.state[0], self.state[1], self.x, self.y, self.key)
-        jax.block_until_ready(loss)
-        return time.perf_counter() - start
+    params = jax.tree_util.tree_map(lambda a: a.copy(), params)
+    x = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.length), 0, cfg.vocab)
+    y = jax.random.randint(jax.random.key(2), (cfg.batch,), 0, cfg.classes)
+    return StepRunner(compiled, params, opt_init(params), x, y, jax.random.key(3))
 
 
-def time_steps(runners: dict[str, _Runner], rounds: int) -> dict[str, dict[str, float]]:
+def time_steps(runners: dict[str, StepRunner], rounds: int) -> dict[str, dict[str, float]]:
     """Median step time of each runner, round-robin after one warm-up step each."""
     warm = {name: run() for name, run in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -375,7 +363,7 @@ def measure(framework: str, quick: bool) -> dict[str, Any]:
             continue
         params = jax.jit(variant(framework, FLAX, False, cfg).init)(jax.random.key(0))
         opt_init = optax.sgd(cfg.learning_rate).init
-        runners = {name: _Runner(step, opt_init, cfg, params) for name, step in compiled.items()}
+        runners = {name: runner(step, opt_init, cfg, params) for name, step in compiled.items()}
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
         timed = time_steps(runners, ROUNDS[quick])
         load_after = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from benchmarks.transformer import FLAX, JDROP, NONE, Config, _Runner, compile_step, time_steps, variant
+from benchmarks.transformer import FLAX, JDROP, NONE, Config, compile_step, runner, time_steps, variant
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for remat in (False, True):
         for kind in (NONE, FLAX, JDROP):
             compiled, _ = compile_step(variant(args.framework, kind, remat, cfg), cfg, 1)
-            runners[(kind, remat)] = _Runner(compiled, optax.sgd(cfg.learning_rate).init, cfg, params)
+            runners[(kind, remat)] = runner(compiled, optax.sgd(cfg.learning_rate).init, cfg, params)
     load = os.getloadavg()
     timed = time_steps({f"{kind}{' + remat' if remat else ''}": run for (kind, remat), run in runners.items()},
                        args.rounds)
