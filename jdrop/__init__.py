@@ -4,8 +4,8 @@ The package face re-exports the public names; the code lives in one module per c
 ``jdrop.masks`` (keys to masks), ``jdrop.dropout`` and friends (the custom_vjp core),
 ``jdrop.dot_product_attention`` (fused blockwise attention with dropout), ``jdrop.mlp``
 (the seed's network), ``jdrop.train`` (the per-example convention, the training loop, losses, MC prediction),
-``jdrop.variants`` (every other dropout, on the same core), ``jdrop.distributed``, ``jdrop.checkpoint`` and ``jdrop.interop`` (flax and equinox modules,
-imported on demand).
+``jdrop.variants`` (every other dropout, on the same core), ``jdrop.distributed``, ``jdrop.checkpoint`` and
+``jdrop.interop`` (flax and equinox modules, imported on demand).
 """
 
 from jdrop import attention as attention
