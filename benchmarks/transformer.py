@@ -311,7 +311,7 @@ def runner(compiled: Any, opt_init: Any, cfg: Config, params: Any) -> StepRunner
 
 
 def time_steps(runners: dict[str, StepRunner], rounds: int) -> dict[str, dict[str, float]]:
-    """Median step time of each runner, round-robin after one warm-up step each."""
+    """Median step time of each runner, round-robin after one warm-up step each (and every round's time)."""
     warm = {name: run() for name, run in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
@@ -326,6 +326,7 @@ def time_steps(runners: dict[str, StepRunner], rounds: int) -> dict[str, dict[st
             "max_ms": max(ts) * 1e3,
             "runs": len(ts),
             "warm_ms": warm[name] * 1e3,
+            "times_ms": [t * 1e3 for t in ts],
         }
         for name, ts in times.items()
     }
@@ -377,6 +378,15 @@ def measure(framework: str, quick: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- summary
+
+
+def paired_speedup(timed: dict[str, dict[str, Any]], reference: str, name: str) -> float:
+    """Median over rounds of ``reference``'s time / ``name``'s time in the same round.
+
+    Both ran back to back in each round, so a slow spell of a shared machine slows both: the ratio
+    of each round is steadier than the ratio of the two medians.
+    """
+    return statistics.median(r / t for r, t in zip(timed[reference]["times_ms"], timed[name]["times_ms"]))
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
