@@ -65,3 +65,21 @@ def test_transformer_suite_reports_memory_against_no_dropout():
     rows = transformer.summarize(records)
     assert rows[0]["temp_vs_no_dropout"] == 1.0 and rows[1]["temp_mib"] > 0
     assert "T=16 not timed" in transformer.table(rows)
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    from benchmarks.transformer import paired_speedup
+
+    timed = {"ref": {"times_ms": [10.0, 20.0, 30.0]}, "new": {"times_ms": [5.0, 20.0, 10.0]}}
+    assert paired_speedup(timed, "ref", "new") == 2.0  # ratios 2, 1, 3
+    assert paired_speedup(timed, "ref", "ref") == 1.0
+
+
+def test_attention_tile_sweep_runs_every_tile(capsys):
+    from benchmarks import attention_tiles
+
+    attention_tiles.main(["--length", "24", "--rounds", "1", "--tiles", "8x8", "16x8", "32x32"])
+    out = capsys.readouterr().out
+    for row in ("flax.linen, no dropout", "flax.linen, dropout", "jdrop 8x8", "jdrop 16x8"):
+        assert f"| {row} |" in out
+    assert "jdrop 32x32" not in out  # tiles longer than T are skipped
