@@ -3,8 +3,9 @@
 ``python -m benchmarks.transformer_speed [--length 512] [--rounds 9] [--framework flax.linen]``: compiles the
 no-dropout, flax-dropout and jdrop-swapped steps of :mod:`benchmarks.transformer` (with and without remat), then
 times them in turn, each round starting at the next variant, and prints medians, minima and the speed-up of jdrop
-over flax's dropout (ratio of medians, of minima, and the median of each round's ratio). The full suite (``python -m benchmarks --only transformer``) times every length and variant;
-this is the short run for the issue's T=512 target on a machine that is not always idle.
+over flax's dropout (ratio of medians, of minima, and the median of each round's ratio). The full suite
+(``python -m benchmarks --only transformer``) times every length and variant; this is the short run for the
+issue's T=512 target on a machine that is not always idle.
 """
 
 from __future__ import annotations
