@@ -258,9 +258,9 @@ def _backward(cfg: _Config, residuals, d_out):
             dp = _dot(do_i.reshape(batch, kv_heads, group * bq, -1), v_j, (3, 3), 2, cfg)
             dp = dp.reshape(p.shape)
             # dS = P * (dP~ * factors - delta) = P~ * dP~ - P * delta with P~ = P * factors: the factors are
-            # used once. P~ = exp(S - L + log(factors)) ends in an exp, an op XLA will not duplicate, so the
-            # dV product and dS share one P~ and the tile's mask is drawn once.
-            # Broadcast dropout's factors are stored (drawn once per column of tiles): a multiply reads them.
+            # used once. Broadcast dropout's factors are stored (drawn once per column of tiles): a multiply
+            # reads them. Per-element factors are drawn here: P~ = exp(S - L + log(factors)) ends in an exp, an
+            # op XLA will not duplicate, so the dV product and dS share one P~ and the tile's mask is drawn once.
             if shared is not None:
                 p_dropped = p * lax.dynamic_slice_in_dim(shared, i * bq, bq, axis=0)
             elif drop is not None:
