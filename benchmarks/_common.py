@@ -225,6 +225,21 @@ def format_number(value: Any) -> str:
     return str(value)
 
 
+def round_robin(runners: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each runner's times (seconds) over ``rounds`` rounds; round ``r`` starts at the ``r``-th runner.
+
+    Step ``r`` of every runner runs before step ``r + 1`` of any, so a slow minute of a shared machine
+    slows every runner alike, and no runner always follows the same one.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for round_ in range(rounds):
+        shift = round_ % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(runners[name]())
+    return times
+
+
 class StepRunner:
     """A compiled training step ``(params, opt_state, x, y, key) -> (params, opt_state, loss)`` and its state.
 

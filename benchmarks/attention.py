@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks._common import MiB, log, markdown_table, worker_main
+from benchmarks._common import MiB, log, markdown_table, round_robin, worker_main
 
 BATCH, HEADS, DEPTH, RATE = 4, 8, 64, 0.1
 FRAMEWORKS = ("all",)
@@ -178,13 +178,7 @@ def measure(framework: str, quick: bool) -> dict[str, Any]:
         if torch_step is not None:
             runners[TORCH] = torch_step
         first = {name: run() for name, run in runners.items()}  # compilation + the first step
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        names = list(runners)
-        rounds = 2 if quick else ROUNDS[length]
-        for round_ in range(rounds):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(runners[name]())
+        times = round_robin(runners, 2 if quick else ROUNDS[length])
         for name, ts in times.items():
             records.append(
                 {

@@ -14,6 +14,8 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from benchmarks._common import round_robin
+
 BATCH, HEADS, DEPTH, RATE = 8, 4, 64, 0.1
 TILES = ("128x128", "256x128", "256x256", "128x256", "512x128", "512x512")
 
@@ -52,17 +54,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if block_q <= args.length and block_k <= args.length:
             steps[f"jdrop {tile}"] = step(lambda q, k, v, bq=block_q, bk=block_k: jdrop.dot_product_attention(
                 q, k, v, dropout_rng=rng, dropout_rate=RATE, broadcast_dropout=broadcast, block_q=bq, block_k=bk))
-    for fn in steps.values():
-        jax.block_until_ready(fn(q, k, v))
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    load = os.getloadavg()[0]
-    for round_ in range(args.rounds):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+    def timed(fn):
+        def run() -> float:
             start = time.perf_counter()
-            jax.block_until_ready(steps[name](q, k, v))
-            times[name].append(time.perf_counter() - start)
+            jax.block_until_ready(fn(q, k, v))
+            return time.perf_counter() - start
+
+        return run
+
+    runners = {name: timed(fn) for name, fn in steps.items()}
+    for run in runners.values():
+        run()  # compilation
+    load = os.getloadavg()[0]
+    times = round_robin(runners, args.rounds)
     print(f"T={args.length}, B={BATCH}, H={HEADS}, D={DEPTH}, {'per-element' if args.per_element else 'broadcast'} "
           f"mask, {args.rounds} rounds, load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
     print("| step | median ms | min ms |")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import StepRunner, log, markdown_table
+from benchmarks._common import StepRunner, log, markdown_table, round_robin
 from benchmarks.models import BASELINE, FRAMEWORKS, Config, make_step, variants
 
 FULL = Config(batch=512, width=4096, depth=4)
@@ -63,12 +63,7 @@ def measure(frameworks: Sequence[str], quick: bool) -> dict[str, Any]:
             runners[name]()  # warm-up
             records[name] = {**base, "first_call_ms": first * 1e3}
             log(f"  {name:24s}: first call {first:.1f} s")
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for round_ in range(RUNS[quick]):
-        shift = round_ % max(len(names), 1)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(runners[name]())
+    times = round_robin(runners, RUNS[quick])
     for name, ts in times.items():
         quartiles = statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3
         records[name].update(

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks._common import MiB, StepRunner, log, markdown_table, worker_main
+from benchmarks._common import MiB, StepRunner, log, markdown_table, round_robin, worker_main
 from benchmarks.models import Variant, make_step
 
 MODEL_FRAMEWORKS = ("flax.linen", "flax.nnx")
@@ -310,15 +310,10 @@ def runner(compiled: Any, opt_init: Any, cfg: Config, params: Any) -> StepRunner
     return StepRunner(compiled, params, opt_init(params), x, y, jax.random.key(3))
 
 
-def time_steps(runners: dict[str, StepRunner], rounds: int) -> dict[str, dict[str, float]]:
+def time_steps(runners: dict[str, StepRunner], rounds: int) -> dict[str, dict[str, Any]]:
     """Median step time of each runner, round-robin after one warm-up step each (and every round's time)."""
     warm = {name: run() for name, run in runners.items()}
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for round_ in range(rounds):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(runners[name]())
+    times = round_robin(runners, rounds)
     return {
         name: {
             "median_ms": statistics.median(ts) * 1e3,
