@@ -69,6 +69,10 @@ class Config:
     heads: int = 4
     depth: int = 4
     rate: float = 0.1
+    broadcast_dropout: bool = True
+    """flax's default: one attention-dropout mask for all batch rows and heads; False draws one per (row, head)."""
+    attention_blocks: tuple[int, int] | None = None
+    """jdrop attention's ``(block_q, block_k)`` tiles; None: its defaults."""
     vocab: int = 256
     classes: int = 10
     learning_rate: float = 1e-3
@@ -77,20 +81,26 @@ class Config:
 QUICK = Config(length=16, batch=2, width=32, heads=2, depth=2)
 
 
-def _parts(kind: str, framework: str) -> tuple[float | None, bool, Any]:
+def _parts(kind: str, framework: str, cfg: Config) -> tuple[float | None, bool, Any]:
     """``(rate or None for the model's, jdrop Dropout?, attention_fn)`` of a variant kind in ``framework``."""
+    import functools
+
     import flax.linen as nn
     from flax import nnx
 
     import jdrop
 
     flax_attention = nn.dot_product_attention if framework == "flax.linen" else nnx.dot_product_attention
+    jdrop_attention = jdrop.dot_product_attention
+    if cfg.attention_blocks is not None:
+        block_q, block_k = cfg.attention_blocks
+        jdrop_attention = functools.partial(jdrop.dot_product_attention, block_q=block_q, block_k=block_k)
     return {
         NONE: (0.0, False, flax_attention),
-        NONE_FUSED: (0.0, False, jdrop.dot_product_attention),
+        NONE_FUSED: (0.0, False, jdrop_attention),
         FLAX: (None, False, flax_attention),
         JDROP_DROPOUT: (None, True, flax_attention),
-        JDROP: (None, True, jdrop.dot_product_attention),
+        JDROP: (None, True, jdrop_attention),
     }[kind]
 
 
@@ -104,7 +114,7 @@ def linen_model(cfg: Config, kind: str = FLAX, *, remat: bool = False, train: bo
 
     from jdrop.interop import linen as jdrop_linen
 
-    rate, jdrop_dropout, attention_fn = _parts(kind, "flax.linen")
+    rate, jdrop_dropout, attention_fn = _parts(kind, "flax.linen", cfg)
     rate = cfg.rate if rate is None else rate
     dropout_cls = jdrop_linen.Dropout if jdrop_dropout else nn.Dropout
 
@@ -114,7 +124,8 @@ def linen_model(cfg: Config, kind: str = FLAX, *, remat: bool = False, train: bo
         @nn.compact
         def __call__(self, x):
             h = nn.MultiHeadDotProductAttention(
-                cfg.heads, dropout_rate=rate, deterministic=not train, attention_fn=attention_fn
+                cfg.heads, dropout_rate=rate, deterministic=not train, attention_fn=attention_fn,
+                broadcast_dropout=cfg.broadcast_dropout,
             )(nn.LayerNorm()(x))
             x = x + dropout_cls(rate, deterministic=not train)(h)
             h = nn.gelu(nn.Dense(4 * cfg.width)(nn.LayerNorm()(x)))
@@ -166,7 +177,7 @@ def nnx_model(cfg: Config, kind: str = FLAX, *, remat: bool = False, rngs: Any) 
 
     from jdrop.interop import nnx as jdrop_nnx
 
-    rate, jdrop_dropout, attention_fn = _parts(kind, "flax.nnx")
+    rate, jdrop_dropout, attention_fn = _parts(kind, "flax.nnx", cfg)
     rate = cfg.rate if rate is None else rate
     dropout_cls = jdrop_nnx.Dropout if jdrop_dropout else nnx.Dropout
 
@@ -175,7 +186,7 @@ def nnx_model(cfg: Config, kind: str = FLAX, *, remat: bool = False, rngs: Any) 
             self.norm1 = nnx.LayerNorm(cfg.width, rngs=rngs)
             self.attention = nnx.MultiHeadAttention(
                 cfg.heads, cfg.width, dropout_rate=rate, attention_fn=attention_fn, decode=False,
-                keep_rngs=False, rngs=rngs,
+                broadcast_dropout=cfg.broadcast_dropout, keep_rngs=False, rngs=rngs,
             )
             self.norm2 = nnx.LayerNorm(cfg.width, rngs=rngs)
             self.up = nnx.Linear(cfg.width, 4 * cfg.width, rngs=rngs)
