@@ -25,6 +25,7 @@ __all__ = [
     "check_deterministic",
     "check_float_dtype",
     "check_float_input",
+    "check_index_offset",
     "check_mask_rows",
     "check_no_custom_products",
     "check_rate",
@@ -170,6 +171,22 @@ def int_at_least(value: Any, minimum: int, *, name: str) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.")
     return int(value)
+
+
+def check_index_offset(offset: Any, *, name: str = "offset") -> Any:
+    """``offset`` if it is an integer index (a Python int >= 0 or an integer array, maybe traced).
+
+    Raises:
+      TypeError: for a float, complex or bool, or an array of another dtype.
+      ValueError: for a static negative int.
+    """
+    if isinstance(offset, (float, complex, bool, np.bool_)) or (
+        hasattr(offset, "dtype") and not jnp.issubdtype(offset.dtype, jnp.integer)
+    ):
+        raise TypeError(f"`{name}` must be an integer, got {_describe(offset)}.")
+    if isinstance(offset, (int, np.integer)) and offset < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {offset}.")
+    return offset
 
 
 def positive_int(value: Any, *, name: str) -> int:
