@@ -9,28 +9,19 @@ from jax.typing import ArrayLike
 
 from jdrop._dropout import Residual, dropout
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_float_input
+from jdrop._validation import check_channel_and_batch_axes, check_float_input, check_rank_at_least
 
 __all__ = ["feature_dropout"]
 
 
-def feature_broadcast_dims(ndim: int, *, channel_axis: Any, batch_axis: Any) -> tuple[int, ...]:
+def _feature_broadcast_dims(x: jax.Array, *, channel_axis: Any, batch_axis: Any) -> tuple[int, ...]:
     """The dims a per-(example, channel) mask is shared along: all but ``batch_axis`` and ``channel_axis``.
 
     ``batch_axis=None`` means the input is one example (e.g. inside ``jax.vmap``).
     """
-    if ndim < 1:
-        raise ValueError("feature dropout needs an input of rank >= 1 (it has a channel axis), got a scalar.")
-    channel = canonical_axis(channel_axis, ndim, name="channel_axis")
-    kept = {channel}
-    if batch_axis is not None:
-        batch = canonical_axis(batch_axis, ndim, name="batch_axis")
-        if batch == channel:
-            raise ValueError(
-                f"`batch_axis` and `channel_axis` must differ, both are dim {batch} of a rank-{ndim} input."
-            )
-        kept.add(batch)
-    return tuple(axis for axis in range(ndim) if axis not in kept)
+    check_rank_at_least(x, 1, name="x", why="it has a channel axis")
+    kept = check_channel_and_batch_axes(x.ndim, channel_axis=channel_axis, batch_axis=batch_axis)
+    return tuple(axis for axis in range(x.ndim) if axis not in kept)
 
 
 def feature_dropout(
@@ -75,5 +66,5 @@ def feature_dropout(
       >>> y = feature_dropout(jax.random.key(0), jnp.ones((8, 32, 32, 16)), 0.1)  # (B, H, W, C)
     """
     x = check_float_input(x)
-    dims = feature_broadcast_dims(x.ndim, channel_axis=channel_axis, batch_axis=batch_axis)
+    dims = _feature_broadcast_dims(x, channel_axis=channel_axis, batch_axis=batch_axis)
     return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, residual=residual)

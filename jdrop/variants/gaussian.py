@@ -13,8 +13,14 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import check_deterministic, check_float_input, check_rate
-from jdrop.masks import require_key
+from jdrop._validation import (
+    check_deterministic,
+    check_float_input,
+    check_nonnegative,
+    check_rate,
+    nonnegative_is_valid,
+    require_key,
+)
 
 __all__ = ["gaussian_dropout", "gaussian_noise"]
 
@@ -107,14 +113,12 @@ def gaussian_noise(key: KeyLike | None, x: ArrayLike, stddev: ArrayLike, *, dete
     """
     x = check_float_input(x)
     deterministic = check_deterministic(deterministic)
-    stddev = check_rate(stddev, name="stddev", upper=math.inf)
+    stddev = check_nonnegative(stddev, name="stddev")
     if isinstance(stddev, float):
-        if math.isinf(stddev):
-            raise ValueError("`stddev` must be finite and >= 0, got inf.")
         if deterministic or stddev == 0.0:
             return x
         return _noisy(key, x, 0.0, stddev, True, "gaussian_noise")
-    valid = (stddev >= 0.0) & jnp.isfinite(stddev)
+    valid = nonnegative_is_valid(stddev)
     if deterministic:
         return jnp.where(valid, x, jnp.nan).astype(x.dtype)
     return _noisy(key, x, 0.0, jnp.where(valid, stddev, 0.0), valid, "gaussian_noise")

@@ -7,7 +7,7 @@ from jax.typing import ArrayLike
 
 from jdrop._dropout import Residual, dropout
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_float_input
+from jdrop._validation import canonical_axis, check_float_input, check_rank_at_least
 
 __all__ = ["embedding_dropout", "locked_dropout", "zoneout"]
 
@@ -82,8 +82,7 @@ def embedding_dropout(
       The dropped table, same shape and dtype.
     """
     table = check_float_input(table, name="table")
-    if table.ndim < 1:
-        raise ValueError("`table` must have a leading vocabulary axis (rank >= 1), got a scalar.")
+    check_rank_at_least(table, 1, name="table", why="a leading vocabulary axis")
     dims = tuple(range(1, table.ndim))
     return dropout(key, table, rate, deterministic=deterministic, broadcast_dims=dims, residual=residual)
 
