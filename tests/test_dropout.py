@@ -605,24 +605,43 @@ def test_dropout_fwd_residual_fields(key):
         mask_shape = masks.broadcast_shape(RESIDUAL_SHAPE, dims)
         size = math.prod(mask_shape)
         assert isinstance(res, jdrop.DropoutResidual)
-        assert res.residual == residual and res.train and res.mask_shape == mask_shape
+        assert res.policy == residual and res.mask_shape == mask_shape
         if residual == "key":
-            assert res.mask is None
-            np.testing.assert_array_equal(res.key_data, jax.random.key_data(key))
+            np.testing.assert_array_equal(res.saved, jax.random.key_data(key))
         elif residual == "bits":
-            assert res.key_data is None
-            assert res.mask.dtype == jnp.uint8 and res.mask.shape == (math.ceil(size / 8),)
-            unpacked = np.unpackbits(np.asarray(res.mask), bitorder="little")[:size].reshape(mask_shape)
+            assert res.saved.dtype == jnp.uint8 and res.saved.shape == (math.ceil(size / 8),)
+            unpacked = np.unpackbits(np.asarray(res.saved), bitorder="little")[:size].reshape(mask_shape)
             np.testing.assert_array_equal(np.broadcast_to(unpacked, RESIDUAL_SHAPE), expected_mask)
         else:
-            assert res.key_data is None
-            assert res.mask.dtype == jnp.bool_ and res.mask.size == size
-            np.testing.assert_array_equal(np.broadcast_to(res.mask, RESIDUAL_SHAPE), expected_mask)
+            assert res.saved.dtype == jnp.bool_ and res.saved.size == size
+            np.testing.assert_array_equal(np.broadcast_to(res.saved, RESIDUAL_SHAPE), expected_mask)
         if not dims:  # a residual is a pytree: it crosses jit boundaries, and dropout_bwd applies its mask
             dx = jax.jit(jdrop.dropout_bwd)(res, dy)
             np.testing.assert_array_equal(dx, np.where(expected_mask, np.asarray(dy) * 2, 0))
     _, res = jdrop.dropout_fwd(None, x, 0.5, deterministic=True)
-    assert not res.train and res.mask is None and res.key_data is None
+    assert res.policy == "deterministic" and res.saved is None
+
+
+def test_residual_from_mask_applies_that_mask_with_the_training_scale():
+    mask = jnp.asarray([True, False, True, True])
+    dy = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+    for scale, factor in (("inverted", 1 / float(realised_keep(0.25))), ("classic", 1.0)):
+        res = jdrop.DropoutResidual.from_mask(mask, 0.25, scale=scale)
+        assert res.policy == "mask" and res.mask_shape == (4,)
+        np.testing.assert_allclose(jdrop.dropout_bwd(res, dy), np.where(mask, dy * factor, 0.0), rtol=1e-7)
+    traced = jax.jit(lambda rate: jdrop.dropout_bwd(jdrop.DropoutResidual.from_mask(mask, rate), dy))
+    assert np.all(np.isnan(traced(1.5)))
+
+
+def test_residual_old_field_names_still_read_with_a_deprecation_warning(key):
+    x = signed_input(RESIDUAL_SHAPE)
+    _, res = jdrop.dropout_fwd(key, x, 0.5, residual="bits")
+    with pytest.warns(DeprecationWarning, match="res.policy"):
+        assert res.residual == "bits"
+    with pytest.warns(DeprecationWarning):
+        assert res.train and res.key_data is None and res.mask is res.saved
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        res.nope  # noqa: B018
 
 
 # --------------------------------------------------------------------------------------- statistics

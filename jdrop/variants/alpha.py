@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jdrop._dropout import Residual, dropout, keep_and_factor
-from jdrop._typing import KeyLike
+from jdrop._dropout import dropout, keep_and_factor
+from jdrop._typing import KeyLike, Residual
 from jdrop._validation import check_deterministic, check_float_input, check_rate
 from jdrop.variants.feature import _feature_broadcast_dims
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import jax
 from jax.typing import ArrayLike
 
-from jdrop._dropout import Residual, dropout
-from jdrop._typing import KeyLike
+from jdrop._dropout import dropout
+from jdrop._typing import KeyLike, Residual
 from jdrop._validation import check_float_input
 
 __all__ = ["attention_dropout"]

@@ -7,8 +7,8 @@ from typing import Any
 import jax
 from jax.typing import ArrayLike
 
-from jdrop._dropout import Residual, dropout
-from jdrop._typing import KeyLike
+from jdrop._dropout import dropout
+from jdrop._typing import KeyLike, Residual
 from jdrop._validation import check_channel_and_batch_axes, check_float_input, check_rank_at_least
 
 __all__ = ["feature_dropout"]

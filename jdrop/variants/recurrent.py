@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from jdrop._dropout import Residual, dropout
-from jdrop._typing import KeyLike
+from jdrop._dropout import dropout
+from jdrop._typing import KeyLike, Residual
 from jdrop._validation import canonical_axis, check_float_input, check_rank_at_least
 
 __all__ = ["embedding_dropout", "locked_dropout", "zoneout"]

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jdrop._dropout import Residual, Scale, dropout
-from jdrop._typing import KeyLike
+from jdrop._dropout import dropout
+from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import canonical_axis, check_float_input, check_rate, int_at_least, static_bool
 
 __all__ = ["drop_path", "drop_path_rates"]

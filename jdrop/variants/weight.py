@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jdrop import masks
-from jdrop._dropout import Residual, Scale, dropout, keep_and_factor
-from jdrop._typing import KeyLike
+from jdrop._dropout import dropout, keep_and_factor
+from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import check_callable, check_float_input, check_scale, positive_int, require_key
 
 __all__ = ["DropConnectMoments", "dropconnect", "dropconnect_moments", "dropconnect_predict"]
