@@ -71,6 +71,24 @@ def test_drop_path_rates_match_timm_linspace():
         variants.drop_path_rates(0.1, -1)
 
 
+def test_drop_path_scale_classic_is_the_papers_rule_and_scale_by_keep_timms_alias(key):
+    rate, x = 0.4, positive_input((64, 3))
+    mask = keep_mask(key, x.shape, rate, broadcast_dims=(1,))
+    keep = float(realised_keep(rate))
+    run = jax.jit(lambda k, v: [variants.drop_path(k, v, rate, scale="classic"),
+                                variants.drop_path(k, v, rate, scale_by_keep=True),
+                                variants.drop_path(k, v, rate)])
+    classic, timm_scaled, inverted = run(key, x)
+    np.testing.assert_allclose(classic, np.where(mask, x, 0.0), rtol=1e-6)
+    np.testing.assert_array_equal(timm_scaled, inverted)
+    # Huang et al. 2016 scale the branch by its survival probability at test time; timm's unscaled branch does not.
+    np.testing.assert_allclose(variants.drop_path(None, x, rate, scale="classic", deterministic=True), x * keep,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(variants.drop_path(None, x, rate, scale_by_keep=False, deterministic=True), x)
+    with pytest.raises(ValueError, match="pass `scale` or its alias `scale_by_keep`, not both"):
+        variants.drop_path(key, x, rate, scale="classic", scale_by_keep=False)
+
+
 def test_drop_path_errors(key):
     with pytest.raises(ValueError, match="batch_axis"):
         variants.drop_path(key, jnp.ones(()), 0.1)
