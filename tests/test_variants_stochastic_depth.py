@@ -3,7 +3,6 @@
 ``torch.linspace`` depth rule, statistics, rate 1 and argument errors.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,28 +13,25 @@ import jdrop
 from jdrop import variants
 
 
-class DropPathFormulaTest(chex.TestCase):
-    """timm's formula and its gradient, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_drop_path_formula_and_gradient(self):
-        key = jax.random.key(0)
-        rate, shape = 0.4, (64, 3, 5)
-        x = positive_input(shape)
-        mask = keep_mask(key, shape, rate, broadcast_dims=(1, 2))
-        for scale_by_keep, factor in [(True, 1 / realised_keep(rate)), (False, 1.0)]:
-            fn = self.variant(lambda k, v, s=scale_by_keep: variants.drop_path(k, v, rate, scale_by_keep=s))
-            y = fn(key, x)
-            np.testing.assert_allclose(y, np.where(mask, x * factor, 0.0), rtol=1e-6)
-            grad = grad_of(lambda v, f=fn: f(key, v), x)
-            np.testing.assert_allclose(grad, grad_of(lambda v, c=factor: jnp.where(mask, v * c, 0.0), x), rtol=1e-6)
-            # timm's evaluation is the identity whatever scale_by_keep.
-            np.testing.assert_array_equal(
-                variants.drop_path(None, x, rate, scale_by_keep=scale_by_keep, deterministic=True), x
-            )
-        # One draw per example: whole examples are kept or dropped.
-        kept = np.asarray(fn(key, x) != 0)
-        assert np.all(kept == kept[:, :1, :1])
+def test_drop_path_formula_and_gradient(variant):
+    """timm's formula and its gradient, with and without jit."""
+    key = jax.random.key(0)
+    rate, shape = 0.4, (64, 3, 5)
+    x = positive_input(shape)
+    mask = keep_mask(key, shape, rate, broadcast_dims=(1, 2))
+    for scale_by_keep, factor in [(True, 1 / realised_keep(rate)), (False, 1.0)]:
+        fn = variant(lambda k, v, s=scale_by_keep: variants.drop_path(k, v, rate, scale_by_keep=s))
+        y = fn(key, x)
+        np.testing.assert_allclose(y, np.where(mask, x * factor, 0.0), rtol=1e-6)
+        grad = grad_of(lambda v, f=fn: f(key, v), x)
+        np.testing.assert_allclose(grad, grad_of(lambda v, c=factor: jnp.where(mask, v * c, 0.0), x), rtol=1e-6)
+        # timm's evaluation is the identity whatever scale_by_keep.
+        np.testing.assert_array_equal(
+            variants.drop_path(None, x, rate, scale_by_keep=scale_by_keep, deterministic=True), x
+        )
+    # One draw per example: whole examples are kept or dropped.
+    kept = np.asarray(fn(key, x) != 0)
+    assert np.all(kept == kept[:, :1, :1])
 
 
 def test_drop_path_statistics_and_rate_one(key):
