@@ -116,13 +116,16 @@ def per_example(
         x = x if axis == 0 else jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, axis, 0), x)
         return call_apply(apply_fn, params, x, keys, deterministic, extra)
 
-    def one(xi: Any, ki: Any) -> Any:
+    def one(xi: Any, ki: Any, params: Any, extra: dict[str, Any]) -> Any:
         return call_apply(apply_fn, params, xi, ki, deterministic, extra)
 
+    # params and extra go in as (unmapped) arguments, not in the closure: a module framework that checks
+    # where its variables were made (flax nnx) then sees them made inside the vmap that updates them.
+    in_axes = (axis, None if keys is None else 0, None, None)
     out_axes: Any = 0 if model_state is None else (0, None)
-    mapped = jax.vmap(one, in_axes=(axis, None if keys is None else 0), out_axes=out_axes, axis_name=axis_name)
+    mapped = jax.vmap(one, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name)
     try:
-        return mapped(x, keys)
+        return mapped(x, keys, params, extra)
     except ValueError as error:
         if model_state is None or "out_axes" not in str(error):
             raise
