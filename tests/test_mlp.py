@@ -511,7 +511,9 @@ def test_other_key_implementation_equals_naive(activation):
 
     @jax.jit
     def both(params, x, masks_):
-        ours = jax.value_and_grad(lambda p: jnp.sum(c * mlp.apply(p, x, key=key, rates=RATES, deterministic=False)))(params)
+        ours = jax.value_and_grad(
+            lambda p: jnp.sum(c * mlp.apply(p, x, key=key, rates=RATES, deterministic=False))
+        )(params)
         ref = jax.value_and_grad(lambda p: jnp.sum(c * naive_batch(p, x, masks_, RATES)))(params)
         return ours, ref
 

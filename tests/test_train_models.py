@@ -7,12 +7,7 @@ steps for ghost batches, and a vmap over examples for the token model.
 """
 
 import functools
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -20,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import assert_trees_close
+from _util import assert_trees_close, run_on_cpu_devices
 
 import jdrop
 
@@ -206,14 +201,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_batch_statistics_over_8_devices_equal_one_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
-    result = json.loads(line[len("RESULT"):])
+    result = run_on_cpu_devices(SHARDED, devices=8)
     assert result["stats_moved"] > 0.1  # the statistics did move away from their initial (0, 1)
     # Float tolerance: the reductions over the batch are summed in another order per shard.
     for name in ("params", "stats", "loss", "ghost_params", "ghost_stats"):

@@ -85,7 +85,9 @@ def train_state(
     if not isinstance(model, eqx.Module):
         raise TypeError(f"`model` must be an equinox.Module, got {type(model).__name__}.")
     if state is not None and not isinstance(state, eqx.nn.State):
-        raise TypeError(f"`state` must be an equinox.nn.State (from equinox.nn.make_with_state), got {type(state).__name__}.")
+        raise TypeError(
+            f"`state` must be an equinox.nn.State (from equinox.nn.make_with_state), got {type(state).__name__}."
+        )
     params, static = eqx.partition(model, eqx.is_inexact_array)
     return TrainState.create(
         apply_fn=EquinoxApply(static, state is not None), params=params, tx=tx, model_state=state, **options

@@ -170,7 +170,7 @@ def evaluate(state: TrainState, data: Batch, *, batch_size: int = 1024) -> dict[
     batch_size = positive_int(batch_size, name="batch_size")
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
-        chunk = jax.tree_util.tree_map(lambda v: v[start : start + batch_size], data)
+        chunk = jax.tree_util.tree_map(lambda v, start=start: v[start : start + batch_size], data)
         size = min(batch_size, n - start)
         for name, value in eval_step(state, chunk).items():
             totals[name] = totals.get(name, 0.0) + float(value) * size

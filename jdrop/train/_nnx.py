@@ -76,7 +76,7 @@ class NnxApply:
         else:
             model.train()
         outputs = model(x, **kwargs)
-        _, _, new_state = nnx.split(model, self.wrt, ...)
+        _, _, new_state = nnx.split(model, self.wrt, ...)  # type: ignore[misc]
         old, treedef = _variables(model_state)
         new, new_treedef = _variables(new_state)
         if new_treedef != treedef:
@@ -122,7 +122,7 @@ def train_state(
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"`model` must be a flax.nnx.Module, got {type(model).__name__}.")
-    graphdef, params, model_state = nnx.split(model, wrt, ...)
+    graphdef, params, model_state = nnx.split(model, wrt, ...)  # type: ignore[misc]
     return TrainState.create(
         apply_fn=NnxApply(graphdef, wrt), params=params, tx=tx, model_state=model_state, **options
     )
