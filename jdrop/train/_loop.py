@@ -72,7 +72,8 @@ def _train_step(
         (loss, (metrics, model_state)), grads = grad_fn(state.params, batch, key, offset)
     else:
         # Gradient accumulation: microbatch j holds examples j*size..(j+1)*size-1 and draws
-        # their keys by global index, so the masks, and the update, equal the whole batch's.
+        # their keys by global index, so the masks, and (without batch statistics) the update,
+        # equal the whole batch's; batch statistics are per microbatch (ghost batches, docstring).
         size = count_examples(batch, state.batch_format) // microbatches
         split = jax.tree_util.tree_map(lambda v: v.reshape(microbatches, size, *v.shape[1:]), batch)
 

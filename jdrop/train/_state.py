@@ -124,14 +124,47 @@ class TrainState:
 
     @classmethod
     def from_nnx(cls, model: Any, tx: optax.GradientTransformation, **options: Any) -> TrainState:
-        """A state for a ``flax.nnx`` Module: :func:`jdrop.interop.nnx.train_state` (same arguments)."""
+        """A state for a ``flax.nnx`` Module, trained with per-example dropout masks.
+
+        ``nnx.split(model, wrt, ...)``: the parameters (``wrt=nnx.Param`` by default) are trained, the rest
+        (batch statistics, rng streams) is ``model_state``. Every example's rng streams restart at
+        ``fold_in(k_i, j)`` (example key ``k_i``, stream ``j``), so each example, and each of its dropout
+        layers, has its own mask. Same as :func:`jdrop.interop.nnx.train_state` (see it for the details);
+        :func:`jdrop.interop.nnx.merge` gives the trained module back.
+
+        Args:
+          model: the ``flax.nnx.Module``.
+          tx: an optax transformation.
+          **options: ``wrt`` and :meth:`create`'s ``loss_fn``, ``hparams``, ``batch_format``, ``axis_name``.
+
+        Example::
+
+          >>> state = jdrop.TrainState.from_nnx(MLP(rngs=nnx.Rngs(0)), optax.adam(1e-3))
+        """
         from jdrop.train._nnx import train_state
 
         return train_state(model, tx, **options)
 
     @classmethod
     def from_equinox(cls, model: Any, tx: optax.GradientTransformation, **options: Any) -> TrainState:
-        """A state for an ``equinox`` Module: :func:`jdrop.interop.equinox.train_state` (same arguments)."""
+        """A state for an ``equinox`` Module, trained with per-example dropout masks.
+
+        The module's floating arrays are the parameters; it is called on ONE example with that example's
+        key, ``model(x_i, key=k_i)`` (``model(x_i, state, key=k_i)`` with ``state=``), and splits the key
+        among its layers as equinox modules do. Same as :func:`jdrop.interop.equinox.train_state` (see it for
+        the details); :func:`jdrop.interop.equinox.combine` gives the trained module back.
+
+        Args:
+          model: the ``equinox.Module``.
+          tx: an optax transformation.
+          **options: ``state`` (an ``equinox.nn.State``, for BatchNorm) and :meth:`create`'s ``loss_fn``,
+            ``hparams``, ``batch_format``, ``axis_name``.
+
+        Example::
+
+          >>> model, bn_state = eqx.nn.make_with_state(Net)(key=jax.random.key(0))
+          >>> state = jdrop.TrainState.from_equinox(model, optax.adam(1e-3), state=bn_state)
+        """
         from jdrop.train._equinox import train_state
 
         return train_state(model, tx, **options)
