@@ -95,7 +95,13 @@ def train_state(
 
 
 def combine(state: TrainState) -> eqx.Module | tuple[eqx.Module, eqx.nn.State]:
-    """The ``equinox`` Module of a state made by :func:`train_state`, with ``(module, state)`` for a stateful one."""
+    """The ``equinox`` Module of a state made by :func:`train_state`, with ``(module, state)`` for a stateful one.
+
+    Example::
+
+      >>> model = jdrop.interop.equinox.combine(state)
+      >>> logits = jax.vmap(eqx.nn.inference_mode(model))(x_test, key=keys)   # keys: ignored in inference
+    """
     if not isinstance(state.apply_fn, EquinoxApply):
         raise TypeError(
             "`state` must come from jdrop.TrainState.from_equinox (jdrop.interop.equinox.train_state)."

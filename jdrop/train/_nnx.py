@@ -129,7 +129,14 @@ def train_state(
 
 
 def merge(state: TrainState) -> nnx.Module:
-    """The ``flax.nnx`` Module of a state made by :func:`train_state`, with its trained parameters and state."""
+    """The ``flax.nnx`` Module of a state made by :func:`train_state`, with its trained parameters and state.
+
+    Example::
+
+      >>> model = jdrop.interop.nnx.merge(state)
+      >>> model.eval()                                 # BatchNorm on its running statistics, dropout off
+      >>> logits = model(x_test)
+    """
     if not isinstance(state.apply_fn, NnxApply):
         raise TypeError("`state` must come from jdrop.TrainState.from_nnx (jdrop.interop.nnx.train_state).")
     return state.apply_fn.merge(state.params, state.model_state)

@@ -99,6 +99,13 @@ def per_example(
     Raises:
       ValueError: in training without a key, or if the new model state differs between examples
         (a BatchNorm without ``axis_name``).
+
+    Example::
+
+      >>> def apply_fn(params, x, *, key, deterministic):              # ONE example
+      ...     return jdrop.dropout(key, x, 0.5, deterministic=deterministic) @ params["w"]
+      >>> y = jdrop.train.per_example(apply_fn, {"w": jnp.ones((4, 2))}, jnp.ones((8, 4)), jax.random.key(0))
+      >>> y.shape                                                      # (8, 2): every row its own mask
     """
     deterministic = deterministic_or_train(deterministic, train, default=False, where="jdrop.train.per_example")
     extra = dict(hparams or {})
