@@ -22,7 +22,10 @@ DEPTHS = (4, 8)
 
 
 def per_example_mlp(cfg: Config) -> Variant:
-    """``jdrop.mlp`` as ``jdrop.train_step`` runs it: one example at a time under ``jax.vmap``, keys by index."""
+    """``jdrop.mlp`` as ``jdrop.train_step`` runs it: ``per_example`` with example keys by index (``mlp.apply``
+    takes the batch with those keys at once, ``jdrop.train.takes_batch``)."""
+    import functools
+
     import optax
 
     import jdrop
@@ -31,8 +34,7 @@ def per_example_mlp(cfg: Config) -> Variant:
         return jdrop.mlp.init(key, cfg.layer_sizes, activation="relu")
 
     def loss(params: Any, x: Any, y: Any, key: Any) -> Any:
-        logits = jdrop.train.per_example(lambda p, xi, *, key, train: jdrop.mlp.apply(
-            p, xi, key=key, rates=cfg.rates, train=train), params, x, key)
+        logits = jdrop.train.per_example(functools.partial(jdrop.mlp.apply, rates=cfg.rates), params, x, key)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return Variant(init, loss)

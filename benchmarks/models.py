@@ -160,7 +160,7 @@ def _jdrop_mlp_variant(cfg: Config) -> Variant | str:
         return mlp.init(key, cfg.layer_sizes, activation="relu")
 
     def loss(params: Any, x: Any, y: Any, key: Any) -> Any:
-        return _cross_entropy(mlp.apply(params, x, key=key, rates=cfg.rates, train=True), y)
+        return _cross_entropy(mlp.apply(params, x, key=key, rates=cfg.rates, deterministic=False), y)
 
     return Variant(init, loss)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, cast
 
 import jax
@@ -26,6 +27,7 @@ __all__ = [
     "canonical_axis",
     "canonical_key",
     "check_alias",
+    "check_apply_fn",
     "check_attention_shapes",
     "check_broadcastable",
     "check_callable",
@@ -33,6 +35,7 @@ __all__ = [
     "check_choice",
     "check_deterministic",
     "check_float_dtype",
+    "deterministic_or_train",
     "check_float_input",
     "check_index_offset",
     "check_mask_rows",
@@ -251,6 +254,36 @@ def check_deterministic(deterministic: Any) -> bool:
     return static_bool(
         deterministic, name="deterministic", hint=" Choose train or eval outside jit, or mark it static."
     )
+
+
+def deterministic_or_train(deterministic: Any, train: Any, *, default: bool, where: str) -> bool:
+    """The evaluation flag of a function that takes ``deterministic`` and the older ``train`` (deprecated).
+
+    ``train=t`` means ``deterministic=not t`` and warns (``DeprecationWarning``); neither gives ``default``.
+
+    Raises:
+      TypeError: if both are given, or either is not a Python bool (see :func:`static_bool`).
+    """
+    if train is None:
+        return default if deterministic is None else check_deterministic(deterministic)
+    if deterministic is not None:
+        raise TypeError(f"{where} got both `deterministic` and the deprecated `train`: pass only `deterministic`.")
+    train = static_bool(train, name="train", hint=" Choose train or eval outside jit, or mark it static.")
+    warnings.warn(
+        f"{where}(train=...) is deprecated: use deterministic={not train} (flax's name, used across jdrop).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return not train
+
+
+def check_apply_fn(apply_fn: Any) -> Any:
+    """``apply_fn`` if it is callable, else ``TypeError`` with the convention it must follow."""
+    if not callable(apply_fn):
+        raise TypeError(
+            f"`apply_fn` must be callable as apply_fn(params, x, *, key, deterministic), got {apply_fn!r}."
+        )
+    return apply_fn
 
 
 def canonical_axis(axis: Any, ndim: int, *, name: str) -> int:

@@ -38,13 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_batching import custom_vmap
 from jax.typing import ArrayLike, DTypeLike
 
 from jdrop import masks
+from jdrop._batching import takes_batch
 from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd
 from jdrop._typing import KeyLike
-from jdrop._validation import check_choice, check_float_input, check_rate, check_scale
+from jdrop._validation import check_choice, check_float_input, check_rate, check_scale, deterministic_or_train
 
 __all__ = ["MLPParams", "MLPResiduals", "apply", "backward", "forward", "init"]
 
@@ -310,54 +310,6 @@ def _train_apply_bwd(static, saved, dout):
 _train_apply.defvjp(_train_apply_fwd, _train_apply_bwd)
 
 
-def _vmappable(static):
-    """``_train_apply`` of one example that, under ``jax.vmap`` over examples, runs once on the whole batch.
-
-    The plain custom_vjp is correct under ``vmap`` too, but XLA then sums per-example outer products for
-    ``dW`` (measured 1.2-1.5x slower steps at 256 x 1024); on the batch it is one matrix product.
-    """
-
-    @custom_vmap
-    def one(params, x, key_data, rates):
-        return _train_apply(static, params, x, key_data, rates)
-
-    @one.def_vmap
-    def rule(axis_size, in_batched, params, x, key_data, rates):
-        params_batched, x_batched, key_batched, rates_batched = in_batched
-        if any(jax.tree_util.tree_leaves(params_batched)) or any(jax.tree_util.tree_leaves(rates_batched)):
-            axes = jax.tree_util.tree_map(lambda b: 0 if b else None, tuple(in_batched))
-            return jax.vmap(partial(_train_apply, static), in_axes=axes)(params, x, key_data, rates), True
-        if not x_batched:
-            x = jnp.broadcast_to(x, (axis_size, *x.shape))
-        if not key_batched:
-            key_data = jnp.broadcast_to(key_data, (axis_size, *key_data.shape))
-        return _train_apply(static, params, x, key_data, rates), True
-
-    return one
-
-
-def _current_trace() -> Any:
-    from jax._src import core as jax_core  # JAX internal: see _vmap_is_innermost
-
-    return jax_core.trace_ctx.trace
-
-
-def _vmap_is_innermost(x: jax.Array) -> bool:
-    """Whether the innermost transformation at this call is a ``jax.vmap`` that batches ``x``.
-
-    Only then may :func:`_vmappable` run: a ``custom_vmap`` cannot be differentiated from inside
-    (``vmap(grad(f))`` or ``grad(f)``). JAX has no public API for this question, so it reads
-    ``jax._src.core.trace_ctx``; if that internal is missing or changes shape, the answer is False and
-    the plain custom_vjp runs, which ``vmap`` batches correctly, only slower (``tests/test_mlp.py``
-    runs both paths and compares them).
-    """
-    try:
-        trace = _current_trace()
-    except (ImportError, AttributeError):
-        return False
-    return type(trace).__name__ == "BatchTrace" and getattr(x, "_trace", None) is trace
-
-
 # ------------------------------------------------------------------------------------ public API
 
 
@@ -369,53 +321,79 @@ def _prepare(params: Any, x: ArrayLike, rates: Any, scale: Any) -> tuple[MLPPara
     return params, x, rates
 
 
+def _example_keys(key: KeyLike | None, x: jax.Array) -> jax.Array:
+    """One example's key, or a batch's keys: ``example_keys(key, B)`` for one key, or the ``B`` keys given."""
+    if key is not None and x.ndim == 2:
+        keys = masks.canonical_key(key)
+        if keys.shape == (x.shape[0],):
+            return keys
+        if keys.shape != ():
+            raise ValueError(
+                f"`key` must be one key or one key per example (shape ({x.shape[0]},)), got shape {keys.shape}."
+            )
+    key = masks.require_key(key, what="jdrop.mlp", eval_hint="deterministic=True")
+    return masks.example_keys(key, x.shape[0]) if x.ndim == 2 else key
+
+
 def _train_arguments(params, x, key, rates, scale):
-    """The custom_vjp's arguments: a batch is keyed by ``example_keys(key, B)``, one example by ``key``."""
-    key = masks.require_key(key, what="jdrop.mlp", eval_hint="train=False")
+    """The custom_vjp's arguments: the static options, and the key data of every example."""
+    example_keys = _example_keys(key, x)
     active = tuple(not (isinstance(r, float) and r == 0.0) for r in rates)
-    static = (active, scale, str(jax.random.key_impl(key)))
-    example_keys = masks.example_keys(key, x.shape[0]) if x.ndim == 2 else key
+    static = (active, scale, str(jax.random.key_impl(example_keys)))
     rates_array = tuple(jnp.asarray(r, jnp.float32) for r in rates)
     return static, params, x, jax.random.key_data(example_keys), rates_array
 
 
+@takes_batch
 def apply(
     params: MLPParams,
     x: ArrayLike,
     *,
     key: KeyLike | None = None,
     rates: Sequence[ArrayLike] | float,
-    train: bool = False,
+    deterministic: bool | None = None,
     scale: Scale = "inverted",
+    train: bool | None = None,
 ) -> jax.Array:
     """Runs the MLP on one example ``(d_0,)`` or a batch ``(B, d_0)``; returns logits.
 
-    Train: ``a_l = dropout(h_l; key_l, rates[l], scale)`` before every weight layer, where
-    example ``i`` of a batch uses ``jdrop.example_keys(key, B)[i]`` (so a batch equals the vmap of
-    single examples with those keys) and layer ``l`` folds ``l`` into the example key. Eval:
-    ``a_l = h_l`` (inverted) or ``a_l = keep_l * h_l`` (classic, the weight-scaling rule of
+    Train (``deterministic=False``): ``a_l = dropout(h_l; key_l, rates[l], scale)`` before every weight
+    layer, where example ``i`` of a batch uses ``jdrop.example_keys(key, B)[i]`` for one ``key``, or
+    ``key[i]`` for one key per example (shape ``(B,)``), so a batch equals the vmap of single examples
+    with those keys; layer ``l`` folds ``l`` into the example key. Eval (``deterministic=True``, the
+    default): ``a_l = h_l`` (inverted) or ``a_l = keep_l * h_l`` (classic, the weight-scaling rule of
     Srivastava et al. 2014). Gradients use the hand-written :func:`backward`.
 
-    One example and a batch run the same custom_vjp. Under ``jax.vmap`` over examples (what
-    :func:`jdrop.train_step` does) it runs once on the whole batch, so the weight gradient
-    ``sum_i a_i^T g_i`` is one matrix product.
+    One example and a batch run the same custom_vjp; on a batch the weight gradient
+    ``sum_i a_i^T g_i`` is one matrix product. ``apply`` is marked :func:`jdrop.train.takes_batch`, so
+    :func:`jdrop.train_step` (and ``per_example``, ``mc_predict``, ``rdrop_loss``) call it once on the
+    batch with the example keys instead of vmapping it. Under your own ``jax.vmap`` over examples it is
+    correct too, but JAX then batches the one-example custom_vjp, 1.3-1.5x slower per training step of a
+    4-layer ReLU MLP (``benchmarks/per_example_paths.py``): call it on the batch with one key per example
+    instead.
 
     Args:
       params: from :func:`init`.
       x: one example or a batch.
-      key: PRNG key, required when ``train``.
+      key: PRNG key (one, or one per example of a batch), required in training.
       rates: one drop rate per weight layer (``rates[0]`` is input dropout), or one for all;
         Python floats or traced scalars.
-      train: training mode (dropout on) or evaluation.
+      deterministic: evaluation (True, the default: dropout off) or training (False).
       scale: ``"inverted"`` or ``"classic"``.
+      train: deprecated spelling of ``not deterministic`` (warns; passing both is a ``TypeError``).
+
+    Example::
+
+      >>> params = jdrop.mlp.init(jax.random.key(0), [4, 16, 3])
+      >>> x = jnp.ones((8, 4))
+      >>> logits = jdrop.mlp.apply(params, x, key=jax.random.key(1), rates=(0.1, 0.5), deterministic=False)
+      >>> logits = jdrop.mlp.apply(params, x, rates=(0.1, 0.5))   # evaluation
     """
+    deterministic = deterministic_or_train(deterministic, train, default=True, where="jdrop.mlp.apply")
     params, x, checked = _prepare(params, x, rates, scale)
-    if not train:
+    if deterministic:
         return _forward(params, x, _eval_drop(checked, scale))[0]
-    arguments = _train_arguments(params, x, key, checked, scale)
-    if x.ndim == 1 and _vmap_is_innermost(x):
-        return _vmappable(arguments[0])(*arguments[1:])
-    return _train_apply(*arguments)
+    return _train_apply(*_train_arguments(params, x, key, checked, scale))
 
 
 def forward(
@@ -428,7 +406,8 @@ def forward(
 ) -> tuple[jax.Array, MLPResiduals]:
     """The seed's training forward pass: returns ``(logits, residuals)`` for :func:`backward`.
 
-    Same computation as ``apply(params, x, key=key, rates=rates, train=True)``. The residuals hold
+    Same computation as ``apply(params, x, key=key, rates=rates, deterministic=False)`` (``key``: one key,
+    or one per example of a batch). The residuals hold
     one activation per layer (dropped for ReLU hidden layers, pre-dropout otherwise) and the layer
     keys (see :class:`MLPResiduals`), batch-major for a batch.
     """

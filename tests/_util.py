@@ -140,3 +140,22 @@ def mc_model(params, x, *, key, train):
 def mc_params(rate=0.5):
     """Parameters of ``mc_model``: 4 inputs, 16 hidden units, 3 outputs; ``rate`` drops hidden units."""
     return {"w1": normal_input((4, 16), seed=5), "w2": normal_input((16, 3), seed=6), "rate": rate}
+
+
+def run_on_cpu_devices(script, devices=8, timeout=600):
+    """Runs ``script`` in a fresh Python with ``devices`` simulated CPU devices (the count is fixed when JAX
+    starts) and this checkout first on the path; returns the JSON it prints after ``RESULT``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])

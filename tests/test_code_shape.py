@@ -136,18 +136,7 @@ def _reads_jax_internals(tree: ast.Module) -> list[int]:
     return lines
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(
-            module,
-            marks=pytest.mark.xfail(strict=False, reason="jdrop.mlp reads jax._src.core.trace_ctx until issue 18 "
-                                                         "item 6 (the train helper's branch) lands"),
-        )
-        if module == "jdrop.mlp" else module
-        for module in MODULES
-    ],
-)
+@pytest.mark.parametrize("module", MODULES)
 def test_no_module_reads_jax_internals(module):
     assert not _reads_jax_internals(PARSED[module]), f"{module} reads jax._src"
 

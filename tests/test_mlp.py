@@ -167,7 +167,7 @@ def _shared(activation):
         keys = jdrop.example_keys(key, x.shape[0])
 
         def loss_batch(p, x):
-            out = mlp.apply(p, x, key=key, rates=RATES, train=True)
+            out = mlp.apply(p, x, key=key, rates=RATES, deterministic=False)
             return jnp.sum(c * out), out
 
         def loss_naive(p, x):
@@ -175,11 +175,11 @@ def _shared(activation):
             return jnp.sum(c * out), out
 
         def loss_vmap(p, x):
-            out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=RATES, train=True))(x, keys)
+            out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=RATES, deterministic=False))(x, keys)
             return jnp.sum(c * out), out
 
         def loss_single(p, xi, ki, ci):
-            out = mlp.apply(p, xi, key=ki, rates=RATES, train=True)
+            out = mlp.apply(p, xi, key=ki, rates=RATES, deterministic=False)
             return jnp.sum(ci * out), out
 
         def loss_single_naive(p, xi, mi, ci):
@@ -203,7 +203,7 @@ def _shared(activation):
     return params, x, c, compute(params, x, KEY, c, masks_)
 
 
-_apply_train = jax.jit(functools.partial(mlp.apply, train=True), static_argnames=("rates", "scale"))
+_apply_train = jax.jit(functools.partial(mlp.apply, deterministic=False), static_argnames=("rates", "scale"))
 _naive_batch = jax.jit(naive_batch, static_argnames=("rates", "scale"))
 
 
@@ -243,10 +243,10 @@ def test_batch_equals_vmap_of_single_examples():
 @pytest.mark.parametrize("scale", ["inverted", "classic"])
 def test_apply_eval_is_deterministic_network(scale):
     params, x = _setup("relu")
-    out = jax.jit(functools.partial(mlp.apply, rates=RATES, train=False, scale=scale))(params, x)
+    out = jax.jit(functools.partial(mlp.apply, rates=RATES, deterministic=True, scale=scale))(params, x)
     np.testing.assert_allclose(out, naive_eval(params, x, RATES, scale), rtol=1e-5, atol=1e-6)
     # Eval needs no key and a single example is row 0 of the batch.
-    one = mlp.apply(params, x[0], rates=RATES, train=False, scale=scale)
+    one = mlp.apply(params, x[0], rates=RATES, deterministic=True, scale=scale)
     np.testing.assert_allclose(one, out[0], rtol=1e-5, atol=1e-6)
 
 
@@ -285,31 +285,65 @@ def test_vmap_of_grad_gives_per_example_grads_that_sum_to_batch_grad():
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_vmap_takes_the_batched_rule_and_its_fallback_gives_the_same_values(activation, monkeypatch):
-    """Under vmap over examples, apply runs the batch once (custom_vmap); where JAX's internal trace state that
-    tells it so is unavailable, the plain custom_vjp runs under vmap instead: same outputs and gradients."""
-    params, x, _, _ = _shared(activation)
+def test_per_example_calls_apply_once_on_the_batch_with_the_example_keys(activation, monkeypatch):
+    """apply is marked takes_batch, so per_example (train_step, mc_predict, rdrop_loss) calls it once on the batch
+    with the example keys (any offset) instead of vmapping it; that equals JAX's vmap of the one-example custom_vjp
+    with the same keys: same outputs, parameter and input gradients. No JAX internal decides it."""
+    from jdrop._batching import is_batched
+
+    assert is_batched(mlp.apply) and is_batched(functools.partial(mlp.apply, rates=RATES))
+    params, x, c, _ = _shared(activation)
+    offset = 3
+    keys = jdrop.example_keys(KEY, BATCH, offset=offset)
+
+    @jax.jit
+    def both(p, x):
+        def per_example(p, x):
+            return train.per_example(functools.partial(mlp.apply, rates=RATES), p, x, KEY, offset=offset)
+
+        def vmapped(p, x):
+            return jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=RATES, deterministic=False))(x, keys)
+
+        def run(f):
+            return jax.value_and_grad(lambda p, x: jnp.sum(c * f(p, x)), argnums=(0, 1))(p, x)
+
+        return run(per_example), run(vmapped), per_example(p, x)
+
+    fast, plain, out = both(params, x)
+    np.testing.assert_allclose(fast[0], plain[0], rtol=1e-6)
+    _allclose_tree(fast[1], plain[1])
+    # One call on the batch: the custom_vjp sees (B, d_0), where under vmap it sees one example (d_0,).
+    seen = []
+    core = mlp._train_apply
+    monkeypatch.setattr(mlp, "_train_apply", lambda *args: seen.append(args[2].shape) or core(*args))
+    jax.eval_shape(lambda p, x: train.per_example(functools.partial(mlp.apply, rates=RATES), p, x, KEY), params, x)
+    jax.eval_shape(lambda p, x: jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=RATES, deterministic=False))(
+        x, keys), params, x)
+    assert seen == [(BATCH, SIZES[0]), (SIZES[0],)]
+    assert out.shape == (BATCH, SIZES[-1])
+
+
+def test_batch_with_one_key_per_example_and_key_errors():
+    params, x, _, r = _shared("tanh")
     keys = jdrop.example_keys(KEY, BATCH)
-    calls = []
-    batched_rule = mlp._vmappable
-    monkeypatch.setattr(mlp, "_vmappable", lambda static: calls.append(static) or batched_rule(static))
+    # One key per example equals one key for the batch (whose example keys these are).
+    np.testing.assert_allclose(_apply_train(params, x, key=keys, rates=RATES), r["batch"]["out"], rtol=1e-6)
+    with pytest.raises(ValueError, match="one key per example"):
+        mlp.apply(params, x, key=keys[:2], rates=RATES, deterministic=False)
+    with pytest.raises(ValueError, match="single key"):
+        mlp.apply(params, x[0], key=keys, rates=RATES, deterministic=False)
 
-    def loss(p, x):
-        out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=RATES, train=True))(x, keys)
-        return jnp.sum(jnp.sin(out))
 
-    fast = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-    assert calls, "vmap over examples runs the batched rule"
-
-    def missing():
-        raise AttributeError("trace_ctx")
-
-    calls.clear()
-    monkeypatch.setattr(mlp, "_current_trace", missing)
-    fallback = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-    assert not calls, "without JAX's trace state the plain custom_vjp runs"
-    np.testing.assert_allclose(fallback[0], fast[0], rtol=1e-6)
-    _allclose_tree(fallback[1], fast[1])
+def test_train_flag_is_deprecated_with_identical_results():
+    params, x, _, r = _shared("tanh")
+    with pytest.warns(DeprecationWarning, match="deterministic=False"):
+        out = jax.jit(lambda p, x: mlp.apply(p, x, key=KEY, rates=RATES, train=True))(params, x)
+    np.testing.assert_allclose(out, r["batch"]["out"], rtol=1e-6)
+    with pytest.warns(DeprecationWarning, match="deterministic=True"):
+        evaluated = mlp.apply(params, x, rates=RATES, train=False)
+    np.testing.assert_array_equal(evaluated, mlp.apply(params, x, rates=RATES))  # evaluation stays the default
+    with pytest.raises(TypeError, match="both"):
+        mlp.apply(params, x, key=KEY, rates=RATES, train=True, deterministic=False)
 
 
 def test_params_reject_unknown_activation():
@@ -329,7 +363,7 @@ def test_grad_matches_float64_finite_differences():
         c = jnp.asarray(np.asarray(_loss_weights((BATCH, SIZES[-1]))), jnp.float64)
 
         def loss(p):
-            return jnp.sum(c * jnp.sin(mlp.apply(p, x, key=key, rates=RATES, train=True)))
+            return jnp.sum(c * jnp.sin(mlp.apply(p, x, key=key, rates=RATES, deterministic=False)))
 
         # Perturbed copies of the parameters, +eps and -eps for every checked entry, stacked on a leading axis.
         def moved(sign):
@@ -457,13 +491,13 @@ def test_relu_layers_keep_the_dropped_activation_and_never_regenerate_masks():
     np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
     # The gradient w.r.t. the parameters draws each layer's bits once (the forward pass): the backward
     # pass reads ReLU layers' masks from [a_l > 0] and only x's gradient (unused here) would regenerate one.
-    loss = lambda p: mlp.apply(p, x, key=KEY, rates=RATES, train=True).sum()  # noqa: E731
+    loss = lambda p: mlp.apply(p, x, key=KEY, rates=RATES, deterministic=False).sum()  # noqa: E731
     assert _threefry_calls(jax.make_jaxpr(loss)(params).jaxpr) == len(RATES)
     grad_jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
     assert _threefry_calls(grad_jaxpr) == len(RATES) + 1  # forward: one per layer; backward: input layer only
     # tanh keeps h_l and regenerates every active layer's mask in the backward pass.
     tparams, _ = _setup("tanh")
-    tloss = lambda p: mlp.apply(p, x, key=KEY, rates=RATES, train=True).sum()  # noqa: E731
+    tloss = lambda p: mlp.apply(p, x, key=KEY, rates=RATES, deterministic=False).sum()  # noqa: E731
     assert _threefry_calls(jax.make_jaxpr(jax.grad(tloss))(tparams).jaxpr) == 2 * len(RATES)
 
 
@@ -477,7 +511,9 @@ def test_other_key_implementation_equals_naive(activation):
 
     @jax.jit
     def both(params, x, masks_):
-        ours = jax.value_and_grad(lambda p: jnp.sum(c * mlp.apply(p, x, key=key, rates=RATES, train=True)))(params)
+        ours = jax.value_and_grad(
+            lambda p: jnp.sum(c * mlp.apply(p, x, key=key, rates=RATES, deterministic=False))
+        )(params)
         ref = jax.value_and_grad(lambda p: jnp.sum(c * naive_batch(p, x, masks_, RATES)))(params)
         return ours, ref
 
@@ -489,7 +525,7 @@ def test_other_key_implementation_equals_naive(activation):
 def test_relu_backward_with_invalid_traced_rate_is_nan():
     params, x = _setup("relu")
     grads = jax.jit(
-        jax.grad(lambda p, r: mlp.apply(p, x, key=KEY, rates=(0.0, r, 0.5), train=True).sum())
+        jax.grad(lambda p, r: mlp.apply(p, x, key=KEY, rates=(0.0, r, 0.5), deterministic=False).sum())
     )(params, jnp.float32(1.5))
     assert all(bool(jnp.isnan(w).all()) for w in grads.weights[:2])
 
@@ -522,7 +558,7 @@ def test_eval_output_is_mean_of_train_outputs_through_a_linear_layer(scale):
 
     @jax.jit
     def sample(params, x, keys):
-        outs = jax.vmap(lambda k: mlp.apply(params, x, key=k, rates=(rate,), train=True, scale=scale))(keys)
+        outs = jax.vmap(lambda k: mlp.apply(params, x, key=k, rates=(rate,), deterministic=False, scale=scale))(keys)
         mask = jax.vmap(lambda k: jdrop.keep_mask(jax.random.fold_in(k, 0), x.shape, rate))(keys)
         return outs, mask
 
@@ -531,7 +567,7 @@ def test_eval_output_is_mean_of_train_outputs_through_a_linear_layer(scale):
     keep = float(_keep(rate))
     w, b, xs = np.asarray(params.weights[0], np.float64), np.asarray(params.biases[0]), np.asarray(x, np.float64)
     s = 1.0 / keep if scale == "inverted" else 1.0
-    evaluated = np.asarray(mlp.apply(params, x, rates=(rate,), train=False, scale=scale), np.float64)
+    evaluated = np.asarray(mlp.apply(params, x, rates=(rate,), deterministic=True, scale=scale), np.float64)
     expected_eval = (keep * s) * xs @ w + b
     np.testing.assert_allclose(evaluated, expected_eval, rtol=1e-5, atol=1e-6)
     # Exactly (linear layer): the mean train output is the output of the mean mask.
@@ -553,7 +589,7 @@ def test_traced_rates_compile_once_and_equal_static_rates():
     @jax.jit
     def traced(params, x, key, rates):
         traces.append(1)
-        return mlp.apply(params, x, key=key, rates=tuple(rates), train=True)
+        return mlp.apply(params, x, key=key, rates=tuple(rates), deterministic=False)
 
     # (0, 1, r): rate 0 is the identity (statically: no mask at all), rate 1 drops everything.
     # The third rate set is checked against the naive MLP (one static compilation fewer).
@@ -635,22 +671,22 @@ def test_dropout_adds_no_per_element_memory_to_a_training_step():
 def test_apply_errors():
     params, x = _setup("tanh")
     with pytest.raises(ValueError, match="key"):
-        mlp.apply(params, x, rates=RATES, train=True)
+        mlp.apply(params, x, rates=RATES, deterministic=False)
     with pytest.raises(ValueError, match="rates"):
-        mlp.apply(params, x, rates=(0.1, 0.2), train=False)
+        mlp.apply(params, x, rates=(0.1, 0.2), deterministic=True)
     with pytest.raises(ValueError, match="rates"):
-        mlp.apply(params, x, rates=(0.1, 1.5, 0.2), train=False)
+        mlp.apply(params, x, rates=(0.1, 1.5, 0.2), deterministic=True)
     with pytest.raises(ValueError, match="x"):
-        mlp.apply(params, x[:, :3], rates=RATES, train=False)
+        mlp.apply(params, x[:, :3], rates=RATES, deterministic=True)
     with pytest.raises(ValueError, match="x"):
-        mlp.apply(params, x[None], rates=RATES, train=False)
+        mlp.apply(params, x[None], rates=RATES, deterministic=True)
     with pytest.raises(TypeError, match="x"):
-        mlp.apply(params, jnp.ones((2, 5), jnp.int32), rates=RATES, train=False)
+        mlp.apply(params, jnp.ones((2, 5), jnp.int32), rates=RATES, deterministic=True)
     with pytest.raises(ValueError, match="scale"):
-        mlp.apply(params, x, rates=RATES, train=False, scale="hinton")
+        mlp.apply(params, x, rates=RATES, deterministic=True, scale="hinton")
     with pytest.raises(TypeError, match="params"):
-        mlp.apply({"weights": params.weights}, x, rates=RATES, train=False)
+        mlp.apply({"weights": params.weights}, x, rates=RATES, deterministic=True)
     with pytest.raises(TypeError, match="key"):
-        mlp.apply(params, x, key=3, rates=RATES, train=True)
+        mlp.apply(params, x, key=3, rates=RATES, deterministic=False)
     with pytest.raises(ValueError, match="key"):
         mlp.forward(params, x, None, RATES)

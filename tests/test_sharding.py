@@ -4,12 +4,9 @@ Runs in a subprocess because the device count is fixed when JAX starts
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
+
+from _util import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -60,14 +57,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_data_parallel_masks_and_params_match_single_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
-    result = json.loads(line[len("RESULT"):])
+    result = run_on_cpu_devices(SCRIPT, devices=8)
     for devices, r in result.items():
         assert r["masks_equal"], f"{devices} devices: per-example masks differ from one device"
         # Float tolerance: reductions over the batch are summed in a different order per shard.

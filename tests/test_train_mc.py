@@ -28,8 +28,8 @@ class McPredictRegressionTest(chex.TestCase):
             )
 
         def run(k):
-            whole = train.mc_predict(mc_model, params, x, k, samples)
-            return whole, train.mc_predict(mc_model, params, x, k, samples, chunk_size=7)
+            whole = train.mc_predict(mc_model, params, x, k, samples, batch_axis=None)
+            return whole, train.mc_predict(mc_model, params, x, k, samples, chunk_size=7, batch_axis=None)
 
         whole, chunked = self.variant(run)(key)
         outputs = naive(key)
@@ -49,7 +49,8 @@ def test_mc_predict_classification_entropy_and_bald(key):
             jdrop.example_keys(k, samples)
         )
         # 24 samples = 4 chunks of 5 in the scan + a remainder of 4 (unchunked is tested for regression).
-        prediction = train.mc_predict(mc_model, params, x, k, samples, task="classification", chunk_size=5)
+        prediction = train.mc_predict(mc_model, params, x, k, samples, task="classification", chunk_size=5,
+                                      batch_axis=None)
         certain = train.mc_predict(mc_model, mc_params(0.0), x, k, 3, task="classification")
         return jax.nn.softmax(logits, -1), prediction, certain
 

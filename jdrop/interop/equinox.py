@@ -6,6 +6,14 @@ has no ``attention_fn`` argument, so the function takes the module (its projecti
 
     out = mha(q, k, v, key=key)                                             # equinox: (H, T, T) stored
     out = jdrop.interop.equinox.multihead_attention(mha, q, k, v, key=key)  # same output, blockwise
+
+To train a module with :func:`jdrop.train_step` (every example its own key, so its own dropout masks;
+BatchNorm over the whole batch), :func:`train_state` partitions it into a :class:`jdrop.TrainState` and
+:func:`combine` turns the trained state back into a module::
+
+    state = jdrop.interop.equinox.train_state(model, optax.adam(1e-3))   # = jdrop.TrainState.from_equinox
+    state, metrics = jdrop.train_step(state, batch, key)
+    model = jdrop.interop.equinox.combine(state)
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from jdrop._dropout import Residual, Scale, dropout
 from jdrop._validation import require_key
 from jdrop.attention import dot_product_attention
 from jdrop.interop import _check_fields
+from jdrop.train._equinox import EquinoxApply, combine, train_state
 
-__all__ = ["Dropout", "multihead_attention"]
+__all__ = ["Dropout", "EquinoxApply", "combine", "multihead_attention", "train_state"]
 
 
 class Dropout(eqx.Module):

@@ -13,6 +13,14 @@ outputs and gradients (to float rounding)::
 nnx's attention draws ``dropout_rng`` from its ``rngs`` stream (the call's ``rngs``, else the module's) and
 passes it to ``attention_fn``, which draws flax's mask tile by tile. Both work under ``nnx.remat``; see
 BENCHMARKS.md, "Transformer benchmark", for the memory and time.
+
+To train a module with :func:`jdrop.train_step` (every example its own dropout mask, BatchNorm over the
+whole batch), :func:`train_state` splits it into a :class:`jdrop.TrainState` and :func:`merge` turns the
+trained state back into a module::
+
+    state = jdrop.interop.nnx.train_state(model, optax.adam(1e-3))    # = jdrop.TrainState.from_nnx
+    state, metrics = jdrop.train_step(state, batch, key)
+    model = jdrop.interop.nnx.merge(state)
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from flax import nnx
 from jdrop._dropout import Residual, Scale, dropout
 from jdrop._validation import check_float_input
 from jdrop.interop import _check_fields, _concrete_rate
+from jdrop.train._nnx import NnxApply, merge, train_state
 
-__all__ = ["Dropout"]
+__all__ = ["Dropout", "NnxApply", "merge", "train_state"]
 
 _NO_DETERMINISTIC = (
     "No `deterministic` argument was provided to Dropout. Pass it to the constructor "

@@ -13,8 +13,8 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_choice, positive_int
-from jdrop.train._per_example import per_example
+from jdrop._validation import canonical_axis, check_apply_fn, check_choice, positive_int
+from jdrop.train._per_example import call_apply, per_example
 
 __all__ = ["ClassificationPrediction", "RegressionPrediction", "mc_predict"]
 
@@ -49,13 +49,13 @@ def mc_predict(
     *,
     task: Task = "regression",
     chunk_size: int | None = None,
-    batch_axis: int | None = None,
+    batch_axis: int | None = 0,
     hparams: Mapping[str, Any] | None = None,
 ) -> RegressionPrediction | ClassificationPrediction:
     """Monte-Carlo dropout (Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation").
 
-    Runs ``S = num_samples`` training-mode passes ``f_s = apply_fn(params, x, key=k_s, train=True)``
-    with ``k_s = jdrop.example_keys(key, S)[s]`` (so sample ``s`` is the same whatever the chunking) and
+    Runs ``S = num_samples`` training-mode passes ``f_s`` of ``apply_fn`` (dropout on), sample ``s``
+    keyed by ``k_s = jdrop.example_keys(key, S)[s]`` (so sample ``s`` is the same whatever the chunking), and
     summarises them::
 
         regression      mean = (1/S) sum_s f_s          variance = (1/S) sum_s (f_s - mean)**2
@@ -71,10 +71,13 @@ def mc_predict(
     they run ``chunk_size`` at a time in a ``lax.scan`` that carries running statistics (Chan et
     al.'s parallel mean/variance update), so memory does not grow with ``num_samples``.
 
-    ``apply_fn(params, x, *, key, train, **hparams)`` follows the jdrop convention. By default it
-    receives ``x`` as given (``jdrop.mlp.apply`` takes a batch); with ``batch_axis`` it runs per example
-    through :func:`jdrop.train.per_example` (vmap over that axis of ``x``, keys
-    ``jdrop.example_keys(k_s, n)``), as :func:`jdrop.train_step` does.
+    ``apply_fn(params, x, *, key, deterministic, **hparams)`` follows the jdrop convention: it is written for
+    ONE example, and by default runs per example through :func:`jdrop.train.per_example` (vmap over axis
+    ``batch_axis=0`` of ``x``, example ``i`` of sample ``s`` keyed by ``jdrop.example_keys(k_s, n)[i]``), as
+    :func:`jdrop.train_step` does; a function marked :func:`jdrop.train.takes_batch` (``jdrop.mlp.apply``)
+    gets the batch with those keys at once. ``batch_axis=None`` calls ``apply_fn(params, x, key=k_s,
+    deterministic=False)`` on ``x`` whole instead, one key per sample for all of ``x`` (what mc_predict did
+    by default until the one-example rule was applied to it; pass it to keep that behaviour).
 
     Args:
       apply_fn: the model.
@@ -84,15 +87,20 @@ def mc_predict(
       num_samples: number of dropout samples ``S``.
       task: ``"regression"`` or ``"classification"``.
       chunk_size: samples per vectorised chunk (None: all at once).
-      batch_axis: vmap ``apply_fn`` over this axis of ``x`` (None: call it on ``x`` whole).
+      batch_axis: the example axis of ``x`` (default 0); None calls ``apply_fn`` on ``x`` whole.
       hparams: keyword arguments of ``apply_fn`` (arrays, e.g. traced ``rates``), as in a ``TrainState``.
 
     Returns:
       :class:`RegressionPrediction` or :class:`ClassificationPrediction`; the leading sample axis is
       reduced, the rest has the output's shape (without the class axis for the entropies).
+
+    Example::
+
+      >>> apply_fn = functools.partial(jdrop.mlp.apply, rates=(0.0, 0.5))
+      >>> prediction = jdrop.mc_predict(apply_fn, params, x_test, jax.random.key(0), 100, task="classification")
+      >>> prediction.probs, prediction.mutual_information      # (n, classes), (n,)
     """
-    if not callable(apply_fn):
-        raise TypeError(f"`apply_fn` must be callable as apply_fn(params, x, *, key, train), got {apply_fn!r}.")
+    check_apply_fn(apply_fn)
     check_choice(task, ("regression", "classification"), name="task")
     num_samples = positive_int(num_samples, name="num_samples")
     chunk = num_samples if chunk_size is None else min(positive_int(chunk_size, name="chunk_size"), num_samples)
@@ -117,7 +125,7 @@ def _mc_predict(
     if axis is None:
 
         def sample(sample_key: jax.Array) -> jax.Array:
-            return apply_fn(params, x, key=sample_key, train=True, **hparams)
+            return call_apply(apply_fn, params, x, sample_key, False, hparams)
 
     else:
 

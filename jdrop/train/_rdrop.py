@@ -13,7 +13,7 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_float_input, check_rate
+from jdrop._validation import canonical_axis, check_apply_fn, check_float_input, check_rate
 from jdrop.train._per_example import per_example
 
 __all__ = ["rdrop_loss", "symmetric_kl"]
@@ -72,7 +72,7 @@ def rdrop_loss(
     ``jax.value_and_grad`` training step.
 
     Args:
-      apply_fn: ``apply_fn(params, x_i, *, key, train)`` for one example, returning logits.
+      apply_fn: ``apply_fn(params, x_i, *, key, deterministic)`` for one example, returning logits.
       params: the parameters.
       x: a batch ``(B, ...)``.
       labels: integer labels ``(B,)`` (or ``(B, ...)`` matching the logits without the class axis).
@@ -83,8 +83,7 @@ def rdrop_loss(
     Returns:
       The scalar loss.
     """
-    if not callable(apply_fn):
-        raise TypeError(f"`apply_fn` must be callable as apply_fn(params, x, *, key, train), got {apply_fn!r}.")
+    check_apply_fn(apply_fn)
     if check_rate(alpha, name="alpha", upper=math.inf) == math.inf:
         raise ValueError("`alpha` must be finite and >= 0, got inf.")
     x = jnp.asarray(x)
