@@ -155,7 +155,7 @@ def keep_factors(
         t0, t1 = masks.threefry2x32(k0, k1, high, low)
         member = lax.broadcasted_iota(jnp.int32, (1, n, 1, 1), 1)
         word = jnp.where(member < n // 2, t0, t1)
-        shift = ((member % (n // 2)) * bits).astype(jnp.uint32)
+        shift = (lax.rem(member, np.int32(n // 2)) * bits).astype(jnp.uint32)
         keep = (word >> shift) & np.uint32(2**bits - 1) < threshold
     fill = jnp.where(jnp.isnan(factor), factor, jnp.zeros_like(factor))
     factors = jnp.where(keep, factor, fill)
@@ -203,22 +203,27 @@ class _Spec(NamedTuple):
         return pltriton.CompilerParams(num_warps=warps, num_stages=2)
 
 
-def _cdiv(a: Any, b: int) -> Any:
-    return (a + b - 1) // b
+def _div(a: Any, b: int) -> Any:
+    """``a // b`` for non-negative ``a``: ``lax.div`` (jnp's floor division adds sign fix-ups Mosaic lowers by chip)."""
+    return lax.div(a, np.int32(b)) if isinstance(a, jax.Array) else a // b
+
+
+def _rem(a: Any, b: int) -> Any:
+    return lax.rem(a, np.int32(b)) if isinstance(a, jax.Array) else a % b
 
 
 def _visible_k_blocks(spec: _Spec, i: Any, n_k: int) -> Any:
     """Key tiles query tile ``i`` sees: all, or those on or below the causal diagonal."""
     if not spec.skip_causal:
         return n_k
-    return jnp.minimum(n_k, ((i + 1) * spec.block_q - 1) // spec.block_k + 1)
+    return jnp.minimum(n_k, _div((i + 1) * spec.block_q - 1, spec.block_k) + 1)
 
 
 def _first_q_block(spec: _Spec, j: Any) -> Any:
     """First query tile that sees key tile ``j``."""
     if not spec.skip_causal:
         return 0
-    return (j * spec.block_k) // spec.block_q
+    return _div(j * spec.block_k, spec.block_q)
 
 
 # ----------------------------------------------------------------------------------- tile arithmetic
@@ -334,7 +339,7 @@ def _broadcast_block(spec: _Spec, full: tuple[bool, ...], rows: int, cols: int):
     shape = (None, None, None, rows if full[3] else 1, cols if full[4] else 1)
 
     def index(b, h, i, j):
-        kv_head, member = h // spec.group, h % spec.group
+        kv_head, member = _div(h, spec.group), _rem(h, spec.group)
         return (b if full[0] else 0, kv_head if full[1] else 0, member if full[2] else 0, i if full[3] else 0,
                 j if full[4] else 0)
 
@@ -369,10 +374,10 @@ def _column_slice(ref, full: bool, j: Any, size: int) -> jax.Array:
     return ref[:, pl.ds(pl.multiple_of(j * size, size), size)]
 
 
-def _row_slice(ref, full: bool, i: Any, size: int) -> jax.Array:
-    if not full:
-        return ref[...]
-    return ref[pl.ds(pl.multiple_of(i * size, size), size), :]
+def _member_rows(ref, full: tuple[bool, ...], g: Any, i: Any, size: int) -> jax.Array:
+    """Query tile ``i`` of group member ``g`` of a bias or mask ref ``(G | 1, Tq | 1, bk | 1)`` (GPU dK, dV loop)."""
+    rows = pl.ds(pl.multiple_of(i * size, size), size) if full[3] else slice(None)
+    return ref[g if full[2] else 0, rows, :]
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -446,8 +451,8 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
         grid = (batch, q_heads, n_q, n_k)
         row = pl.BlockSpec((None, None, bq, depth), lambda b, h, i, j: (b, h, i, 0))
         in_specs = [row,
-                    pl.BlockSpec((None, None, bk, depth), lambda b, h, i, j: (b, h // group, last_k(i, j), 0)),
-                    pl.BlockSpec((None, None, bk, value_depth), lambda b, h, i, j: (b, h // group, last_k(i, j), 0)),
+                    pl.BlockSpec((None, None, bk, depth), lambda b, h, i, j: (b, _div(h, group), last_k(i, j), 0)),
+                    pl.BlockSpec((None, None, bk, value_depth), lambda b, h, i, j: (b, _div(h, group), last_k(i, j), 0)),
                     *_optional_specs(spec, lambda b, h, i, j: (b, h, i, last_k(i, j)), bq, bk)]
         out_specs = [pl.BlockSpec((None, None, bq, value_depth), lambda b, h, i, j: (b, h, i, 0)),
                      pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0)),
@@ -459,8 +464,8 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
     else:
         grid = (n_q, batch, q_heads)
         in_specs = [pl.BlockSpec((None, None, bq, depth), lambda i, b, h: (b, h, i, 0)),
-                    pl.BlockSpec((None, None, k_padded, depth), lambda i, b, h: (b, h // group, 0, 0)),
-                    pl.BlockSpec((None, None, k_padded, value_depth), lambda i, b, h: (b, h // group, 0, 0)),
+                    pl.BlockSpec((None, None, k_padded, depth), lambda i, b, h: (b, _div(h, group), 0, 0)),
+                    pl.BlockSpec((None, None, k_padded, value_depth), lambda i, b, h: (b, _div(h, group), 0, 0)),
                     *_optional_specs(spec, lambda i, b, h: (b, h, i, 0), bq, k_padded)]
         out_specs = [pl.BlockSpec((None, None, bq, value_depth), lambda i, b, h: (b, h, i, 0)),
                      pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0)),
@@ -488,10 +493,8 @@ def _dkv_kernel_gpu(spec: _Spec, n_q: int, *refs):
             d_k, d_v = carry
             rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
             q, do = q_ref[g, rows, :], do_ref[g, rows, :]
-            bias = None if inputs.bias is None else _row_slice(inputs.bias.at[g if spec.bias_full[2] else 0],
-                                                               spec.bias_full[3], i, bq)
-            mask = None if inputs.mask is None else _row_slice(inputs.mask.at[g if spec.mask_full[2] else 0],
-                                                               spec.mask_full[3], i, bq)
+            bias = None if inputs.bias is None else _member_rows(inputs.bias, spec.bias_full, g, i, bq)
+            mask = None if inputs.mask is None else _member_rows(inputs.mask, spec.mask_full, g, i, bq)
             s, allowed = _logits(spec, q, k, bias, mask, i, j)
             factors = _factors(spec, drop, b * spec.q_heads + kv_head * spec.group + g, i, j)
             p_dropped, ds = _backward_tile(spec, s, allowed, do, v, max_ref[g, rows, :], lse_ref[g, rows, :],
@@ -655,7 +658,7 @@ def _row_specs_by_tile(spec: _Spec, q, k, v, index_of, k_block: int, k_index):
 
     def cols(width):
         return pl.BlockSpec((None, None, k_block, width), lambda *ids: (
-            index_of(*ids)[0], index_of(*ids)[1] // group, k_index(*ids), 0))
+            index_of(*ids)[0], _div(index_of(*ids)[1], group), k_index(*ids), 0))
 
     return [rows(depth), cols(depth), cols(value_depth), rows(value_depth), rows(1), rows(1), rows(1)]
 
