@@ -111,6 +111,67 @@ def test_exact_keep_factors_are_jax_random_bernoulli_at_a_tile_of_the_whole_arra
     np.testing.assert_array_equal(np.asarray(factors), np.where(keep, 2.0, 0.0))
 
 
+def _fast_keep(mode, rate, heads, n_rows, n_cols, k_length=None):
+    """The fast mask of ``(heads, n_rows, n_cols)`` drawn as one tile per head (bool), and its keep probability."""
+    threshold, factor = pallas_attention.dropout_scalars(rate, mode)
+    key_data = jax.random.key_data(RNG)
+    k_length = n_cols if k_length is None else k_length
+    head_row = (jnp.arange(heads, dtype=jnp.uint32) * np.uint32(n_rows))[:, None, None]
+
+    @jax.jit
+    def draw(threshold, factor):
+        return pallas_attention.keep_factors((key_data[0], key_data[1]), threshold, factor, head_row, 0, n_rows, 0,
+                                             n_cols, k_length=k_length, wide=False, mode=mode)
+
+    factors = np.asarray(draw(threshold, factor))
+    keep = float(pallas_attention.realised_keep(threshold, mode))
+    np.testing.assert_array_equal(np.unique(factors), [0.0, np.float32(1 / keep)])  # scaled by the realised keep
+    return factors != 0, keep
+
+
+@pytest.mark.parametrize("mode", ["fast16", "fast8"])
+def test_fast_mask_realised_rate_and_independence_within_groups(mode):
+    bits, n = pallas_attention.mask_bits(mode), pallas_attention.group_size(mode)
+    span = pallas_attention.group_rows(mode)
+    rate = 0.3
+    keep_mask, keep = _fast_keep(mode, rate, heads=4, n_rows=8 * span, n_cols=2048)
+    assert keep == np.ceil((1 - rate) * 2**bits) / 2**bits  # the documented realised keep probability
+    total = keep_mask.size
+    # Rate: 5 binomial standard errors, 5 sqrt(p (1 - p) / N) (N = 2**20 elements: 2.2e-3, below fast8's
+    # 3.1e-3 distance from 1 - rate, so the test tells the realised probability from the nominal one).
+    assert abs(keep_mask.mean() - keep) <= 5 * np.sqrt(keep * (1 - keep) / total)
+    # Group members (rows 8 apart in a block of `span` rows, one threefry call): every pair kept together with
+    # probability p**2, within 5 sqrt(p**2 (1 - p**2) / groups).
+    members = keep_mask.reshape(4, -1, n, pallas_attention.GROUP_SUBLANES, 2048)
+    groups = total // n
+    for a in range(n):
+        for b in range(a + 1, n):
+            both = (members[:, :, a] & members[:, :, b]).mean()
+            assert abs(both - keep**2) <= 5 * np.sqrt(keep**2 * (1 - keep**2) / groups), (a, b)
+    # Neighbours in a row belong to different groups (different counters).
+    both = (keep_mask[..., :-1] & keep_mask[..., 1:]).mean()
+    assert abs(both - keep**2) <= 5 * np.sqrt(keep**2 * (1 - keep**2) / keep_mask[..., 1:].size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_mask_kernels_draw_the_tile_free_mask(backend):
+    # The kernels' fast mask (value = identity, per-head dropout, odd lengths) is keep_factors over each head's
+    # whole (Tq, Tk) array in one tile: tiles of any size draw the same mask.
+    q_length, k_length, heads = 70, 33, 2
+    q, k, _ = _qkv(batch=1, q_length=q_length, k_length=k_length, heads=heads)
+    v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (1, k_length, heads, k_length))
+    options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": False, "dropout_mask": "fast8"}
+    out = jax.jit(partial(_pallas, backend=backend, **options))(q, k, v)
+    span = pallas_attention.group_rows("fast8")
+    rows = -(-q_length // span) * span
+    threshold, factor = pallas_attention.dropout_scalars(0.5, "fast8")
+    key_data = jax.random.key_data(RNG)
+    head_row = (jnp.arange(heads, dtype=jnp.uint32) * np.uint32(q_length))[:, None, None]
+    factors = pallas_attention.keep_factors((key_data[0], key_data[1]), threshold, factor, head_row, 0, rows, 0,
+                                            k_length, k_length=k_length, wide=False, mode="fast8")
+    np.testing.assert_array_equal(np.asarray(out)[0].transpose(1, 0, 2) != 0, np.asarray(factors)[:, :q_length] != 0)
+
+
 # ------------------------------------------------------------------------------------- against float64
 
 
