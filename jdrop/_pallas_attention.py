@@ -73,7 +73,7 @@ def group_rows(mode: str) -> int:
 
 
 def mask_threshold(keep: jax.Array, mode: str) -> jax.Array:
-    """``ceil(keep * 2**bits)`` as ``uint32``: the keep test's threshold (the exact mode's is ``masks.keep_threshold``)."""
+    """``ceil(keep * 2**bits)`` as ``uint32``: the keep test's threshold (exact: ``masks.keep_threshold``)."""
     if mode == "exact":
         return masks.keep_threshold(keep)
     return jnp.ceil(jnp.asarray(keep, jnp.float32) * np.float32(2 ** mask_bits(mode))).astype(jnp.uint32)
@@ -450,9 +450,11 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
 
         grid = (batch, q_heads, n_q, n_k)
         row = pl.BlockSpec((None, None, bq, depth), lambda b, h, i, j: (b, h, i, 0))
-        in_specs = [row,
-                    pl.BlockSpec((None, None, bk, depth), lambda b, h, i, j: (b, _div(h, group), last_k(i, j), 0)),
-                    pl.BlockSpec((None, None, bk, value_depth), lambda b, h, i, j: (b, _div(h, group), last_k(i, j), 0)),
+        def key_tile(b, h, i, j):
+            return b, _div(h, group), last_k(i, j), 0
+
+        in_specs = [row, pl.BlockSpec((None, None, bk, depth), key_tile),
+                    pl.BlockSpec((None, None, bk, value_depth), key_tile),
                     *_optional_specs(spec, lambda b, h, i, j: (b, h, i, last_k(i, j)), bq, bk)]
         out_specs = [pl.BlockSpec((None, None, bq, value_depth), lambda b, h, i, j: (b, h, i, 0)),
                      pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0)),
@@ -794,7 +796,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, block_k: int | None,
                mode: str = "exact") -> tuple[int, int]:
-    """The ``(block_q, block_k)`` a backend's kernels use: the requested (checked) or default tiles, shrunk to short lengths.
+    """The ``(block_q, block_k)`` of a backend's kernels: the requested (checked) or default tiles, shrunk to fit.
 
     TPU: ``block_q`` a multiple of 32, ``block_k`` of 128; GPU: powers of 2, at least 16. Fast masks need
     ``block_q`` to be a multiple of their group's rows (32 for ``"fast16"``, 64 for ``"fast8"``).
@@ -825,7 +827,7 @@ def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, 
 
 
 def dropout_scalars(rate: float | jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
-    """``(threshold, factor)`` of a fast mask: ``ceil(keep * 2**bits)`` and ``1 / realised keep`` (0 at keep 0, NaN if invalid)."""
+    """``(threshold, factor)`` of a fast mask: ``ceil(keep * 2**bits)``, ``1 / realised keep`` (0 at keep 0, NaN if invalid)."""
     from jdrop._validation import keep_probability, rate_is_valid
 
     threshold = mask_threshold(keep_probability(rate), mode)

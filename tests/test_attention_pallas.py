@@ -303,7 +303,7 @@ def _lowered(platform, dtype, depth, case, argnums=None):
 
 
 def _kernel_calls(text):
-    return text.count("stablehlo.custom_call @tpu_custom_call") + text.count("stablehlo.custom_call @__gpu$xla.gpu.triton")
+    return sum(text.count(f"stablehlo.custom_call @{target}") for target in ("tpu_custom_call", "__gpu$xla.gpu.triton"))
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

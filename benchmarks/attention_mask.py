@@ -1,0 +1,163 @@
+"""What the attention dropout mask costs: integer ops per element, counted, and step times, measured.
+
+``python -m benchmarks.attention_mask`` prints two tables:
+
+1. Ops per attention element of the mask of each ``dropout_mask`` mode (``"exact"``: one threefry-2x32 call per
+   element, flax's mask; ``"fast16"`` / ``"fast8"``: one call per 4 / 8 elements), counted from the jaxpr of
+   the tile function the xla path and the Pallas kernels share (``keep_factors``): every equation's output
+   elements, by primitive, divided by the tile's elements. Integer and bool results are the mask's arithmetic;
+   iotas, broadcasts, reshapes and int32/uint32 conversions (bit casts on every target) are listed apart as
+   layout; the float ops are the final select of the factor.
+2. The training step (forward and backward) of ``jdrop.dot_product_attention`` (the xla path) on this machine
+   for each mode, timed round-robin in one process (B=4, H=8, D=64, rate 0.1, per-head dropout, the costliest
+   for the mask, and flax's default broadcast dropout), with the no-dropout step as the reference.
+
+On a CPU the threefry runs on the vector units beside the products, so the ratio of step times is a lower
+bound of what the mask costs where the products run on tensor cores or an MXU (4 D flops per element there,
+at a much higher rate than integer ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import log, machine_description, markdown_table, round_robin
+
+MODES = ("exact", "fast16", "fast8")
+LAYOUT = frozenset({"iota", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "convert_element_type"})
+TILE = (64, 128)
+BATCH, HEADS, DEPTH, RATE = 4, 8, 64, 0.1
+
+
+def _equations(jaxpr: Any):
+    """Every equation of a jaxpr, nested jaxprs (pjit, closed calls) flattened."""
+    from jax.extend import core
+
+    for eqn in jaxpr.eqns:
+        inner = list(core.jaxprs_in_params(eqn.params))
+        if inner:
+            for sub in inner:
+                yield from _equations(sub)
+        else:
+            yield eqn
+
+
+def ops_per_element(mode: str, tile: tuple[int, int] = TILE) -> dict[str, Any]:
+    """Ops per element of one ``tile`` of the mask (per-head dropout), counted from the jaxpr of ``keep_factors``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jdrop.attention import _pallas
+
+    n_rows, n_cols = tile
+
+    def tile_factors(k0, k1, threshold, factor, head_row, row0, col0):
+        return _pallas.keep_factors((k0, k1), threshold, factor, head_row, row0, n_rows, col0, n_cols,
+                                    k_length=4096, wide=False, mode=mode)
+
+    u32, i32 = jnp.zeros((), jnp.uint32), jnp.zeros((), jnp.int32)
+    jaxpr = jax.make_jaxpr(tile_factors)(u32, u32, u32, jnp.zeros((), jnp.float32), u32, i32, i32).jaxpr
+    elements = n_rows * n_cols
+    integer: Counter[str] = Counter()
+    layout: Counter[str] = Counter()
+    floating: Counter[str] = Counter()
+    for eqn in _equations(jaxpr):
+        for var in eqn.outvars:
+            size = math.prod(var.aval.shape)
+            name = eqn.primitive.name
+            if name in LAYOUT:
+                layout[name] += size
+            elif np.issubdtype(var.aval.dtype, np.integer) or var.aval.dtype == np.bool_:
+                integer[name] += size
+            else:
+                floating[name] += size
+
+    def per_element(counts: Counter[str]) -> dict[str, float]:
+        return {name: count / elements for name, count in sorted(counts.items())}
+
+    return {
+        "mode": mode,
+        "tile": list(tile),
+        "integer_ops_per_element": sum(integer.values()) / elements,
+        "layout_ops_per_element": sum(layout.values()) / elements,
+        "float_ops_per_element": sum(floating.values()) / elements,
+        "integer_by_primitive": per_element(integer),
+        "layout_by_primitive": per_element(layout),
+        "float_by_primitive": per_element(floating),
+    }
+
+
+def step_times(length: int, rounds: int, broadcast: bool) -> list[dict[str, Any]]:
+    """Median step times (ms) of the xla path per mode and without dropout, round-robin in one process."""
+    import jax
+    import jax.numpy as jnp
+
+    import jdrop
+
+    rng = jax.random.key(1)
+    args = [jax.random.normal(key, (BATCH, length, HEADS, DEPTH)) for key in jax.random.split(jax.random.key(0), 4)]
+
+    def step(**options: Any) -> Any:
+        def loss(q: Any, k: Any, v: Any, dout: Any) -> Any:
+            return jnp.vdot(jdrop.dot_product_attention(q, k, v, broadcast_dropout=broadcast, **options), dout)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    steps = {"no dropout": step()}
+    steps.update({mode: step(dropout_rng=rng, dropout_rate=RATE, dropout_mask=mode) for mode in MODES})
+
+    def runner(fn: Any) -> Any:
+        jax.block_until_ready(fn(*args))  # compile outside the timing
+
+        def run() -> float:
+            import time
+
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            return time.perf_counter() - start
+
+        return run
+
+    times = round_robin({name: runner(fn) for name, fn in steps.items()}, rounds)
+    base = statistics.median(times["no dropout"])
+    exact = statistics.median(times["exact"])
+    return [{"name": name, "length": length, "broadcast_dropout": broadcast,
+             "median_ms": 1e3 * statistics.median(t), "vs_no_dropout": statistics.median(t) / base,
+             "dropout_cost_vs_exact": (statistics.median(t) - base) / (exact - base) if name != "no dropout" else None}
+            for name, t in times.items()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", type=Path, help="JSON path")
+    args = parser.parse_args(argv)
+    counts = [ops_per_element(mode) for mode in MODES]
+    print("## Mask ops per attention element (counted from the jaxpr of one 64x128 tile)\n")
+    print(markdown_table(("mode", "integer ops", "layout ops", "float ops"),
+                         [(c["mode"], c["integer_ops_per_element"], c["layout_ops_per_element"],
+                           c["float_ops_per_element"]) for c in counts]))
+    records = []
+    for broadcast in (False, True):
+        log(f"timing T={args.length}, broadcast_dropout={broadcast}")
+        records += step_times(args.length, args.rounds, broadcast)
+    print(f"\n## xla path step time, T={args.length} (B={BATCH}, H={HEADS}, D={DEPTH}, rate {RATE}), round-robin\n")
+    print(markdown_table(("mask", "broadcast_dropout", "median ms", "vs no dropout", "dropout cost vs exact"),
+                         [(r["name"], r["broadcast_dropout"], r["median_ms"], r["vs_no_dropout"],
+                           r["dropout_cost_vs_exact"]) for r in records]))
+    if args.out is not None:
+        args.out.write_text(json.dumps({"machine": machine_description(), "ops": counts, "steps": records}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
