@@ -16,19 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "SCALES",
     "canonical_axis",
+    "canonical_key",
+    "check_attention_shapes",
+    "check_broadcastable",
     "check_choice",
     "check_deterministic",
+    "check_float_dtype",
     "check_float_input",
+    "check_mask_rows",
+    "check_no_custom_products",
     "check_rate",
     "check_scale",
+    "check_single_key",
+    "check_threefry_key",
     "int_at_least",
     "keep_probability",
     "nan_unless_valid",
     "positive_int",
     "rate_is_valid",
+    "require_key",
     "static_bool",
-    "SCALES",
 ]
 
 SCALES = ("inverted", "classic")
@@ -166,3 +175,130 @@ def int_at_least(value: Any, minimum: int, *, name: str) -> int:
 def positive_int(value: Any, *, name: str) -> int:
     """``value`` as a Python int >= 1 (see :func:`int_at_least`)."""
     return int_at_least(value, 1, name=name)
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+def _describe(value: Any) -> str:
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"an array of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
+    """Returns ``key`` as a typed PRNG key array, accepting legacy raw ``uint32`` keys.
+
+    Accepted: a typed key (``jax.random.key(seed)``, any implementation) or a raw ``uint32`` key
+    of the default implementation (``jax.random.PRNGKey(seed)``, trailing dimension 2).
+
+    Raises:
+      TypeError: for anything else (an int seed, a float array, a string), naming ``name``.
+    """
+    if isinstance(key, (jax.Array, np.ndarray)) or hasattr(key, "dtype"):
+        dtype = key.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return key  # type: ignore[no-any-return]
+        if dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+            return jax.random.wrap_key_data(key)
+    raise TypeError(
+        f"`{name}` must be a PRNG key: jax.random.key(seed) (or a legacy uint32 key from "
+        f"jax.random.PRNGKey(seed)); got {_describe(key)}. To make one from an int seed, "
+        f"call jax.random.key(seed)."
+    )
+
+
+def check_single_key(key: Any, *, name: str = "key") -> jax.Array:
+    """``key`` as one typed key (shape ``()``), or ``ValueError`` for a key array (``TypeError`` for a non-key)."""
+    key = canonical_key(key, name=name)
+    if key.shape != ():
+        raise ValueError(
+            f"`{name}` must be a single key (shape ()), got a key array of shape {key.shape}; "
+            "use jax.vmap to give each example its own key."
+        )
+    return key
+
+
+def require_key(key: Any, *, what: str, name: str = "key", eval_hint: str = "deterministic=True") -> jax.Array:
+    """A single typed key for a training pass of ``what``, or an error that says what to do.
+
+    Raises:
+      ValueError: if ``key`` is None (pass a key, or ``eval_hint`` for evaluation) or holds several keys.
+      TypeError: if ``key`` is not a PRNG key (see :func:`canonical_key`).
+    """
+    if key is None:
+        raise ValueError(
+            f"{what} needs a PRNG `{name}` in training mode: pass {name}=jax.random.key(seed) (one per step, "
+            f"e.g. from jdrop.example_keys), or {eval_hint} for evaluation."
+        )
+    return check_single_key(key, name=name)
+
+
+def check_threefry_key(key: jax.Array, *, name: str = "key") -> jax.Array:
+    """``key`` if it is a threefry key (the default), else ``ValueError``: tiles draw counter-based bits."""
+    impl = str(jax.random.key_impl(key))
+    if impl != "threefry2x32":
+        raise ValueError(
+            f"`{name}` must be a threefry key (jax.random.key(seed), the default), got a {impl} key: the "
+            "dropout mask is drawn tile by tile from counter-based bits, which only threefry has. For other "
+            "generators use jdrop.attention_dropout on probabilities you compute yourself."
+        )
+    return key
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def check_float_dtype(dtype: Any, *, name: str = "dtype") -> np.dtype:
+    """``dtype`` as a numpy dtype if it is floating, else ``TypeError`` naming ``name``."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be a floating dtype, got {dtype}.")
+    return dtype
+
+
+def check_no_custom_products(**products: Any) -> None:
+    """``ValueError`` unless every custom product argument (``einsum_dot_general`` and the like) is None."""
+    given = [name for name, value in products.items() if value is not None]
+    if given:
+        raise ValueError(
+            "jdrop.dot_product_attention computes its own blockwise products: custom einsums or dot_generals "
+            f"({', '.join(products)}, e.g. for AQT) are not supported (got {', '.join(given)}); use "
+            "flax.linen.dot_product_attention for them."
+        )
+
+
+def check_attention_shapes(query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...]) -> None:
+    """``ValueError`` unless ``(batch..., length, heads, depth)`` query, key and value shapes fit together."""
+    if not len(query) == len(key) == len(value) or len(query) < 3:
+        raise ValueError(
+            "query, key and value must have the same rank, at least 3 ((batch..., length, heads, depth)); got "
+            f"shapes {query}, {key}, {value}."
+        )
+    if not query[:-3] == key[:-3] == value[:-3]:
+        raise ValueError(f"query, key and value batch dims must match, got {query}, {key}, {value}.")
+    if key[-3] != value[-3] or key[-2] != value[-2]:
+        raise ValueError(f"key and value lengths and heads must match, got {key} and {value}.")
+    if query[-1] != key[-1]:
+        raise ValueError(f"query and key depths must match, got {query[-1]} and {key[-1]}.")
+    if key[-2] == 0 or query[-2] % key[-2]:
+        raise ValueError(
+            f"query heads ({query[-2]}) must be a multiple of key/value heads ({key[-2]}) for grouped-query attention."
+        )
+    if query[-3] == 0 or key[-3] == 0:
+        raise ValueError(f"query and key lengths must be positive, got {query[-3]} and {key[-3]}.")
+
+
+def check_broadcastable(shape: tuple[int, ...], target: tuple[int, ...], *, name: str, axes: str) -> None:
+    """``ValueError`` unless ``shape`` broadcasts to ``target`` (numpy's rule), naming ``name`` and the ``axes``."""
+    if len(shape) > len(target):
+        raise ValueError(f"`{name}` of shape {shape} has more dims than {axes} {target}.")
+    for size, full in zip(shape[::-1], target[::-1]):
+        if size not in (1, full):
+            raise ValueError(f"`{name}` of shape {shape} does not broadcast to {axes} {target}.")
+
+
+def check_mask_rows(rows: int) -> None:
+    """``ValueError`` if a dropout mask has ``2**32`` rows or more (its row index must fit one ``uint32`` word)."""
+    if rows >= 2**32:
+        raise ValueError(f"the dropout mask has 2**32 rows or more ({rows}); split the batch.")

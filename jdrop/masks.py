@@ -41,7 +41,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, keep_probability
+from jdrop._validation import canonical_axis, canonical_key, check_single_key, keep_probability, require_key
 
 __all__ = [
     "THRESHOLD_BITS",
@@ -51,6 +51,7 @@ __all__ = [
     "canonical_key",
     "example_keys",
     "fold_in",
+    "index_words",
     "keep_from_bits",
     "keep_mask",
     "keep_threshold",
@@ -75,55 +76,6 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 # --------------------------------------------------------------------------------------- keys
 
 
-def canonical_key(key: KeyLike, *, name: str = "key") -> jax.Array:
-    """Returns ``key`` as a typed PRNG key array, accepting legacy raw ``uint32`` keys.
-
-    Accepted: a typed key (``jax.random.key(seed)``, any implementation) or a raw ``uint32`` key
-    of the default implementation (``jax.random.PRNGKey(seed)``, trailing dimension 2).
-
-    Raises:
-      TypeError: for anything else (an int seed, a float array, a string), naming ``name``.
-    """
-    if isinstance(key, (jax.Array, np.ndarray)) or hasattr(key, "dtype"):
-        dtype = key.dtype
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            return key  # type: ignore[return-value]
-        if dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
-            return jax.random.wrap_key_data(key)
-    raise TypeError(
-        f"`{name}` must be a PRNG key: jax.random.key(seed) (or a legacy uint32 key from "
-        f"jax.random.PRNGKey(seed)); got {_describe(key)}. To make one from an int seed, "
-        f"call jax.random.key(seed)."
-    )
-
-
-def require_key(key: KeyLike | None, *, what: str, eval_hint: str = "deterministic=True") -> jax.Array:
-    """A single typed key for a training pass of ``what``, or an error that says what to do.
-
-    Raises:
-      ValueError: if ``key`` is None (pass a key, or ``eval_hint`` for evaluation) or holds several keys.
-      TypeError: if ``key`` is not a PRNG key (see :func:`canonical_key`).
-    """
-    if key is None:
-        raise ValueError(
-            f"{what} needs a PRNG `key` in training mode: pass key=jax.random.key(seed) (one per step, "
-            f"e.g. from jdrop.example_keys), or {eval_hint} for evaluation."
-        )
-    key = canonical_key(key)
-    if key.shape != ():
-        raise ValueError(
-            f"`key` must be a single key (shape ()), got a key array of shape {key.shape}; "
-            "use jax.vmap to give each example its own key."
-        )
-    return key
-
-
-def _describe(value: Any) -> str:
-    if hasattr(value, "dtype") and hasattr(value, "shape"):
-        return f"an array of dtype {value.dtype} and shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"[:120]
-
-
 def example_keys(key: KeyLike, n: int, *, offset: Any = 0) -> jax.Array:
     """Keys for the examples with global indices ``offset, ..., offset + n - 1``.
 
@@ -139,15 +91,13 @@ def example_keys(key: KeyLike, n: int, *, offset: Any = 0) -> jax.Array:
     Returns:
       A typed key array of shape ``(n,)``.
     """
-    key = canonical_key(key)
-    if key.shape != ():
-        raise ValueError(f"`key` must be a single key (shape ()), got a key array of shape {key.shape}.")
+    key = check_single_key(key)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"`n` must be a non-negative int, got {n!r}.")
     if isinstance(offset, (float, complex, bool)) or (
         hasattr(offset, "dtype") and not jnp.issubdtype(offset.dtype, jnp.integer)
     ):
-        raise TypeError(f"`offset` must be an integer, got {_describe(offset)}.")
+        raise TypeError(f"`offset` must be an integer, got {type(offset).__name__} {offset!r}.")
     if isinstance(offset, (int, np.integer)) and offset < 0:
         raise ValueError(f"`offset` must be >= 0, got {offset}.")
     index = jnp.asarray(offset, jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
@@ -348,6 +298,46 @@ def bits_at(key_data: jax.Array, index_hi: jax.Array, index_lo: jax.Array) -> ja
     """
     t0, t1 = threefry2x32(key_data[0], key_data[1], index_hi, index_lo)
     return t0 ^ t1
+
+
+def index_words(
+    row: jax.Array, col: jax.Array, n_cols: int, *, n_rows: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The ``(high, low)`` ``uint32`` words of the row-major flat index ``row * n_cols + col``, in 64 bits.
+
+    With :func:`bits_at` this draws the bits of element ``(row, col)`` of a ``(n_rows, n_cols)`` array
+    (any array, flattened to two dims: ``row`` may itself combine leading indices) by its global
+    index, so a tile anywhere in the array gets exactly that array's bits: ``bits_at(key_data,
+    *index_words(row, col, n_cols))`` equals ``jax.random.bits(key, (n_rows, n_cols))[row, col]``. The
+    product is computed exactly in 64 bits from 16-bit halves (uint32 arithmetic only, so it runs on
+    every backend without x64); when the static ``n_rows`` shows every index below ``2**32``, the high
+    word is a constant 0 and the low word one multiply-add.
+
+    Args:
+      row: ``uint32`` row indices, ``< 2**32``.
+      col: ``uint32`` column indices, ``< n_cols``, broadcastable against ``row``.
+      n_cols: the array's number of columns (static, ``1 <= n_cols < 2**32``).
+      n_rows: the array's number of rows, if known statically (enables the one-word form).
+
+    Returns:
+      ``(high, low)``: ``uint32`` words of the broadcast shape (``high`` a 0-d zero in the one-word form).
+    """
+    if n_rows is not None and n_rows * n_cols < 2**32:
+        return jnp.zeros((), jnp.uint32), row * np.uint32(n_cols) + col
+    high, low = _wide_product(row, n_cols)
+    low = low + col
+    return high + (low < col).astype(jnp.uint32), low  # the carry of the low word
+
+
+def _wide_product(a: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+    """``a * c`` as (high, low) ``uint32`` words, for ``uint32`` ``a`` and a static ``c < 2**32``."""
+    a0, a1 = a & np.uint32(0xFFFF), a >> np.uint32(16)
+    c0, c1 = np.uint32(c & 0xFFFF), np.uint32(c >> 16)
+    p00, p01, p10, p11 = a0 * c0, a0 * c1, a1 * c0, a1 * c1
+    middle = (p00 >> np.uint32(16)) + (p01 & np.uint32(0xFFFF)) + (p10 & np.uint32(0xFFFF))
+    low = (p00 & np.uint32(0xFFFF)) | (middle << np.uint32(16))
+    high = p11 + (p01 >> np.uint32(16)) + (p10 >> np.uint32(16)) + (middle >> np.uint32(16))
+    return high, low
 
 
 # --------------------------------------------------------------------------------------- rates

@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 
 import jdrop
-from jdrop import attention as attention_module
 from jdrop import masks
+from jdrop.attention import _kernel as kernel
+from jdrop.attention import _layout as attention_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = jax.random.key(7)
@@ -78,10 +79,12 @@ def test_bits_at_gives_jax_random_bits_by_global_index(key):
 
 def test_mask_index_past_two_to_the_32_matches_uint64_arithmetic():
     # Flax's mask (8, 16, 2**13, 2**12) has 2**32 elements: JAX's counter then has a high word.
-    cfg = attention_module._Config(2**13, 2**12 + 3, 128, 128, 16, 2, False, False, "element", (), None)
+    cfg = kernel.Config(block_q=128, block_k=128, k_length=2**12 + 3, group=2, causal=False, skip_causal=False,
+                        dropout=kernel.DropoutMode.PER_ELEMENT, dropout_shape=(8, 16, 2**13, 2**12 + 3), bias_full=(),
+                        precision=None)
     rows = jnp.asarray([[0], [5], [2**13 - 1]], jnp.uint32)
     cols = jnp.asarray([[0, 1, 2**12 + 2]], jnp.uint32)
-    high, low = jax.jit(attention_module._mask_index, static_argnums=(0, 1))(cfg, 8, rows, cols)
+    high, low = jax.jit(kernel._mask_index, static_argnums=(0, 1))(cfg, (8, 8), rows, cols, kernel.Offsets())
     head = np.arange(8 * 16, dtype=np.uint64).reshape(8, 8, 2, 1, 1)
     expected = (head * np.uint64(2**13) + np.asarray(rows, np.uint64)) * np.uint64(2**12 + 3) + np.asarray(
         cols, np.uint64
@@ -314,3 +317,87 @@ def test_training_step_temporary_memory_grows_linearly():
     assert large <= 2.3 * small, (small, large)
     # Far below a single (heads, T, T) float32 array, which flax keeps several of.
     assert large < 2 * 2048 * 2048 * 4 / 4, large
+
+
+# ------------------------------------------------------------------------------------- block pairs at offsets
+
+
+def _block_pair(q, k, v, rate, dropout_shape, causal):
+    """The kernel's config and operands of one (query block, key block) pair, tiled by its local layout."""
+    layout = attention_layout.Layout.of(q, k, BLOCKS["block_q"], BLOCKS["block_k"])
+    cfg = kernel.Config(block_q=layout.block_q, block_k=layout.block_k, k_length=layout.k_length, group=layout.group,
+                        causal=causal, skip_causal=causal, dropout=kernel.DropoutMode.PER_ELEMENT,
+                        dropout_shape=dropout_shape, bias_full=(), precision=None)
+    tiles = layout.query_tiles(q / np.sqrt(q.shape[-1]).astype(np.float32)), layout.key_tiles(k), layout.key_tiles(v)
+    return layout, cfg, kernel.Operands(*tiles, None, None, kernel.dropout_operands(RNG, rate, q.dtype))
+
+
+def _combine(partials):
+    """Online softmax across key blocks: outputs normalised per block and their logsumexp parts, combined."""
+    row_max = jnp.max(jnp.stack([lse.row_max for _, lse in partials]), axis=0)
+    weights = [jnp.exp(lse.row_max - row_max + lse.log_row_sum) for _, lse in partials]  # each block's row sum
+    total = sum(weights)
+    # A row that sees no key of a block (causal) has weight 0 there and a NaN (0/0) block output.
+    out = sum(jnp.where(w[..., None] > 0, o.astype(jnp.float32), 0.0) * (w / total)[..., None]
+              for (o, _), w in zip(partials, weights))
+    return out, kernel.LogSumExp(row_max, jnp.log(total))
+
+
+def test_block_pairs_at_global_offsets_compose_into_the_whole_attention():
+    # Queries in 2 shards, keys in 2 blocks (odd lengths, causal, per-element dropout): each pair draws its part of
+    # flax's (B, H, Tq, Tk) mask and masks causally by global position; dQ sums over key blocks, dK/dV over shards.
+    q, k, v = _qkv(q_length=42, k_length=38)
+    rate, q_split, k_split = 0.3, 19, 21
+    shape = (2, 4, 42, 38)
+    d_out = _normal((2, 42, 4, 8))
+
+    @jax.jit
+    def sharded(q, k, v, d_out):
+        q_shards, k_blocks = (q[:, :q_split], q[:, q_split:]), ((0, k[:, :k_split], v[:, :k_split]),
+                                                                 (k_split, k[:, k_split:], v[:, k_split:]))
+        outs, grads_q, grads_kv = [], [], [jnp.zeros_like(k), jnp.zeros_like(v)]
+        for q_offset, q_shard in zip((0, q_split), q_shards):
+            pairs = [(k_offset, *_block_pair(q_shard, k_b, v_b, rate, shape, True)) for k_offset, k_b, v_b in k_blocks]
+            offsets = [kernel.Offsets(q=jnp.int32(q_offset), k=jnp.int32(k_offset)) for k_offset, *_ in pairs]
+            out, lse = _combine([kernel.forward(cfg, ops, o) for (_, _, cfg, ops), o in zip(pairs, offsets)])
+            layout = pairs[0][1]
+            d_out_tiles = layout.query_tiles(d_out[:, q_offset:q_offset + q_shard.shape[1]])
+            delta = kernel.delta(out, d_out_tiles)
+            d_q = 0.0
+            for (k_offset, k_layout, cfg, ops), o in zip(pairs, offsets):
+                dq, dk, dv, _ = kernel.backward(cfg, ops, d_out_tiles, lse, delta, o)
+                d_q = d_q + dq
+                for i, d in enumerate((dk, dv)):
+                    rows = slice(k_offset, k_offset + k_layout.k_length)
+                    grads_kv[i] = grads_kv[i].at[:, rows].add(k_layout.from_key_tiles(d))
+            outs.append(layout.from_query_tiles(out))
+            grads_q.append(layout.from_query_tiles(d_q) / np.sqrt(8.0))
+        return jnp.concatenate(outs, axis=1), (jnp.concatenate(grads_q, axis=1), *grads_kv)
+
+    out, grads = sharded(q, k, v, d_out)
+    whole = _jdrop(dropout_rng=RNG, dropout_rate=rate, broadcast_dropout=False, is_causal=True)
+    ref, vjp = jax.vjp(jax.jit(whole), q, k, v)
+    _assert_close(out, ref)
+    _assert_close(grads, vjp(d_out))
+
+
+def test_batch_and_head_offsets_draw_their_part_of_the_per_element_mask():
+    # Batch rows and heads in 2 shards each (as on a 2-D mesh): the shards' outputs are the whole call's.
+    q, k, v = _qkv(q_length=21, k_length=19)
+    shape = (2, 4, 21, 19)
+
+    @jax.jit
+    def sharded(q, k, v):
+        rows = []
+        for b in range(2):
+            heads = []
+            for h in (0, 2):
+                layout, cfg, ops = _block_pair(q[b:b + 1, :, h:h + 2], k[b:b + 1, :, h:h + 2], v[b:b + 1, :, h:h + 2],
+                                               0.5, shape, False)
+                out, _ = kernel.forward(cfg, ops, kernel.Offsets(batch=jnp.int32(b), head=jnp.int32(h)))
+                heads.append(layout.from_query_tiles(out))
+            rows.append(jnp.concatenate(heads, axis=2))
+        return jnp.concatenate(rows, axis=0)
+
+    ref = jax.jit(_jdrop(dropout_rng=RNG, dropout_rate=0.5, broadcast_dropout=False))(q, k, v)
+    _assert_close(sharded(q, k, v), ref)

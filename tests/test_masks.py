@@ -141,6 +141,28 @@ def test_random_bits_rejects_non_keys(bad):
         masks.random_bits(bad, (3,))
 
 
+@pytest.mark.parametrize("n_cols", [3, 2**12 + 3, 2**32 - 1])
+def test_index_words_equal_uint64_arithmetic(n_cols):
+    # row * n_cols + col in 64 bits from uint32 words, against numpy's uint64, across the 2**32 boundary.
+    rows = np.asarray([[0], [1], [2**20 + 7], [2**32 - 1]], np.uint64)
+    cols = np.asarray([[0, 1, n_cols - 1]], np.uint64)
+    expected = rows * np.uint64(n_cols) + cols
+    words = jax.jit(masks.index_words, static_argnums=2)
+    high, low = words(jnp.asarray(rows, jnp.uint32), jnp.asarray(cols, jnp.uint32), n_cols)
+    np.testing.assert_array_equal(np.asarray(high, np.uint64), expected >> np.uint64(32))
+    np.testing.assert_array_equal(np.asarray(low, np.uint64), expected & np.uint64(0xFFFFFFFF))
+
+
+def test_index_words_with_bits_at_draw_any_tile_of_jax_random_bits(key):
+    # The one-word form (n_rows known: every index below 2**32) and the two-word form give the same tile.
+    rows, cols = jnp.arange(2, 5, dtype=jnp.uint32)[:, None], jnp.arange(3, 7, dtype=jnp.uint32)[None, :]
+    expected = jax.random.bits(key, (6, 7), jnp.uint32)[2:5, 3:7]
+    for n_rows in (6, None):
+        high, low = masks.index_words(rows, cols, 7, n_rows=n_rows)
+        assert (n_rows is None) != (jnp.shape(high) == ())
+        np.testing.assert_array_equal(jax.jit(masks.bits_at)(jax.random.key_data(key), high, low), expected)
+
+
 # --------------------------------------------------------------------------------------- keep_mask
 
 

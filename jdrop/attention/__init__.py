@@ -1,0 +1,23 @@
+"""Fused dot-product attention with dropout: blockwise, O(T) memory, flax's masks.
+
+The forward pass visits the ``(Tq, Tk)`` logits one ``(block_q, block_k)`` tile at a time with an
+online softmax (Rabe & Staats 2021; Dao et al. 2022); the backward pass recomputes each tile's
+probabilities from the per-row logsumexp and regenerates its dropout mask from the key by global
+index (:func:`jdrop.masks.bits_at`, :func:`jdrop.masks.index_words`), so no array of ``Tq x Tk``
+elements is ever stored or built.
+
+One concern per file: ``_api`` (the public function and its checks), ``_layout`` (padding and
+tiling into the kernel's layout, and back), ``_kernel`` (the tiles, the forward and backward passes
+of one block pair at a global position, and the custom_vjp that composes them).
+
+References: A. Vaswani et al., Attention is all you need, NeurIPS 2017; M. Rabe, C. Staats,
+Self-attention does not need O(n^2) memory, arXiv:2112.05682, 2021; T. Dao, D. Fu, S. Ermon, A. Rudra,
+C. Ré, FlashAttention: fast and memory-efficient exact attention with IO-awareness, NeurIPS 2022;
+T. Dao, FlashAttention-2, arXiv:2307.08691, 2023.
+"""
+
+from jdrop.attention._api import DEFAULT_BLOCK_K as DEFAULT_BLOCK_K
+from jdrop.attention._api import DEFAULT_BLOCK_Q as DEFAULT_BLOCK_Q
+from jdrop.attention._api import dot_product_attention as dot_product_attention
+
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "dot_product_attention"]

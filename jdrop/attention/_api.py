@@ -1,0 +1,208 @@
+"""The public face of the fused attention: checks, then the layout and the kernel.
+
+Every check goes through :mod:`jdrop._validation`; the tiling is :mod:`jdrop.attention._layout`'s,
+the computation :mod:`jdrop.attention._kernel`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+from jdrop._validation import (
+    check_attention_shapes,
+    check_broadcastable,
+    check_deterministic,
+    check_float_dtype,
+    check_float_input,
+    check_mask_rows,
+    check_no_custom_products,
+    check_rate,
+    check_threefry_key,
+    positive_int,
+    require_key,
+)
+from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
+from jdrop.attention._layout import Layout
+
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "dot_product_attention"]
+
+DEFAULT_BLOCK_Q = 256
+"""Default query rows per tile (measured on a 2-core CPU: see BENCHMARKS.md)."""
+DEFAULT_BLOCK_K = 128
+"""Default key columns per tile."""
+
+
+def _checked_inputs(query: Any, key: Any, value: Any, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``query``, ``key``, ``value`` as arrays of one floating ``dtype`` (default: promoted), shapes checked."""
+    arrays = [check_float_input(x, name=name) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
+    dtype = check_float_dtype(jnp.result_type(*arrays) if dtype is None else dtype)
+    query, key, value = (x.astype(dtype) for x in arrays)
+    check_attention_shapes(query.shape, key.shape, value.shape)
+    return query, key, value
+
+
+def _checked_bias_and_mask(layout: Layout, bias: Any, mask: Any) -> tuple[jax.Array | None, jax.Array | None]:
+    """``bias`` and ``mask`` as arrays (the mask bool), checked to broadcast to ``(batch..., Hq, Tq, Tk)``."""
+    target = (*layout.batch_shape, layout.q_heads, layout.q_length, layout.k_length)
+    arrays = []
+    for name, array in (("bias", bias), ("mask", mask)):
+        if array is not None:
+            array = jnp.asarray(array)
+            check_broadcastable(array.shape, target, name=name, axes="(batch..., heads, Tq, Tk)")
+        arrays.append(array)
+    bias, mask = arrays
+    return bias, None if mask is None else mask.astype(bool)
+
+
+def _dropout(layout: Layout, mode: DropoutMode, dropout_rng: Any, rate: float | jax.Array, dtype: Any) -> Drop:
+    """The kernel's dropout operands for a training pass, after checking the key and the mask's size."""
+    rng = require_key(dropout_rng, what="jdrop.dot_product_attention", name="dropout_rng")
+    check_threefry_key(rng, name="dropout_rng")
+    check_mask_rows(layout.batch * layout.q_heads * layout.q_length if mode == DropoutMode.PER_ELEMENT
+                    else layout.q_length)
+    return dropout_operands(rng, rate, dtype)
+
+
+def _config(layout: Layout, mode: DropoutMode, bias: jax.Array | None, masked: bool, causal: bool,
+            precision: Any) -> Config:
+    """The kernel's static description of the call; ``bias`` is in the internal layout."""
+    per_element = mode == DropoutMode.PER_ELEMENT
+    bias_shape = () if bias is None else bias.shape
+    return Config(
+        block_q=layout.block_q,
+        block_k=layout.block_k,
+        k_length=layout.k_length,
+        group=layout.group,
+        causal=causal,
+        skip_causal=causal and not masked,
+        dropout=mode,
+        dropout_shape=(layout.batch if per_element else 1, layout.q_heads if per_element else 1, layout.q_length,
+                       layout.k_length),
+        bias_full=tuple(d > 1 for d in bias_shape),
+        precision=precision,
+    )
+
+
+def dot_product_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: Any = None,
+    dropout_rate: Any = 0.0,
+    deterministic: bool = False,
+    dtype: DTypeLike | None = None,
+    precision: Any = None,
+    module: Any = None,
+    *,
+    is_causal: bool = False,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Any = None,
+    qk_attn_weights_einsum: Any = None,
+    attn_weights_value_einsum: Any = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> jax.Array:
+    """Dot-product attention (Vaswani et al. 2017) with dropout, blockwise, in O(T) memory.
+
+    With ``S = q k^T / sqrt(D) + bias`` (masked entries set to ``finfo(float32).min``, as flax
+    does), ``P = softmax(S)`` over the keys and ``m ~ Bernoulli(keep)`` per attention weight::
+
+        train  out = (m * P / keep) v      eval (deterministic or rate 0)  out = P v
+
+    ``m`` is ``jax.random.bernoulli(dropout_rng, 1 - dropout_rate, shape)``, exactly the mask
+    ``flax.linen.dot_product_attention`` draws for the same ``dropout_rng``: ``shape`` is
+    ``(batch..., heads, Tq, Tk)``, or ``(1, ..., 1, Tq, Tk)`` (one mask for every batch row and head)
+    with ``broadcast_dropout=True``. ``keep`` is the realised keep probability
+    ``ceil((1 - rate) * 2**23) / 2**23`` (within ``2**-23`` of flax's ``1 - rate``), so the output
+    is unbiased exactly. Same arguments as flax's function: it is a drop-in ``attention_fn`` for
+    ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``, and gives
+    their outputs for the same rngs, to float rounding.
+
+    How it differs from flax's: the ``(Tq, Tk)`` logits are visited one ``(block_q, block_k)``
+    tile at a time with an online softmax (Rabe & Staats 2021; Dao et al. 2022, FlashAttention),
+    each tile drawing its part of the mask by global element index (:func:`jdrop.masks.bits_at`);
+    the backward pass (a ``jax.custom_vjp`` whose residuals are q, k, v, the output, the per-row
+    logsumexp, kept as its max and log-sum, and the key) recomputes each tile's probabilities and
+    mask. No ``Tq x Tk`` array is stored or built, so a training step's temporary memory grows
+    linearly in the length, and results do not depend on the tile sizes (up to float rounding). It
+    is plain JAX (``lax`` loops), so XLA compiles it for CPU, GPU and TPU.
+
+    Grouped-query and multi-query attention: ``key`` and ``value`` may have fewer heads than
+    ``query`` (a divisor of its heads); query head ``h`` attends with key/value head
+    ``h // (q_heads // kv_heads)``, as ``flax.nnx`` and repeating the key/value heads do.
+
+    Args:
+      query: ``(batch..., Tq, heads, D)``, floating (float16, bfloat16, float32, float64).
+      key: ``(batch..., Tk, kv_heads, D)``.
+      value: ``(batch..., Tk, kv_heads, Dv)``.
+      bias: added to the logits, broadcastable to ``(batch..., heads, Tq, Tk)``; differentiable.
+      mask: bool, broadcastable to ``(batch..., heads, Tq, Tk)``; False entries are masked out. A row
+        masked entirely gets a uniform softmax over its keys, as in flax.
+      broadcast_dropout: one dropout mask for all batch rows and heads (flax's default).
+      dropout_rng: a threefry PRNG key (``jax.random.key`` or ``PRNGKey``; other implementations
+        have no counter-based bits and raise ``ValueError``). Needed in training when the rate is
+        not statically 0.
+      dropout_rate: drop probability in [0, 1], a Python float or a traced scalar (one compilation
+        serves all rates; a traced rate outside [0, 1] makes the output NaN). 1 gives zeros.
+      deterministic: evaluation mode (no dropout; the rng is ignored). A Python bool.
+      dtype: the dtype of the inputs and output (default: their promoted dtype). Products
+        accumulate, and the softmax runs, in at least float32 whatever the dtype.
+      precision: ``lax.Precision`` of the products.
+      module: a flax module to sow the attention weights into (flax's ``sow_weights=True``): the
+        softmax probabilities (before dropout) are then computed apart, as a full
+        ``(batch..., heads, Tq, Tk)`` array, and sown as ``"attention_weights"`` (``"intermediates"``
+        in linen, ``nnx.Intermediate`` in nnx); the output still comes from the blockwise kernel.
+      is_causal: attend only to keys ``k <= q`` (flax.nnx's ``is_causal``), without building a mask;
+        without a ``mask``, the tiles above the diagonal are skipped.
+      force_fp32_for_softmax: accepted for flax compatibility; the softmax always runs in float32.
+      einsum_dot_general: must be None (custom products, e.g. AQT, need flax's own attention).
+      qk_attn_weights_einsum: must be None.
+      attn_weights_value_einsum: must be None.
+      block_q: query rows per tile (tuning only: results do not depend on it).
+      block_k: key columns per tile.
+
+    Returns:
+      ``(batch..., Tq, heads, Dv)`` in ``dtype``.
+
+    Raises:
+      ValueError: for a bad ``dropout_rate``, a missing, non-single or non-threefry ``dropout_rng`` in
+        training, mismatched shapes, custom einsums, or block sizes below 1.
+      TypeError: for integer inputs, a non-floating ``dtype``, a non-bool ``deterministic``, or
+        non-int block sizes.
+
+    Example::
+
+      >>> q = k = v = jnp.ones((2, 1024, 8, 64))
+      >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1)
+      >>> layer = flax.linen.MultiHeadDotProductAttention(8, dropout_rate=0.1,
+      ...                                                 attention_fn=jdrop.dot_product_attention)
+    """
+    del force_fp32_for_softmax  # the softmax always runs in (at least) float32 here
+    check_no_custom_products(einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,
+                             attn_weights_value_einsum=attn_weights_value_einsum)
+    block_q, block_k = positive_int(block_q, name="block_q"), positive_int(block_k, name="block_k")
+    deterministic = check_deterministic(deterministic)
+    query, key, value = _checked_inputs(query, key, value, dtype)
+    layout = Layout.of(query, key, block_q, block_k)
+    bias, mask = _checked_bias_and_mask(layout, bias, mask)
+    rate = check_rate(dropout_rate, name="dropout_rate")
+    mode = DropoutMode.NONE
+    if not deterministic and not (isinstance(rate, float) and rate == 0.0):
+        mode = DropoutMode.BROADCAST if broadcast_dropout else DropoutMode.PER_ELEMENT
+    drop = None if mode == DropoutMode.NONE else _dropout(layout, mode, dropout_rng, rate, query.dtype)
+    if module is not None:
+        from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
+
+        sow_attention_weights(module, query, key, bias, mask, is_causal)
+    query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
+    bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
+    cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision)
+    ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
+    return layout.from_query_tiles(attention(cfg, ops))

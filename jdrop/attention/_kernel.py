@@ -1,0 +1,416 @@
+"""The blockwise kernel: tiles, online-softmax forward, FlashAttention-2 backward, and their custom_vjp.
+
+Everything here works in the kernel layout of :mod:`jdrop.attention._layout`: queries
+``(nq, B, Hk, G, bq, D)`` and keys/values ``(nk, B, Hk, bk, D)`` in whole tiles, a mask or bias as
+``(B|1, Hk|1, G|1, Tq|1, Tk|1)`` padded to whole tiles. :func:`forward` and :func:`backward` each
+handle one (query block, key block) pair whose global position in the attention matrix is given
+by :class:`Offsets` (traced scalars allowed), and :class:`Config` holds the global shape of the
+dropout mask apart from the local lengths: a shard of queries meeting a block of keys that lives
+elsewhere draws exactly its part of flax's mask and applies causal masking by global position.
+Sequence-parallel (ring) attention can compose these functions across devices as
+:func:`attention` composes them for one device.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdrop import masks
+from jdrop._dropout import keep_and_factor
+from jdrop._validation import keep_probability
+
+__all__ = [
+    "Config",
+    "Drop",
+    "DropoutMode",
+    "LogSumExp",
+    "Offsets",
+    "ORIGIN",
+    "Operands",
+    "attention",
+    "backward",
+    "delta",
+    "dropout_operands",
+    "forward",
+]
+
+Drop = tuple[jax.Array, jax.Array, jax.Array]
+"""A training pass's dropout operands: ``(key_data, threshold, factor)``."""
+
+
+class DropoutMode(enum.Enum):
+    """Which dropout mask the kernel draws."""
+
+    NONE = "none"
+    BROADCAST = "broadcast"  # one (Tq, Tk) mask for every batch row and head: flax's broadcast_dropout=True
+    PER_ELEMENT = "per_element"  # one (B, Hq, Tq, Tk) mask: broadcast_dropout=False
+
+
+class Config(NamedTuple):
+    """Static description of one block pair (hashable: the custom_vjp's non-differentiable argument)."""
+
+    block_q: int
+    block_k: int
+    k_length: int  # real keys in the local key block; the arrays are padded to whole tiles
+    group: int  # query heads per key/value head
+    causal: bool  # by global position: key column <= query row
+    skip_causal: bool  # visit only the tiles on or below the diagonal (no user mask: no fully masked row)
+    dropout: DropoutMode
+    dropout_shape: tuple[int, int, int, int]  # GLOBAL shape of flax's mask: (B, Hq, Tq, Tk) or (1, 1, Tq, Tk)
+    bias_full: tuple[bool, ...]  # per internal axis (batch, kv head, group, q, k): does the bias vary along it?
+    precision: Any
+
+
+class Offsets(NamedTuple):
+    """Global position of a block pair: its first query row, key column, batch row and query head.
+
+    Python ints (the default 0s: the block pair is the whole attention matrix) or traced integer scalars.
+    """
+
+    q: Any = 0
+    k: Any = 0
+    batch: Any = 0
+    head: Any = 0
+
+
+ORIGIN = Offsets()
+"""The block pair at the origin: the whole attention matrix of one call."""
+
+
+class Operands(NamedTuple):
+    """A block pair's inputs in the kernel layout."""
+
+    q: jax.Array  # (nq, B, Hk, G, bq, D), already scaled by 1/sqrt(D)
+    k: jax.Array  # (nk, B, Hk, bk, D)
+    v: jax.Array  # (nk, B, Hk, bk, Dv)
+    bias: jax.Array | None
+    mask: jax.Array | None
+    drop: Drop | None
+
+
+class LogSumExp(NamedTuple):
+    """Each query row's logsumexp as its two parts, ``(nq, B, Hk, G, bq)`` each.
+
+    Their sum would round ``log(Tk)`` away for a fully masked row (logits ``finfo.min``), whose
+    probabilities the backward pass must still find uniform.
+    """
+
+    row_max: jax.Array
+    log_row_sum: jax.Array
+
+
+def dropout_operands(key: jax.Array, rate: float | jax.Array, dtype: Any) -> Drop:
+    """``(key_data, threshold, factor)`` of a training pass; ``factor`` is ``1/keep`` (0 at rate 1, NaN if invalid)."""
+    threshold = masks.keep_threshold(keep_probability(rate))
+    _, factor = keep_and_factor(rate, dtype=jnp.promote_types(dtype, jnp.float32))
+    return jax.random.key_data(key), threshold, factor
+
+
+# ----------------------------------------------------------------------------------- one tile
+
+
+def _is_zero(offset: Any) -> bool:
+    return isinstance(offset, int) and offset == 0
+
+
+def _shift(x: Any, offset: Any) -> Any:
+    """``x + offset``, skipping a static zero offset (so the one-block program is unchanged)."""
+    return x if _is_zero(offset) else x + offset
+
+
+def _dot(cfg: Config, a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """Matmul batched over the two leading (batch, kv head) axes, accumulating in at least float32."""
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    dims = (((contract[0],), (contract[1],)), ((0, 1), (0, 1)))
+    return lax.dot_general(a, b, dims, precision=cfg.precision, preferred_element_type=acc)
+
+
+def _tile(cfg: Config, array: jax.Array, i: Any, j: Any) -> jax.Array:
+    """Local tile (i, j) of a mask or bias of internal rank 5, whose q and k axes are full (padded) or 1."""
+    start = (0, 0, 0, i * cfg.block_q if array.shape[3] > 1 else 0, j * cfg.block_k if array.shape[4] > 1 else 0)
+    sizes = (*array.shape[:3], min(array.shape[3], cfg.block_q), min(array.shape[4], cfg.block_k))
+    return lax.dynamic_slice(array, start, sizes)
+
+
+def _scores(cfg: Config, ops: Operands, q_i: jax.Array, k_j: jax.Array, i: Any, j: Any,
+            offsets: Offsets) -> tuple[jax.Array, jax.Array | None]:
+    """Logits of local tile (i, j): ``(B, Hk, G, bq, bk)``, masked as flax masks them, and the mask (or None).
+
+    ``q_i`` is ``(B, Hk, G, bq, D)``, ``k_j`` is ``(B, Hk, bk, D)``. Masked entries get
+    ``finfo(float32).min`` (flax's big negative, so a fully masked row is uniform, as in flax); the
+    padding columns past ``k_length`` get ``-inf`` so that they never count. The causal test
+    compares global positions.
+    """
+    batch, kv_heads, group, bq, depth = q_i.shape
+    s = _dot(cfg, q_i.reshape(batch, kv_heads, group * bq, depth), k_j, (3, 3))
+    s = s.reshape(batch, kv_heads, group, bq, cfg.block_k)
+    if ops.bias is not None:
+        s = s + _tile(cfg, ops.bias, i, j).astype(s.dtype)
+    cols = j * cfg.block_k + lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)  # local
+    allowed = None if ops.mask is None else _tile(cfg, ops.mask, i, j)
+    if cfg.causal:
+        rows = _shift(i * cfg.block_q + lax.broadcasted_iota(jnp.int32, (bq, 1), 0), offsets.q)
+        causal = _shift(cols, offsets.k) <= rows
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is not None:
+        s = jnp.where(allowed, s, jnp.finfo(s.dtype).min)
+    if cfg.k_length % cfg.block_k:
+        s = jnp.where(cols < cfg.k_length, s, -jnp.inf)
+    return s, allowed
+
+
+def _mask_index(cfg: Config, heads: tuple[int, int], rows: jax.Array, cols: jax.Array,
+                offsets: Offsets) -> tuple[jax.Array, jax.Array]:
+    """Flat (high, low) indices of global query rows ``rows`` x key columns ``cols`` in flax's dropout mask.
+
+    That array is ``cfg.dropout_shape`` (global, unpadded), row-major, so a tile draws exactly that
+    array's bits. ``rows`` is ``(n, 1)``, ``cols`` ``(1, m)`` (``uint32``); ``heads`` is the block's
+    local ``(batch, kv_heads)``. Padding rows and columns get indices too (they alias other elements)
+    but their values are never used. The column index varies along the minor axis, so the threefry
+    chain is never loop-invariant in the innermost loop of a fusion (the compile hazard of AVX-512's
+    vectorizer, see jdrop.masks).
+    """
+    n_batch, q_heads, q_length, k_length = cfg.dropout_shape
+    if cfg.dropout == DropoutMode.PER_ELEMENT:
+        shape = (*heads, cfg.group, 1, 1)
+        example = _shift(lax.broadcasted_iota(jnp.uint32, shape, 0), _uint32(offsets.batch))
+        head = _shift(lax.broadcasted_iota(jnp.uint32, shape, 1) * np.uint32(cfg.group)
+                      + lax.broadcasted_iota(jnp.uint32, shape, 2), _uint32(offsets.head))
+        rows = (example * np.uint32(q_heads) + head) * np.uint32(q_length) + rows
+    return masks.index_words(rows, cols, k_length, n_rows=n_batch * q_heads * q_length)
+
+
+def _uint32(offset: Any) -> Any:
+    return offset if isinstance(offset, int) else jnp.asarray(offset).astype(jnp.uint32)
+
+
+def _dropout_factors(cfg: Config, drop: Drop, heads: tuple[int, int], row0: Any, n_rows: int, col0: Any,
+                     n_cols: int, offsets: Offsets) -> jax.Array:
+    """Factors of the probabilities in local rows ``row0 + [0, n_rows)`` x local columns ``col0 + [0, n_cols)``.
+
+    ``1/keep`` where the mask keeps, 0 where it drops (NaN everywhere for an invalid traced rate);
+    ``(n_rows, n_cols)`` for broadcast dropout, ``(B, Hk, G, n_rows, n_cols)`` otherwise.
+    """
+    key_data, threshold, factor = drop
+    rows = _shift(row0 + lax.broadcasted_iota(jnp.int32, (n_rows, 1), 0), offsets.q).astype(jnp.uint32)
+    cols = _shift(col0 + lax.broadcasted_iota(jnp.int32, (1, n_cols), 1), offsets.k).astype(jnp.uint32)
+    high, low = _mask_index(cfg, heads, rows, cols, offsets)
+    keep = masks.keep_from_bits(masks.bits_at(key_data, high, low), threshold)
+    fill = jnp.where(jnp.isnan(factor), factor, jnp.zeros_like(factor))
+    return jnp.where(keep, factor, fill)
+
+
+def _shared_factors(cfg: Config, ops: Operands, row0: Any, n_rows: int, col0: Any, n_cols: int,
+                    offsets: Offsets) -> jax.Array | None:
+    """Broadcast dropout's factors for a whole row (or column) of tiles, drawn outside the inner loop.
+
+    Computed before the loop over tiles, they cross its boundary and so are stored (``n_rows x n_cols``
+    floats, O(T x block)): XLA would otherwise fuse the threefry into each tile's consumer, whose
+    elements are the tile broadcast over all batch rows and heads, and draw it once per (batch, head).
+    """
+    if ops.drop is None or cfg.dropout != DropoutMode.BROADCAST:
+        return None
+    heads = (ops.q.shape[1], ops.q.shape[2])
+    return _dropout_factors(cfg, ops.drop, heads, row0, n_rows, col0, n_cols, offsets)
+
+
+def _visible_k_blocks(cfg: Config, i: Any, n_k: int, offsets: Offsets) -> Any:
+    """Number of key tiles query tile ``i`` sees: all, or those that start on or below the causal diagonal.
+
+    Zero or less (the loop then runs no step) for a key block entirely above the diagonal.
+    """
+    if not cfg.skip_causal:
+        return n_k
+    last_row = _shift(_shift((i + 1) * cfg.block_q - 1, offsets.q), -offsets.k)  # relative to the key block
+    return jnp.minimum(n_k, last_row // cfg.block_k + 1)
+
+
+def _first_q_block(cfg: Config, j: Any, offsets: Offsets) -> Any:
+    """First query tile that sees key tile ``j`` (past the last one for a key block above the diagonal)."""
+    if not cfg.skip_causal:
+        return 0
+    first = _shift(_shift(j * cfg.block_k, offsets.k), -offsets.q) // cfg.block_q  # relative to the query block
+    return first if _is_zero(offsets.q) and _is_zero(offsets.k) else jnp.maximum(first, 0)
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+def _forward_step(cfg: Config, ops: Operands, i: Any, q_i: jax.Array, j: Any, shared: jax.Array | None,
+                  offsets: Offsets, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+    """One online-softmax step: query tile ``i`` meets key tile ``j``; ``carry`` is (row max, row sum, P~ V)."""
+    row_max, row_sum, acc = carry
+    batch, kv_heads, group, bq, _ = q_i.shape
+    k_j, v_j = ops.k[j], ops.v[j]
+    s, _ = _scores(cfg, ops, q_i, k_j, i, j, offsets)
+    new_max = jnp.maximum(row_max, s.max(axis=-1))
+    # A row whose logits so far are all -inf (a -inf bias) keeps a finite reference point.
+    safe_max = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+    p = jnp.exp(s - safe_max[..., None])
+    correction = jnp.exp(row_max - safe_max)
+    row_sum = row_sum * correction + p.sum(axis=-1)
+    if shared is not None:
+        p = p * lax.dynamic_slice_in_dim(shared, j * cfg.block_k, cfg.block_k, axis=1)
+    elif ops.drop is not None:
+        p = p * _dropout_factors(cfg, ops.drop, (batch, kv_heads), i * cfg.block_q, cfg.block_q, j * cfg.block_k,
+                                 cfg.block_k, offsets)
+    pv = _dot(cfg, p.astype(v_j.dtype).reshape(batch, kv_heads, group * bq, -1), v_j, (3, 2))
+    acc = acc * correction[..., None] + pv.reshape(acc.shape)
+    return new_max, row_sum, acc
+
+
+def forward(cfg: Config, ops: Operands, offsets: Offsets = ORIGIN) -> tuple[jax.Array, LogSumExp]:
+    """Blockwise forward of one block pair: ``(out, logsumexp)``, tile-major.
+
+    Returns ``out`` ``(nq, B, Hk, G, bq, Dv)`` in ``q``'s dtype (normalised over this key block) and
+    each row's :class:`LogSumExp` over this key block, from which outputs over several key blocks
+    combine (online softmax across blocks).
+    """
+    n_k = ops.k.shape[0]
+    batch, kv_heads, group, bq, _ = ops.q.shape[1:]
+    acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
+
+    def row_block(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        i, q_i = args
+        shared = _shared_factors(cfg, ops, i * cfg.block_q, cfg.block_q, 0, n_k * cfg.block_k, offsets)
+        init = (
+            jnp.full((batch, kv_heads, group, bq), -jnp.inf, acc_dtype),
+            jnp.zeros((batch, kv_heads, group, bq), acc_dtype),
+            jnp.zeros((batch, kv_heads, group, bq, ops.v.shape[-1]), acc_dtype),
+        )
+        step = partial(_forward_step, cfg, ops, i, q_i, shared=shared, offsets=offsets)
+        row_max, row_sum, acc = lax.fori_loop(0, _visible_k_blocks(cfg, i, n_k, offsets),
+                                              lambda j, carry: step(j, carry=carry), init)
+        out = (acc / row_sum[..., None]).astype(ops.q.dtype)
+        return out, (row_max, jnp.log(row_sum))
+
+    out, (row_max, log_row_sum) = lax.map(row_block, (jnp.arange(ops.q.shape[0]), ops.q))
+    return out, LogSumExp(row_max, log_row_sum)
+
+
+# ----------------------------------------------------------------------------------- backward
+
+
+def delta(out: jax.Array, d_out: jax.Array) -> jax.Array:
+    """``rowsum(dO * O)`` = ``rowsum(dP~ * P~)``: the softmax backward's per-row term, dropout included.
+
+    Computed once from the final output of all key blocks, in at least float32.
+    """
+    acc_dtype = jnp.promote_types(out.dtype, jnp.float32)
+    return jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)
+
+
+def _add_bias_tile(cfg: Config, d_bias: jax.Array, ds: jax.Array, i: Any, j: Any) -> jax.Array:
+    """Adds tile (i, j)'s logit gradient into ``d_bias``, summed over the axes the bias broadcasts along."""
+    axes = tuple(axis for axis, full in enumerate(cfg.bias_full) if not full)
+    contribution = ds.sum(axis=axes, keepdims=True) if axes else ds
+    start = (0, 0, 0, i * cfg.block_q if cfg.bias_full[3] else 0, j * cfg.block_k if cfg.bias_full[4] else 0)
+    current = lax.dynamic_slice(d_bias, start, contribution.shape)
+    return lax.dynamic_update_slice(d_bias, current + contribution, start)
+
+
+class _Cotangents(NamedTuple):
+    """What the backward pass of one block pair reads besides the operands (tile-major like ``q``)."""
+
+    d_out: jax.Array  # (nq, B, Hk, G, bq, Dv), in q's dtype
+    logsumexp: LogSumExp
+    delta: jax.Array  # (nq, B, Hk, G, bq)
+
+
+def _backward_step(cfg: Config, ops: Operands, cot: _Cotangents, i: Any, column: tuple[Any, jax.Array, jax.Array],
+                   shared: jax.Array | None, offsets: Offsets, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Query tile ``i`` meets key tile ``j`` (``column`` is ``(j, k_j, v_j)``): adds into (dK_j, dV_j, dQ, dbias)."""
+    d_k, d_v, d_q, d_bias = carry
+    j, k_j, v_j = column
+    q_i, do_i = ops.q[i], cot.d_out[i]
+    batch, kv_heads, group, bq, depth = q_i.shape
+    s, allowed = _scores(cfg, ops, q_i, k_j, i, j, offsets)
+    shifted = s - cot.logsumexp.row_max[i][..., None]
+    p = jnp.exp(shifted - cot.logsumexp.log_row_sum[i][..., None])
+    dp = _dot(cfg, do_i.reshape(batch, kv_heads, group * bq, -1), v_j, (3, 3)).reshape(p.shape)
+    # dS = P * (dP~ * factors - delta) = P~ * dP~ - P * delta with P~ = P * factors: the factors are
+    # used once. Broadcast dropout's factors are stored (drawn once per column of tiles): a multiply
+    # reads them. Per-element factors are drawn here: P~ = exp(S - L + log(factors)) ends in an exp, an
+    # op XLA will not duplicate, so the dV product and dS share one P~ and the tile's mask is drawn once.
+    if shared is not None:
+        p_dropped = p * lax.dynamic_slice_in_dim(shared, i * bq, bq, axis=0)
+    elif ops.drop is not None:
+        factors = _dropout_factors(cfg, ops.drop, (batch, kv_heads), i * bq, bq, j * cfg.block_k, cfg.block_k,
+                                   offsets)
+        p_dropped = jnp.exp(shifted - cot.logsumexp.log_row_sum[i][..., None] + jnp.log(factors))
+    else:
+        p_dropped = p
+    ds = p_dropped * dp - p * cot.delta[i][..., None]
+    if ops.mask is not None and allowed is not None:
+        # Masked logits are a constant: no gradient, even in a fully masked row (whose P is uniform).
+        ds = jnp.where(allowed, ds, 0.0)
+    rows = (batch, kv_heads, group * bq, cfg.block_k)
+    d_v = d_v + _dot(cfg, p_dropped.astype(q_i.dtype).reshape(rows), do_i.reshape(batch, kv_heads, group * bq, -1),
+                     (2, 2))
+    d_k = d_k + _dot(cfg, ds.astype(q_i.dtype).reshape(rows), q_i.reshape(batch, kv_heads, group * bq, depth), (2, 2))
+    d_q = d_q.at[i].add(_dot(cfg, ds.astype(q_i.dtype).reshape(rows), k_j, (3, 2)).reshape(q_i.shape))
+    if d_bias is not None:
+        d_bias = _add_bias_tile(cfg, d_bias, ds, i, j)
+    return d_k, d_v, d_q, d_bias
+
+
+def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp, delta: jax.Array,
+             offsets: Offsets = ORIGIN) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """FlashAttention-2 backward of one block pair: ``(dq, dk, dv, dbias)`` in the operands' dtypes.
+
+    One pass over key tiles, each visiting its query tiles. Each tile's probabilities are recomputed
+    from the rows' ``logsumexp`` (over all key blocks, from :func:`forward`) and its dropout factors
+    are drawn again from the key, so nothing of size ``Tq x Tk`` exists; ``delta`` is
+    :func:`delta` of the final output. ``dK``, ``dV`` of a key tile accumulate in the inner loop;
+    ``dQ`` (and ``dbias``) accumulate in place across the outer loop.
+    """
+    n_q, bq = ops.q.shape[0], cfg.block_q
+    acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
+    cot = _Cotangents(d_out.astype(ops.q.dtype), logsumexp, delta)
+
+    def column_block(carry: tuple[Any, Any], column: tuple[Any, jax.Array, jax.Array]) -> tuple[Any, Any]:
+        d_q, d_bias = carry
+        j, k_j, v_j = column
+        shared = _shared_factors(cfg, ops, 0, n_q * bq, j * cfg.block_k, cfg.block_k, offsets)
+        step = partial(_backward_step, cfg, ops, cot, column=column, shared=shared, offsets=offsets)
+        init = (jnp.zeros(k_j.shape, acc_dtype), jnp.zeros(v_j.shape, acc_dtype), d_q, d_bias)
+        d_k, d_v, d_q, d_bias = lax.fori_loop(_first_q_block(cfg, j, offsets), n_q,
+                                              lambda i, inner: step(i, carry=inner), init)
+        return (d_q, d_bias), (d_k.astype(ops.k.dtype), d_v.astype(ops.v.dtype))
+
+    d_bias = None if ops.bias is None else jnp.zeros(ops.bias.shape, acc_dtype)
+    d_q = jnp.zeros(ops.q.shape, acc_dtype)
+    (d_q, d_bias), (d_k, d_v) = lax.scan(column_block, (d_q, d_bias), (jnp.arange(ops.k.shape[0]), ops.k, ops.v))
+    if d_bias is not None:
+        d_bias = d_bias.astype(ops.bias.dtype)  # type: ignore[union-attr]
+    return d_q.astype(ops.q.dtype), d_k, d_v, d_bias
+
+
+# ----------------------------------------------------------------------------------- custom_vjp
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention(cfg: Config, ops: Operands) -> jax.Array:
+    """Attention of the whole (one-block) problem, ``(nq, B, Hk, G, bq, Dv)``; gradients by :func:`backward`."""
+    return forward(cfg, ops)[0]
+
+
+def _attention_fwd(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ...]]:
+    out, logsumexp = forward(cfg, ops)
+    return out, (ops, out, logsumexp)
+
+
+def _attention_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
+    ops, out, logsumexp = residuals
+    d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out))
+    return (Operands(d_q, d_k, d_v, d_bias, None, None),)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
