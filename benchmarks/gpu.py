@@ -241,7 +241,7 @@ def _pallas_context(backend: str) -> Any:
     """On a GPU nothing; elsewhere Pallas's interpreter with the GPU kernels (the smoke run's stand-in)."""
     from jdrop.attention import _pallas
 
-    return contextlib.nullcontext() if backend == "gpu" else _pallas.interpret("gpu")
+    return contextlib.nullcontext() if backend == "gpu" else _pallas.kernels_for("gpu")
 
 
 def pallas_attention_checks() -> dict[str, Callable[[], bool]]:

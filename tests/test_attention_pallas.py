@@ -17,13 +17,11 @@ import numpy as np
 import pytest
 
 import jdrop
-from jdrop import _pallas_attention as pallas_attention
-from jdrop import attention as attention_module
 from jdrop import masks
-from jdrop._validation import check_rate
+from jdrop.attention import _dropout_mask, _pallas
 
 RNG = jax.random.key(7)
-BACKENDS = pallas_attention.BACKENDS
+BACKENDS = _pallas.BACKENDS
 XLA_BLOCKS = {"block_q": 8, "block_k": 16}
 
 
@@ -35,20 +33,17 @@ def _qkv(batch=2, q_length=37, k_length=45, heads=4, depth=8, kv_heads=None, dty
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def _pallas(query, key, value, bias=None, mask=None, *, backend, dropout_rng=None, dropout_rate=0.0,
-            broadcast_dropout=True, is_causal=False, dropout_mask="exact", interpret=True, block_q=None, block_k=None):
-    """The Pallas path with the public function's argument handling (``(B, T, H, D)`` inputs)."""
-    rate = check_rate(dropout_rate, name="dropout_rate")
-    drop = None
-    if not (isinstance(rate, float) and rate == 0.0):
-        if dropout_mask == "exact":
-            drop = attention_module._dropout_arguments(dropout_rng, rate, query.dtype)
-        else:
-            drop = (jax.random.key_data(dropout_rng), *pallas_attention.dropout_scalars(rate, dropout_mask))
-    scaled = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-    return pallas_attention.attention(scaled, key, value, bias, mask, drop, broadcast_dropout=broadcast_dropout,
-                                      precision=None, is_causal=is_causal, block_q=block_q, block_k=block_k,
-                                      dropout_mask=dropout_mask, backend=backend, interpret=interpret)
+def _pallas_fn(backend, **options):
+    """``jdrop.dot_product_attention(..., implementation="pallas")`` with ``backend``'s kernels, interpreted.
+
+    Call it under ``jax.jit``: the interpreter is chosen when the function is traced, inside the context.
+    """
+
+    def attend(*args, **kwargs):
+        with _pallas.kernels_for(backend):
+            return jdrop.dot_product_attention(*args, implementation="pallas", **options, **kwargs)
+
+    return attend
 
 
 def _value_and_grads(fn, *args):
@@ -83,58 +78,36 @@ def test_kernels_draw_flax_mask_exactly(backend):
     v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (2, k_length, kv_heads, k_length))
     for broadcast in (False, True):
         options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": broadcast}
-        out = jax.jit(partial(_pallas, backend=backend, **options))(q, k, v)
+        out = jax.jit(_pallas_fn(backend, **options))(q, k, v)
         shape = (1, 1, q_length, k_length) if broadcast else (2, heads, q_length, k_length)
         keep = np.broadcast_to(jax.random.bernoulli(RNG, 0.5, shape), (2, heads, q_length, k_length))
         np.testing.assert_array_equal(np.asarray(out).transpose(0, 2, 1, 3) != 0, keep)
 
 
-def test_wide_index_past_two_to_the_32_matches_uint64_arithmetic():
-    rows = jnp.asarray([[0], [5], [2**20 + 7], [2**32 - 1]], jnp.uint32)
-    cols = jnp.asarray([[0, 1, 2**12 + 2]], jnp.uint32)
-    k_length = 2**12 + 3
-    high, low = jax.jit(pallas_attention._wide_index, static_argnums=(2, 3))(rows, cols, k_length, True)
-    expected = np.asarray(rows, np.uint64) * np.uint64(k_length) + np.asarray(cols, np.uint64)
-    np.testing.assert_array_equal(np.asarray(high, np.uint64), expected >> np.uint64(32))
-    np.testing.assert_array_equal(np.asarray(low, np.uint64), expected & np.uint64(0xFFFFFFFF))
-    assert int(np.max(expected >> np.uint64(32))) > 0
-
-
-def test_exact_keep_factors_are_jax_random_bernoulli_at_a_tile_of_the_whole_array():
-    # Tile (rows 16..47, cols 128..255) of head 5 of a (B * H, 100, 300) mask, drawn by global index.
-    key_data = jax.random.key_data(RNG)
-    threshold = masks.keep_threshold(jnp.float32(0.7))
-    factors = pallas_attention.keep_factors((key_data[0], key_data[1]), threshold, jnp.float32(2.0),
-                                            jnp.uint32(5 * 100), 16, 32, 128, 128, k_length=300, wide=False,
-                                            mode="exact")
-    keep = jax.random.bernoulli(RNG, np.float32(0.7), (8, 100, 300))[5, 16:48, 128:256]
-    np.testing.assert_array_equal(np.asarray(factors), np.where(keep, 2.0, 0.0))
-
-
-def _fast_keep(mode, rate, heads, n_rows, n_cols, k_length=None):
-    """The fast mask of ``(heads, n_rows, n_cols)`` drawn as one tile per head (bool), and its keep probability."""
-    threshold, factor = pallas_attention.dropout_scalars(rate, mode)
-    key_data = jax.random.key_data(RNG)
-    k_length = n_cols if k_length is None else k_length
-    head_row = (jnp.arange(heads, dtype=jnp.uint32) * np.uint32(n_rows))[:, None, None]
+def _whole_mask(mode, rate, heads, q_length, k_length, rows=None):
+    """The mask of ``(heads, q_length, k_length)`` per-head dropout drawn as one tile per head (``rows`` rows)."""
+    key_data, threshold, factor = _dropout_mask.operands(RNG, rate, jnp.float32, mode)
+    rows = q_length if rows is None else rows
 
     @jax.jit
-    def draw(threshold, factor):
-        return pallas_attention.keep_factors((key_data[0], key_data[1]), threshold, factor, head_row, 0, n_rows, 0,
-                                             n_cols, k_length=k_length, wide=False, mode=mode)
+    def draw(key_data, threshold):
+        first = _dropout_mask.first_rows(rows, mode).astype(jnp.uint32)
+        head_row = (jnp.arange(heads, dtype=jnp.uint32) * np.uint32(q_length))[:, None, None]
+        cols = jnp.arange(k_length, dtype=jnp.uint32)[None, :]
+        high, low = masks.index_words(head_row + first, cols, k_length, n_rows=heads * q_length)
+        return _dropout_mask.tile_keep(key_data, high, low, threshold, mode)
 
-    factors = np.asarray(draw(threshold, factor))
-    keep = float(pallas_attention.realised_keep(threshold, mode))
-    np.testing.assert_array_equal(np.unique(factors), [0.0, np.float32(1 / keep)])  # scaled by the realised keep
-    return factors != 0, keep
+    keep = float(masks.realised_keep(threshold))
+    np.testing.assert_allclose(factor, np.float32(1 / keep), rtol=1e-7)  # inverted scaling by the realised keep
+    return np.asarray(draw(key_data, threshold))[:, :q_length], keep
 
 
 @pytest.mark.parametrize("mode", ["fast16", "fast8"])
 def test_fast_mask_realised_rate_and_independence_within_groups(mode):
-    bits, n = pallas_attention.mask_bits(mode), pallas_attention.group_size(mode)
-    span = pallas_attention.group_rows(mode)
+    bits, n = _dropout_mask.bits(mode), _dropout_mask.group_size(mode)
+    span = _dropout_mask.group_rows(mode)
     rate = 0.3
-    keep_mask, keep = _fast_keep(mode, rate, heads=4, n_rows=8 * span, n_cols=2048)
+    keep_mask, keep = _whole_mask(mode, rate, heads=4, q_length=8 * span, k_length=2048)
     assert keep == np.ceil((1 - rate) * 2**bits) / 2**bits  # the documented realised keep probability
     total = keep_mask.size
     # Rate: 5 binomial standard errors, 5 sqrt(p (1 - p) / N) (N = 2**20 elements: 2.2e-3, below fast8's
@@ -142,7 +115,7 @@ def test_fast_mask_realised_rate_and_independence_within_groups(mode):
     assert abs(keep_mask.mean() - keep) <= 5 * np.sqrt(keep * (1 - keep) / total)
     # Group members (rows 8 apart in a block of `span` rows, one threefry call): every pair kept together with
     # probability p**2, within 5 sqrt(p**2 (1 - p**2) / groups).
-    members = keep_mask.reshape(4, -1, n, pallas_attention.GROUP_SUBLANES, 2048)
+    members = keep_mask.reshape(4, -1, n, _dropout_mask.SUBLANES, 2048)
     groups = total // n
     for a in range(n):
         for b in range(a + 1, n):
@@ -154,22 +127,20 @@ def test_fast_mask_realised_rate_and_independence_within_groups(mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fast_mask_kernels_draw_the_tile_free_mask(backend):
-    # The kernels' fast mask (value = identity, per-head dropout, odd lengths) is keep_factors over each head's
-    # whole (Tq, Tk) array in one tile: tiles of any size draw the same mask.
+def test_fast_masks_are_the_same_for_every_tiling_in_both_paths(backend):
+    # value = identity, per-head dropout, odd lengths: the kernels' fast mask, the xla path's (other tiles) and
+    # the mask drawn as one tile per head are one mask.
     q_length, k_length, heads = 70, 33, 2
     q, k, _ = _qkv(batch=1, q_length=q_length, k_length=k_length, heads=heads)
     v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (1, k_length, heads, k_length))
-    options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": False, "dropout_mask": "fast8"}
-    out = jax.jit(partial(_pallas, backend=backend, **options))(q, k, v)
-    span = pallas_attention.group_rows("fast8")
-    rows = -(-q_length // span) * span
-    threshold, factor = pallas_attention.dropout_scalars(0.5, "fast8")
-    key_data = jax.random.key_data(RNG)
-    head_row = (jnp.arange(heads, dtype=jnp.uint32) * np.uint32(q_length))[:, None, None]
-    factors = pallas_attention.keep_factors((key_data[0], key_data[1]), threshold, factor, head_row, 0, rows, 0,
-                                            k_length, k_length=k_length, wide=False, mode="fast8")
-    np.testing.assert_array_equal(np.asarray(out)[0].transpose(1, 0, 2) != 0, np.asarray(factors)[:, :q_length] != 0)
+    for mode in ("fast16", "fast8"):
+        options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": False, "dropout_mask": mode}
+        kernel = jax.jit(_pallas_fn(backend, **options))(q, k, v)
+        xla = jax.jit(partial(jdrop.dot_product_attention, **options, **XLA_BLOCKS))(q, k, v)
+        span = _dropout_mask.group_rows(mode)
+        whole, _ = _whole_mask(mode, 0.5, heads, q_length, k_length, rows=-(-q_length // span) * span)
+        np.testing.assert_array_equal(np.asarray(kernel)[0].transpose(1, 0, 2) != 0, whole)
+        np.testing.assert_array_equal(np.asarray(xla)[0].transpose(1, 0, 2) != 0, whole)
 
 
 # ------------------------------------------------------------------------------------- against float64
@@ -223,7 +194,7 @@ def test_outputs_and_gradients_match_float64_reference(backend, case):
             return fn(q, k, v, bias=bias, mask=mask, **options)
         return _value_and_grads(attend, *args)
 
-    pallas = call(partial(_pallas, backend=backend))
+    pallas = call(_pallas_fn(backend))
     xla = call(partial(jdrop.dot_product_attention, **XLA_BLOCKS))
     shape = (1, 1, q_length, k_length) if options["broadcast_dropout"] else (batch, heads, q_length, k_length)
     keep = np.asarray(jax.random.bernoulli(RNG, np.float32(1 - rate), shape))
@@ -257,9 +228,9 @@ def test_traced_rate_compiles_once_rate_zero_is_no_dropout_rate_one_gives_zeros(
     @jax.jit
     @chex.assert_max_traces(n=1)
     def attend(rate):
-        return _value_and_grads(partial(_pallas, backend=backend, dropout_rng=RNG, dropout_rate=rate), q, k, v)
+        return _value_and_grads(_pallas_fn(backend, dropout_rng=RNG, dropout_rate=rate), q, k, v)
 
-    plain = jax.jit(partial(_pallas, backend=backend))(q, k, v)
+    plain = jax.jit(_pallas_fn(backend))(q, k, v)
     np.testing.assert_allclose(attend(0.0)[0], plain, rtol=0, atol=1e-6)
     exact = jax.jit(partial(jdrop.dot_product_attention, dropout_rng=RNG, dropout_rate=0.3, **XLA_BLOCKS))(q, k, v)
     np.testing.assert_allclose(attend(0.3)[0], exact, rtol=0, atol=2e-6)
@@ -295,7 +266,9 @@ def _lowered(platform, dtype, depth, case, argnums=None):
     mask = jnp.ones((2, 1, 1, k_length), bool) if with_mask else None
 
     def loss(q, k, v, bias=None):
-        out = _pallas(q, k, v, bias, mask, backend=backend, dropout_rng=RNG, interpret=False, **options)
+        with _pallas.kernels_for(backend, interpret=False):
+            out = jdrop.dot_product_attention(q, k, v, bias, mask, dropout_rng=RNG, implementation="pallas",
+                                              **options)
         return jnp.sum(out.astype(jnp.float32))
 
     argnums = tuple(range(len(args))) if argnums is None else argnums

@@ -33,7 +33,9 @@ for their target on any machine (the tests lower them for ``tpu`` and ``cuda`` o
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -46,120 +48,14 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from jdrop import masks
+from jdrop.attention import _dropout_mask
+from jdrop.attention._kernel import Drop, DropoutMode
+from jdrop.attention._layout import Layout, _pad_axis
 
 BACKENDS = ("tpu", "gpu")
-MASK_MODES = ("exact", "fast16", "fast8")
 DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
 """Default ``(block_q, block_k)`` per backend: not tuned on hardware yet (no device lent so far)."""
-GROUP_SUBLANES = 8
-"""Rows per slice of a fast-mask group (see :func:`keep_factors`): one sublane tile of 32-bit values."""
 _MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully masked row is uniform
-_UINT32_LIMIT = 2**32
-
-
-def mask_bits(mode: str) -> int:
-    """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s), 16 or 8."""
-    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8}[mode]
-
-
-def group_size(mode: str) -> int:
-    """Elements per threefry call: 1 (exact), else the 64 output bits of one call split into ``bits``-bit uniforms."""
-    return 1 if mode == "exact" else 64 // mask_bits(mode)
-
-
-def group_rows(mode: str) -> int:
-    """Rows a fast-mask group spans (tiles are multiples of it): ``group_size * GROUP_SUBLANES``; 1 for exact."""
-    return 1 if mode == "exact" else group_size(mode) * GROUP_SUBLANES
-
-
-def mask_threshold(keep: jax.Array, mode: str) -> jax.Array:
-    """``ceil(keep * 2**bits)`` as ``uint32``: the keep test's threshold (exact: ``masks.keep_threshold``)."""
-    if mode == "exact":
-        return masks.keep_threshold(keep)
-    return jnp.ceil(jnp.asarray(keep, jnp.float32) * np.float32(2 ** mask_bits(mode))).astype(jnp.uint32)
-
-
-def realised_keep(threshold: jax.Array, mode: str) -> jax.Array:
-    """The exact keep probability of a threshold: ``threshold / 2**bits``."""
-    return threshold.astype(jnp.float32) / np.float32(2 ** mask_bits(mode))
-
-
-# ----------------------------------------------------------------------------------- the mask
-
-
-def _wide_index(rows: jax.Array, cols: jax.Array, k_length: int, wide: bool) -> tuple[jax.Array, jax.Array]:
-    """``rows * k_length + cols`` as (high, low) ``uint32`` words; ``wide`` (static): the product may pass 2**32."""
-    if not wide:
-        return jnp.zeros((), jnp.uint32), rows * np.uint32(k_length) + cols
-    a0, a1 = rows & np.uint32(0xFFFF), rows >> np.uint32(16)
-    c0, c1 = np.uint32(k_length & 0xFFFF), np.uint32(k_length >> 16)
-    p00, p01, p10, p11 = a0 * c0, a0 * c1, a1 * c0, a1 * c1
-    middle = (p00 >> np.uint32(16)) + (p01 & np.uint32(0xFFFF)) + (p10 & np.uint32(0xFFFF))
-    low = ((p00 & np.uint32(0xFFFF)) | (middle << np.uint32(16))) + cols
-    high = p11 + (p01 >> np.uint32(16)) + (p10 >> np.uint32(16)) + (middle >> np.uint32(16))
-    # The carry of the low word, as an unsigned compare through signed ints (x ^ 2**31 orders like x):
-    # Mosaic and Triton both take signed compares.
-    flip = np.int32(-(2**31))
-    carry = lax.bitcast_convert_type(low, jnp.int32) ^ flip < lax.bitcast_convert_type(cols, jnp.int32) ^ flip
-    return high + carry.astype(jnp.uint32), low
-
-
-def keep_factors(
-    key_data: tuple[jax.Array, jax.Array],
-    threshold: jax.Array,
-    factor: jax.Array,
-    head_row: jax.Array | int,
-    row0: jax.Array | int,
-    n_rows: int,
-    col0: jax.Array | int,
-    n_cols: int,
-    *,
-    k_length: int,
-    wide: bool,
-    mode: str,
-) -> jax.Array:
-    """Dropout factors (``factor`` where the mask keeps, 0 where it drops) of rows ``row0 + [0, n_rows)``.
-
-    The mask is an array of ``(rows, k_length)`` elements, row-major (``(B * Hq * Tq, Tk)`` for per-head
-    dropout, ``(Tq, Tk)`` for broadcast dropout); ``head_row`` (``uint32``, broadcastable to ``(..., 1, 1)``)
-    is the first row of each (batch, head) slice in it, ``row0``/``col0`` (``int32``) the tile's first row
-    and column. Returns ``(..., n_rows, n_cols)`` float32 factors (NaN everywhere for a NaN ``factor``).
-
-    ``mode="exact"``: element ``e`` keeps iff ``bits(e) >> 9 < threshold``, with ``bits(e)`` the word
-    ``jax.random.bits`` gives flat element ``e`` (:func:`jdrop.masks.bits_at`), i.e. ``jax.random.bernoulli``.
-
-    ``mode="fast16"`` / ``"fast8"``: one threefry call per group of ``n = 4`` / ``8`` elements, its two
-    output words split into ``n`` uniforms of ``b = 16`` / ``8`` bits; element keeps iff its uniform
-    ``< threshold = ceil(keep * 2**b)``. A group is ``n`` elements of one column ``GROUP_SUBLANES`` rows
-    apart: rows ``R * g + 8 * s + r`` (``R = 8 * n``, ``s < n``, ``r < 8``) share the call whose counter is
-    the flat index of the group's first element (row ``R * g + r``), and element ``s`` takes bits
-    ``[b * (s mod n/2), b * (s mod n/2) + b)`` of word ``s // (n/2)``. Groups never cross a tile
-    whose rows start at a multiple of ``R`` (the caller's tiles do), so tiles draw the same mask whatever
-    their size. Uniforms of different elements are distinct bits of a threefry output (a pseudo-random
-    function of the counter), so they are independent as far as threefry's output bits are.
-    """
-    k0, k1 = key_data
-    head_row = jnp.asarray(head_row, jnp.uint32)
-    if mode == "exact":
-        shape = (n_rows, n_cols)
-        rows = (row0 + lax.broadcasted_iota(jnp.int32, shape, 0)).astype(jnp.uint32)
-        cols = (col0 + lax.broadcasted_iota(jnp.int32, shape, 1)).astype(jnp.uint32)
-        high, low = _wide_index(head_row + rows, cols, k_length, wide)
-        keep = masks.keep_from_bits(masks.bits_at((k0, k1), high, low), threshold)
-    else:
-        n, bits, span = group_size(mode), mask_bits(mode), group_rows(mode)
-        shape = (n_rows // span, 1, GROUP_SUBLANES, n_cols)
-        rows = row0 + span * lax.broadcasted_iota(jnp.int32, shape, 0) + lax.broadcasted_iota(jnp.int32, shape, 2)
-        cols = (col0 + lax.broadcasted_iota(jnp.int32, shape, 3)).astype(jnp.uint32)
-        high, low = _wide_index(head_row[..., None, None] + rows.astype(jnp.uint32), cols, k_length, wide)
-        t0, t1 = masks.threefry2x32(k0, k1, high, low)
-        member = lax.broadcasted_iota(jnp.int32, (1, n, 1, 1), 1)
-        word = jnp.where(member < n // 2, t0, t1)
-        shift = (lax.rem(member, np.int32(n // 2)) * bits).astype(jnp.uint32)
-        keep = (word >> shift) & np.uint32(2**bits - 1) < threshold
-    fill = jnp.where(jnp.isnan(factor), factor, jnp.zeros_like(factor))
-    factors = jnp.where(keep, factor, fill)
-    return factors.reshape(*factors.shape[:-4], n_rows, n_cols) if mode != "exact" else factors
 
 
 # ----------------------------------------------------------------------------------- static description
@@ -177,8 +73,8 @@ class _Spec(NamedTuple):
     causal: bool
     skip_causal: bool  # no user mask: tiles above the diagonal are skipped
     dropout: str  # "none", "broadcast" or "element"
-    mask_mode: str  # "exact", "fast16", "fast8"
-    wide: bool  # the dropout mask has 2**32 elements or more: 64-bit indices
+    mask_mode: str  # "exact", "fast16", "fast8" (see jdrop.attention._dropout_mask)
+    mask_rows: int  # rows of flax's mask viewed as (rows, k_length): Tq, or B * Hq * Tq
     bias_full: tuple[bool, ...]  # per axis of the 5-d bias (batch, kv head, group, q, k): full or broadcast
     mask_full: tuple[bool, ...]
     precision: Any
@@ -260,13 +156,22 @@ def _logits(spec: _Spec, q, k, bias, mask, i, j) -> tuple[jax.Array, jax.Array |
 
 
 def _factors(spec: _Spec, drop, head: Any, i: Any, j: Any) -> jax.Array | None:
-    """Tile (i, j)'s dropout factors for query head index ``head = b * Hq + h``, or None without dropout."""
+    """Tile (i, j)'s dropout factors for query head index ``head = b * Hq + h``, or None without dropout.
+
+    The same index and the same bits as the xla path's ``_dropout_factors`` (uint32 iotas are built as int32
+    ones and converted: Mosaic has only int32 iotas).
+    """
     if drop is None:
         return None
     key_data, threshold, factor = drop
-    head_row = 0 if spec.dropout == "broadcast" else head.astype(jnp.uint32) * np.uint32(spec.q_length)
-    return keep_factors(key_data, threshold, factor, head_row, i * spec.block_q, spec.block_q, j * spec.block_k,
-                        spec.block_k, k_length=spec.k_length, wide=spec.wide, mode=spec.mask_mode)
+    rows = (i * spec.block_q + _dropout_mask.first_rows(spec.block_q, spec.mask_mode)).astype(jnp.uint32)
+    if spec.dropout == "element":
+        rows = head.astype(jnp.uint32) * np.uint32(spec.q_length) + rows
+    cols = (j * spec.block_k + lax.broadcasted_iota(jnp.int32, (1, spec.block_k), 1)).astype(jnp.uint32)
+    high, low = masks.index_words(rows, cols, spec.k_length, n_rows=spec.mask_rows)
+    keep = _dropout_mask.tile_keep(key_data, high, low, threshold, spec.mask_mode)
+    fill = jnp.where(jnp.isnan(factor), factor, jnp.zeros_like(factor))
+    return jnp.where(keep, factor, fill)
 
 
 def _forward_tile(spec: _Spec, carry, s: jax.Array, v: jax.Array, factors: jax.Array | None):
@@ -798,26 +703,27 @@ def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, 
                mode: str = "exact") -> tuple[int, int]:
     """The ``(block_q, block_k)`` of a backend's kernels: the requested (checked) or default tiles, shrunk to fit.
 
-    TPU: ``block_q`` a multiple of 32, ``block_k`` of 128; GPU: powers of 2, at least 16. Fast masks need
-    ``block_q`` to be a multiple of their group's rows (32 for ``"fast16"``, 64 for ``"fast8"``).
+    TPU: ``block_q`` a multiple of 32 (the sublane tiling of int8 and 16-bit buffers), ``block_k`` of 128 (lanes);
+    GPU: powers of 2 (Triton's tensors), at least 16 (its matrix units). Fast masks need ``block_q`` to be a
+    multiple of their group block (32 rows for ``"fast16"``, 64 for ``"fast8"``).
 
     Raises:
       ValueError: naming ``block_q`` or ``block_k`` when a requested tile breaks its backend's rule.
     """
     default_q, default_k = DEFAULT_BLOCKS[backend]
-    span = group_rows(mode)
+    span = _dropout_mask.group_rows(mode)
     q_unit, k_unit = (math.lcm(32, span), 128) if backend == "tpu" else (max(16, span), 16)
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
+    for name, block, unit in (("block_q", block_q, q_unit), ("block_k", block_k, k_unit)):
         if block is None:
             continue
-        unit = q_unit if name == "block_q" else k_unit
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < unit or (
-                block % unit if backend == "tpu" else block & (block - 1)):
-            rule = f"a multiple of {unit}" if backend == "tpu" else f"a power of 2, at least {unit}"
-            raise ValueError(f"`{name}` must be {rule} for the {backend} kernels (dropout_mask={mode!r}), "
-                             f"got {block!r}.")
-    bq = default_q if block_q is None else int(block_q)
-    bk = default_k if block_k is None else int(block_k)
+        if backend == "tpu":
+            good, rule = block % unit == 0, f"a multiple of {unit}"
+        else:
+            good, rule = block & (block - 1) == 0, f"a power of 2, at least {unit}"
+        if block < unit or not good:
+            raise ValueError(f"`{name}` must be {rule} for the {backend} kernels (dropout_mask={mode!r}), got {block}.")
+    bq = default_q if block_q is None else block_q
+    bk = default_k if block_k is None else block_k
     if backend == "tpu":
         bq, bk = min(bq, _round_up(q_length, q_unit)), min(bk, _round_up(k_length, k_unit))
     else:
@@ -826,109 +732,117 @@ def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, 
     return max(bq, q_unit), max(bk, k_unit)
 
 
-def dropout_scalars(rate: float | jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
-    """``(threshold, factor)`` of a fast mask: ``ceil(keep * 2**bits)``, ``1 / realised keep`` (0 at keep 0, NaN if invalid)."""
-    from jdrop._validation import keep_probability, rate_is_valid
-
-    threshold = mask_threshold(keep_probability(rate), mode)
-    keep = realised_keep(threshold, mode)
-    factor = jnp.where(threshold > 0, 1.0 / jnp.where(threshold > 0, keep, 1.0), 0.0)
-    return threshold, jnp.where(rate_is_valid(rate), factor, jnp.nan).astype(jnp.float32)
+_forced: list[tuple[str, bool]] = []
 
 
-def check_mask_mode(dropout_mask: Any) -> str:
-    if dropout_mask not in MASK_MODES:
-        raise ValueError(f"`dropout_mask` must be one of {MASK_MODES}, got {dropout_mask!r}.")
-    return dropout_mask
+@contextlib.contextmanager
+def kernels_for(backend: str, *, interpret: bool = True) -> Iterator[None]:
+    """Within it, ``implementation="pallas"`` uses ``backend``'s kernels, by default under Pallas's interpreter.
+
+    For tests and smoke runs on a CPU: ``interpret=True`` runs the kernels there (slowly: every grid step is a
+    loop iteration of plain XLA ops); ``interpret=False`` lets a CPU lower them for their device (``jax.jit(f)
+    .trace(...).lower(lowering_platforms=("tpu",))``). The choice is made when a function is traced: a function
+    jitted inside keeps it.
+    """
+    check_backend(backend)
+    _forced.append((backend, bool(interpret)))
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
-def check_backend(backend: Any) -> str:
-    """The kernels' backend: ``backend`` if given, else the default backend's (``ValueError`` on CPU)."""
-    if backend is None:
-        platform = jax.default_backend()
-        backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
-        if backend is None:
-            raise ValueError(
-                f"implementation='pallas' needs a TPU (Mosaic) or a GPU (Triton); the default backend is {platform!r}. "
-                "Use implementation='xla' (or None) here."
-            )
+def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
     return backend
 
 
+def resolve_backend() -> tuple[str, bool]:
+    """``(backend, interpret)`` of the kernels: the default backend's, or those of :func:`kernels_for`.
+
+    Raises:
+      ValueError: on a CPU (outside :func:`kernels_for`): the kernels need a TPU or a GPU.
+    """
+    if _forced:
+        return _forced[-1]
+    platform = jax.default_backend()
+    backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
+    if backend is None:
+        raise ValueError(
+            f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the default backend "
+            f"is {platform!r}. Use implementation='xla' (or None, the default) here."
+        )
+    return backend, False
+
+
 def attention(
+    layout: Layout,
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
     bias: jax.Array | None,
     mask: jax.Array | None,
-    drop: tuple[jax.Array, jax.Array, jax.Array] | None,
+    drop: Drop | None,
     *,
-    broadcast_dropout: bool,
+    dropout: DropoutMode,
+    dropout_mask: str,
     precision: Any,
     is_causal: bool,
     block_q: int | None,
     block_k: int | None,
-    dropout_mask: str,
     backend: str,
     interpret: bool,
 ) -> jax.Array:
-    """The Pallas path for checked inputs: ``query`` ``(B, Tq, Hq, D)`` already scaled by ``1/sqrt(D)``.
+    """The Pallas path of :func:`jdrop.dot_product_attention` for checked inputs, ``(batch..., Tq, Hq, Dv)``.
 
-    ``key``/``value``: ``(B, Tk, Hk, D | Dv)`` in ``query``'s dtype; ``bias``/``mask`` as in
-    :func:`jdrop.dot_product_attention` (broadcastable to ``(B, Hq, Tq, Tk)``); ``drop``:
-    ``(key_data, threshold, factor)`` (the threshold of ``dropout_mask``'s test) or None.
-    Returns ``(B, Tq, Hq, Dv)``.
+    ``query`` ``(batch..., Tq, Hq, D)`` is already scaled by ``1/sqrt(D)``; ``key``/``value`` are
+    ``(batch..., Tk, Hk, D | Dv)`` in its dtype; ``bias``/``mask`` (bool) broadcast to ``(batch..., Hq, Tq, Tk)``;
+    ``drop`` holds the key data, the threshold of ``dropout_mask``'s test and the factor.
+
+    Raises:
+      ValueError: for float64 inputs, or tiles the backend's kernels cannot take.
     """
-    from jdrop.attention import _internal, _pad_axis
-
-    batch, q_length, q_heads, depth = query.shape
-    k_length, kv_heads, value_depth = key.shape[1], key.shape[2], value.shape[3]
     if query.dtype == jnp.float64:
-        raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64); "
-                         "use implementation='xla' for float64.")
-    group = q_heads // kv_heads
-    bq, bk = tile_sizes(backend, q_length, k_length, block_q, block_k, dropout_mask)
-    q_padded, k_padded = _round_up(q_length, bq), _round_up(k_length, bk)
+        raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64, "
+                         "and Triton's is far slower); use implementation='xla' for float64.")
+    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, dropout_mask)
+    layout = layout._replace(block_q=bq, block_k=bk)
+    batch, q_padded, k_padded = layout.batch, layout.n_q * bq, layout.n_k * bk
     # Triton's tiles are powers of 2 of at least 16 along every axis, the head dims included.
     width = (lambda d: d) if backend == "tpu" else (lambda d: max(16, _next_power_of_2(d)))
 
-    def layout(x, length, width_):  # (B, T, H, d) -> (B, H, T_padded, width), zero-padded
-        x = _pad_axis(_pad_axis(x, 1, length), 3, width_)
-        return x.transpose(0, 2, 1, 3)
+    def kernel_layout(x: jax.Array, length: int) -> jax.Array:  # (batch..., T, H, d) -> (B, H, T_pad, width)
+        x = x.reshape(batch, *x.shape[-3:])
+        return _pad_axis(_pad_axis(x, 1, length), 3, width(x.shape[-1])).transpose(0, 2, 1, 3)
 
-    q = layout(query, q_padded, width(depth))
-    k = layout(key, k_padded, width(depth))
-    v = layout(value, k_padded, width(value_depth))
-    shapes = (kv_heads, group, q_length, k_length, q_padded, k_padded)
-    internal_bias = None if bias is None else _internal(jnp.asarray(bias), (batch,), shapes, "bias")
-    internal_mask = None
+    q, k, v = kernel_layout(query, q_padded), kernel_layout(key, k_padded), kernel_layout(value, k_padded)
+    bias = None if bias is None else layout.internal(bias)
     if mask is not None:
         # Mosaic has no bool buffers: int32 on TPU, int8 (a quarter of the traffic) on GPU.
-        internal_mask = _internal(jnp.asarray(mask).astype(bool), (batch,), shapes, "mask").astype(
-            jnp.int32 if backend == "tpu" else jnp.int8)
-    rows = q_length if broadcast_dropout else batch * q_heads * q_length
+        mask = layout.internal(mask).astype(jnp.int32 if backend == "tpu" else jnp.int8)
+    per_element = dropout == DropoutMode.PER_ELEMENT
     spec = _Spec(
-        q_length=q_length,
-        k_length=k_length,
+        q_length=layout.q_length,
+        k_length=layout.k_length,
         block_q=bq,
         block_k=bk,
-        q_heads=q_heads,
-        group=group,
-        causal=bool(is_causal),
-        skip_causal=bool(is_causal) and mask is None,
-        dropout="none" if drop is None else ("broadcast" if broadcast_dropout else "element"),
+        q_heads=layout.q_heads,
+        group=layout.group,
+        causal=is_causal,
+        skip_causal=is_causal and mask is None,
+        dropout={DropoutMode.NONE: "none", DropoutMode.BROADCAST: "broadcast"}.get(dropout, "element"),
         mask_mode=dropout_mask,
-        wide=rows * k_length >= _UINT32_LIMIT,
-        bias_full=() if internal_bias is None else tuple(d > 1 for d in internal_bias.shape),
-        mask_full=() if internal_mask is None else tuple(d > 1 for d in internal_mask.shape),
+        mask_rows=(batch * layout.q_heads if per_element else 1) * layout.q_length,
+        bias_full=() if bias is None else tuple(d > 1 for d in bias.shape),
+        mask_full=() if mask is None else tuple(d > 1 for d in mask.shape),
         precision=precision,
         backend=backend,
-        interpret=bool(interpret),
+        interpret=interpret,
     )
+    kernel_drop = None
     if drop is not None:
         key_data, threshold, factor = drop
-        drop = ((key_data[0], key_data[1]), threshold, factor)
-    out = _attention(spec, q, k, v, internal_bias, internal_mask, drop)
-    return out[:, :, :q_length, :value_depth].transpose(0, 2, 1, 3)
+        kernel_drop = ((key_data[0], key_data[1]), threshold, factor)
+    out = _attention(spec, q, k, v, bias, mask, kernel_drop)[:, :, : layout.q_length, : value.shape[-1]]
+    return out.transpose(0, 2, 1, 3).reshape(*layout.batch_shape, layout.q_length, layout.q_heads, value.shape[-1])
