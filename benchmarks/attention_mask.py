@@ -50,18 +50,27 @@ def _equations(jaxpr: Any):
 
 
 def ops_per_element(mode: str, tile: tuple[int, int] = TILE) -> dict[str, Any]:
-    """Ops per element of one ``tile`` of the mask (per-head dropout), counted from the jaxpr of ``keep_factors``."""
+    """Ops per element of one ``tile`` of the mask (per-head dropout), counted from the jaxpr.
+
+    The tile function is the one both paths run: the rows that draw counters (``first_rows``), their flat indices
+    in the ``(B * H * Tq, Tk)`` mask (``masks.index_words``), the keep decisions (``tile_keep``) and the factors.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax import lax
 
-    from jdrop.attention import _pallas
+    from jdrop import masks
+    from jdrop.attention import _dropout_mask
 
     n_rows, n_cols = tile
 
     def tile_factors(k0, k1, threshold, factor, head_row, row0, col0):
-        return _pallas.keep_factors((k0, k1), threshold, factor, head_row, row0, n_rows, col0, n_cols,
-                                    k_length=4096, wide=False, mode=mode)
+        rows = head_row + (row0 + _dropout_mask.first_rows(n_rows, mode)).astype(jnp.uint32)
+        cols = (col0 + lax.broadcasted_iota(jnp.int32, (1, n_cols), 1)).astype(jnp.uint32)
+        high, low = masks.index_words(rows, cols, 4096, n_rows=2**16)
+        keep = _dropout_mask.tile_keep((k0, k1), high, low, threshold, mode)
+        return jnp.where(keep, factor, jnp.zeros_like(factor))
 
     u32, i32 = jnp.zeros((), jnp.uint32), jnp.zeros((), jnp.int32)
     jaxpr = jax.make_jaxpr(tile_factors)(u32, u32, u32, jnp.zeros((), jnp.float32), u32, i32, i32).jaxpr

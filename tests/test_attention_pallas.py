@@ -250,6 +250,9 @@ LOWERING_CASES = {
     "causal-gqa-per-head": (256, 256, 4, 2, {"dropout_rate": 0.1, "is_causal": True, "broadcast_dropout": False}),
     "bias-mask": (200, 130, 2, 1, {"dropout_rate": 0.1, "bias": True, "mask": True}),
     "no-dropout": (128, 384, 2, 2, {}),
+    "fast16-causal-per-head": (256, 200, 4, 2, {"dropout_rate": 0.1, "is_causal": True, "broadcast_dropout": False,
+                                                "dropout_mask": "fast16"}),
+    "fast8": (300, 257, 2, 2, {"dropout_rate": 0.1, "dropout_mask": "fast8"}),
 }
 
 
@@ -298,3 +301,51 @@ def test_bias_gradient_kernel_is_dead_code_when_unused(platform):
     assert "has_side_effect" not in line
     result = line.split("=")[0].strip()
     assert re.search(re.escape(result) + r"\b", text.replace(line, "")) is None
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_vmapped_kernels_lower(platform):
+    # Per-example keys under vmap: the batched dropout scalars keep block shapes Mosaic accepts.
+    q, k, v = _qkv(q_length=64, k_length=64, heads=2, depth=64)
+    keys = jax.random.split(RNG, 2)
+
+    def loss(q, k, v, rng):
+        with _pallas.kernels_for("tpu" if platform == "tpu" else "gpu", interpret=False):
+            out = jdrop.dot_product_attention(q, k, v, dropout_rng=rng, dropout_rate=0.1, implementation="pallas")
+        return jnp.sum(out)
+
+    step = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))))
+    assert _kernel_calls(step.trace(q, k, v, keys).lower(lowering_platforms=(platform,)).as_text()) == 3
+
+
+def test_vmap_over_keys_equals_one_call_per_example():
+    q, k, v = _qkv(q_length=21, k_length=19, heads=2)
+    keys = jax.random.split(RNG, 2)
+    attend = _pallas_fn("gpu", dropout_rate=0.3, broadcast_dropout=False)
+    batched = jax.jit(jax.vmap(lambda q, k, v, r: attend(q, k, v, dropout_rng=r)))(q, k, v, keys)
+    single = jax.jit(partial(jdrop.dot_product_attention, dropout_rate=0.3, broadcast_dropout=False))
+    for i in range(2):
+        np.testing.assert_allclose(batched[i], single(q[i], k[i], v[i], dropout_rng=keys[i]), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_implementation_mask_mode_and_tiles_raise_clear_errors(x64):
+    q, k, v = _qkv(batch=1, q_length=4, k_length=4, heads=1)
+    with pytest.raises(ValueError, match="`implementation` must be one of"):
+        jdrop.dot_product_attention(q, k, v, implementation="cudnn")
+    with pytest.raises(ValueError, match="`dropout_mask` must be one of"):
+        jdrop.dot_product_attention(q, k, v, dropout_mask="fast4")
+    with pytest.raises(ValueError, match="needs a TPU .* or a GPU"):
+        jdrop.dot_product_attention(q, k, v, implementation="pallas")  # this machine is a CPU
+    with _pallas.kernels_for("gpu"), pytest.raises(ValueError, match="`block_q` must be a power of 2"):
+        jdrop.dot_product_attention(q, k, v, implementation="pallas", block_q=48)
+    with _pallas.kernels_for("tpu"), pytest.raises(ValueError, match="`block_k` must be a multiple of 128"):
+        jdrop.dot_product_attention(q, k, v, implementation="pallas", block_k=64)
+    with _pallas.kernels_for("gpu"), pytest.raises(ValueError, match="`block_q` must be a power of 2, at least 64"):
+        jdrop.dot_product_attention(q, k, v, implementation="pallas", block_q=32, dropout_mask="fast8")
+    with _pallas.kernels_for("gpu"), pytest.raises(ValueError, match="float64"):
+        jdrop.dot_product_attention(q.astype(jnp.float64), k, v, implementation="pallas")
+    with pytest.raises(ValueError, match="`backend` must be one of"), _pallas.kernels_for("cpu"):
+        pass

@@ -144,6 +144,28 @@ def dot_product_attention(
     linearly in the length, and results do not depend on the tile sizes (up to float rounding). It
     is plain JAX (``lax`` loops), so XLA compiles it for CPU, GPU and TPU.
 
+    ``implementation="pallas"`` runs the same algorithm as Pallas kernels instead (Dao 2023's
+    FlashAttention-2 forward and backward; Mosaic on TPU, Triton on GPU), which draw each tile's
+    mask in-kernel with the same threefry and the same global index, so the mask is still flax's,
+    bit for bit. It takes float16, bfloat16 and float32 (not float64: TPUs have none), any mask,
+    bias, causal flag, grouped queries and traced rate; tiles must suit the backend (TPU:
+    ``block_q`` a multiple of 32, ``block_k`` of 128; GPU: powers of 2, at least 16; defaults
+    128x128 and 64x64). Broadcast dropout costs the kernels as much as per-head dropout (each
+    (batch, head) program draws its tile's bits; the xla path draws them once), and a bias shared
+    across batch rows or heads has its gradient reduced from a ``(B, H, Tq, Tk)`` float32 buffer
+    (only when that gradient is used). It is checked on CPU only (Pallas's interpreter, and lowering
+    for ``tpu`` and ``cuda``), not yet run on a GPU or TPU: the default, None, is ``"xla"``
+    everywhere until it is measured there (``python -m benchmarks.gpu``).
+
+    ``dropout_mask="fast16"`` or ``"fast8"`` (either implementation) opts into a cheaper mask that
+    is *not* flax's: one threefry call per 4 or 8 attention weights, its 64 output bits split into
+    16- or 8-bit uniforms (FlashAttention-2's trick), 3.6x or 6.4x fewer integer ops per weight
+    (120 -> 33 or 19, counted by ``benchmarks/attention_mask.py``). The realised keep probability is
+    ``ceil((1 - rate) * 2**b) / 2**b`` (``b`` = 16 or 8: the rate rounded down to a multiple of
+    ``2**-b``) and kept weights are scaled by its inverse, so the output is still unbiased. The
+    name says what it trades: the mask stops being exact (flax's) to be fast; 16 bits keep the
+    contract's ``2**-16`` rate resolution, 8 bits are the coarse option.
+
     Grouped-query and multi-query attention: ``key`` and ``value`` may have fewer heads than
     ``query`` (a divisor of its heads); query head ``h`` attends with key/value head
     ``h // (q_heads // kv_heads)``, as ``flax.nnx`` and repeating the key/value heads do.
@@ -175,15 +197,21 @@ def dot_product_attention(
       einsum_dot_general: must be None (custom products, e.g. AQT, need flax's own attention).
       qk_attn_weights_einsum: must be None.
       attn_weights_value_einsum: must be None.
-      block_q: query rows per tile (tuning only: results do not depend on it).
-      block_k: key columns per tile.
+      block_q: query rows per tile (tuning only: results do not depend on it). Default: 256 for
+        ``"xla"`` (tuned on a CPU), 128 (TPU) or 64 (GPU) for ``"pallas"``.
+      block_k: key columns per tile. Default: 128 for ``"xla"``, 128 (TPU) or 64 (GPU) for ``"pallas"``.
+      implementation: None (today ``"xla"`` everywhere), ``"xla"`` (the blockwise ``lax`` program) or
+        ``"pallas"`` (the TPU or GPU kernels; ``ValueError`` on a CPU, or for float64 or tiles the
+        backend refuses), as in ``jax.nn.dot_product_attention``.
+      dropout_mask: ``"exact"`` (flax's mask, the default), ``"fast16"`` or ``"fast8"`` (see above).
 
     Returns:
       ``(batch..., Tq, heads, Dv)`` in ``dtype``.
 
     Raises:
       ValueError: for a bad ``dropout_rate``, a missing, non-single or non-threefry ``dropout_rng`` in
-        training, mismatched shapes, custom einsums, or block sizes below 1.
+        training, mismatched shapes, custom einsums, block sizes below 1, an unknown
+        ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take.
       TypeError: for integer inputs, a non-floating ``dtype``, a non-bool ``deterministic``, or
         non-int block sizes.
 
@@ -191,6 +219,8 @@ def dot_product_attention(
 
       >>> q = k = v = jnp.ones((2, 1024, 8, 64))
       >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1)
+      >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1,
+      ...                                   implementation="pallas", dropout_mask="fast16")  # on a GPU/TPU
       >>> layer = flax.linen.MultiHeadDotProductAttention(8, dropout_rate=0.1,
       ...                                                 attention_fn=jdrop.dot_product_attention)
     """

@@ -97,8 +97,7 @@ def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Arr
     if mode == "exact":
         return masks.keep_from_bits(masks.bits_at(key_data, high, low), threshold)
     n, width = group_size(mode), bits(mode)
-    t0, t1 = masks.threefry2x32(key_data[0], key_data[1], high, low)
-    t0, t1 = jnp.broadcast_arrays(t0, t1)
+    t0, t1 = jnp.broadcast_arrays(*masks.threefry2x32(key_data[0], key_data[1], high, low))
     *lead, rows, cols = t0.shape
     split = (*lead, rows // SUBLANES, 1, SUBLANES, cols)
     member = lax.broadcasted_iota(jnp.int32, (n, 1, 1), 0)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -93,7 +93,7 @@ class _Spec(NamedTuple):
     def has_dropout(self) -> bool:
         return self.dropout != "none"
 
-    def compiler_params(self, semantics: tuple[str, ...], warps: int = 4) -> Any:
+    def compiler_params(self, semantics: tuple[Any, ...], warps: int = 4) -> Any:
         if self.backend == "tpu":
             return pltpu.CompilerParams(dimension_semantics=semantics)
         return pltriton.CompilerParams(num_warps=warps, num_stages=2)
@@ -230,13 +230,15 @@ def _split_refs(spec: _Spec, refs: tuple, n_leading: int) -> tuple[tuple, _Input
 def _drop(inputs: _Inputs):
     if inputs.seed is None:
         return None
-    return (inputs.seed[0], inputs.seed[1]), inputs.seed[2], inputs.factor[0]
+    return (inputs.seed[0, 0], inputs.seed[0, 1]), inputs.seed[0, 2], inputs.factor[0, 0]
 
 
 def _scalar_spec(spec: _Spec, size: int) -> pl.BlockSpec:
+    """The dropout scalars, ``(1, size)``: a row, so that under ``vmap`` (per-example keys) the batched
+    ``(N, 1, size)`` array's blocks still span its last two dims, as Mosaic requires."""
     if spec.backend == "tpu":
         return pl.BlockSpec(memory_space=pltpu.SMEM)
-    return pl.BlockSpec((size,), lambda *_: (0,))
+    return pl.BlockSpec((1, size), lambda *_: (0, 0))
 
 
 def _broadcast_block(spec: _Spec, full: tuple[bool, ...], rows: int, cols: int):
@@ -267,8 +269,8 @@ def _optional_args(bias, mask, drop) -> list[jax.Array]:
     args = [x for x in (bias, mask) if x is not None]
     if drop is not None:
         (k0, k1), threshold, factor = drop
-        args.append(jnp.stack([k0, k1, threshold, jnp.zeros((), jnp.uint32)]))
-        args.append(factor.reshape(1).astype(jnp.float32))
+        args.append(jnp.stack([k0, k1, threshold, jnp.zeros((), jnp.uint32)]).reshape(1, 4))
+        args.append(factor.reshape(1, 1).astype(jnp.float32))
     return args
 
 
@@ -353,7 +355,7 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
         def last_k(i, j):
             return jnp.minimum(j, _visible_k_blocks(spec, i, n_k) - 1)  # skipped tiles: no new copy
 
-        grid = (batch, q_heads, n_q, n_k)
+        grid: tuple[int, ...] = (batch, q_heads, n_q, n_k)
         row = pl.BlockSpec((None, None, bq, depth), lambda b, h, i, j: (b, h, i, 0))
         def key_tile(b, h, i, j):
             return b, _div(h, group), last_k(i, j), 0
@@ -462,7 +464,7 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
         def first_i(i, j):
             return jnp.maximum(i, _first_q_block(spec, j))
 
-        grid = (batch, kv_heads, n_k, group, n_q)
+        grid: tuple[int, ...] = (batch, kv_heads, n_k, group, n_q)
 
         def rows(width):
             return pl.BlockSpec((None, None, None, bq, width), lambda b, h, j, g, i: (b, h, g, first_i(i, j), 0))
@@ -575,11 +577,12 @@ def _dq(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop)
     k_padded = k.shape[2]
     bq, bk = spec.block_q, spec.block_k
     n_q, n_k = q_padded // bq, k_padded // bk
+    index_of: Callable[..., tuple[Any, ...]]
     if spec.backend == "tpu":
         def index_of(b, h, i, j):
             return b, h, i, jnp.minimum(j, _visible_k_blocks(spec, i, n_k) - 1)
 
-        grid = (batch, q_heads, n_q, n_k)
+        grid: tuple[int, ...] = (batch, q_heads, n_q, n_k)
         in_specs = [*_row_specs_by_tile(spec, q, k, v, index_of, bk, lambda *ids: index_of(*ids)[3]),
                     *_optional_specs(spec, index_of, bq, bk)]
         scratch = [pltpu.VMEM((bq, depth), jnp.float32)]
@@ -587,7 +590,7 @@ def _dq(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop)
         params = spec.compiler_params(("parallel", "parallel", "parallel", "arbitrary"))
         out_spec = pl.BlockSpec((None, None, bq, depth), lambda b, h, i, j: (b, h, i, 0))
     else:
-        def index_of(i, b, h):
+        def index_of(i, b, h):  # the GPU grid has no key axis
             return b, h, i, 0
 
         grid = (n_q, batch, q_heads)
