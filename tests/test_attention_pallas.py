@@ -162,8 +162,9 @@ def _naive(q, k, v, bias, allowed, keep, keep_probability):
 
 
 CASES = {
-    # per-head dropout, causal (tiles above the diagonal skipped), grouped queries, odd lengths
-    "causal-gqa-per-head": ({"q_length": 45, "k_length": 45, "kv_heads": 2},
+    # per-head dropout, causal (tiles above the diagonal skipped, key tiles past every query), grouped queries,
+    # odd lengths
+    "causal-gqa-per-head": ({"q_length": 45, "k_length": 300, "kv_heads": 2},
                             {"is_causal": True, "broadcast_dropout": False}, False, False),
     # broadcast dropout, a per-head bias (differentiated), a padding mask with a fully masked row
     "bias-mask-broadcast": ({"q_length": 37, "k_length": 45}, {"broadcast_dropout": True}, True, True),

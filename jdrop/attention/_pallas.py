@@ -1,6 +1,6 @@
 """Pallas kernels of :func:`jdrop.dot_product_attention`: Mosaic (TPU) and Triton (GPU), flax's masks in-kernel.
 
-Three kernels implement the forward and the FlashAttention-2 backward (Dao 2023) of the blockwise
+Four kernels implement the forward and the FlashAttention-2 backward (Dao 2023) of the blockwise
 attention of :mod:`jdrop.attention`:
 
 - forward: per ``(batch, query head, query tile)``, an online softmax over the key tiles; outputs the
@@ -12,12 +12,13 @@ attention of :mod:`jdrop.attention`:
   otherwise): one logit-gradient tile per program, reduced over the axes the bias broadcasts along.
 
 Every tile recomputes its probabilities from the logsumexp and draws its dropout factors in-kernel from
-the key by global element index, with the same threefry and the same index as the xla path, so the mask
-is ``jax.random.bernoulli(dropout_rng, 1 - rate, shape)``, flax's, bit for bit. Nothing of ``Tq x Tk``
-elements is stored (but the bias gradient, whose size is the bias's, and see ``_bias_gradient``).
+the key by global element index, with the same threefry and the same index as the xla path
+(:mod:`jdrop.attention._dropout_mask`, :func:`jdrop.masks.index_words`), so the mask is
+``jax.random.bernoulli(dropout_rng, 1 - rate, shape)``, flax's, bit for bit (or the same fast mask as the xla
+path's). Nothing of ``Tq x Tk`` elements is stored (but a bias gradient, see ``_bias_gradient``).
 
-The tile arithmetic (``_logits``, ``_forward_tile``, ``_backward_tile``, :func:`keep_factors`) is one set of
-functions of arrays; each backend has its own thin shell around it (block specs, grid and loops):
+The tile arithmetic (``_logits``, ``_factors``, ``_forward_tile``, ``_backward_tile``) is one set of functions
+of arrays; each backend has its own thin shell around it (block specs, grid and loops):
 
 - TPU (Mosaic): the reduction axis (key tiles in the forward pass and ``dQ``, query tiles in ``dK, dV``) is the
   last grid axis, marked ``arbitrary``, with accumulators in VMEM scratch; skipped causal tiles are guarded by
@@ -72,7 +73,7 @@ class _Spec(NamedTuple):
     group: int  # query heads per key/value head
     causal: bool
     skip_causal: bool  # no user mask: tiles above the diagonal are skipped
-    dropout: str  # "none", "broadcast" or "element"
+    dropout: DropoutMode
     mask_mode: str  # "exact", "fast16", "fast8" (see jdrop.attention._dropout_mask)
     mask_rows: int  # rows of flax's mask viewed as (rows, k_length): Tq, or B * Hq * Tq
     bias_full: tuple[bool, ...]  # per axis of the 5-d bias (batch, kv head, group, q, k): full or broadcast
@@ -91,7 +92,7 @@ class _Spec(NamedTuple):
 
     @property
     def has_dropout(self) -> bool:
-        return self.dropout != "none"
+        return self.dropout != DropoutMode.NONE
 
     def compiler_params(self, semantics: tuple[Any, ...], warps: int = 4) -> Any:
         if self.backend == "tpu":
@@ -165,7 +166,7 @@ def _factors(spec: _Spec, drop, head: Any, i: Any, j: Any) -> jax.Array | None:
         return None
     key_data, threshold, factor = drop
     rows = (i * spec.block_q + _dropout_mask.first_rows(spec.block_q, spec.mask_mode)).astype(jnp.uint32)
-    if spec.dropout == "element":
+    if spec.dropout == DropoutMode.PER_ELEMENT:
         rows = head.astype(jnp.uint32) * np.uint32(spec.q_length) + rows
     cols = (j * spec.block_k + lax.broadcasted_iota(jnp.int32, (1, spec.block_k), 1)).astype(jnp.uint32)
     high, low = masks.index_words(rows, cols, spec.k_length, n_rows=spec.mask_rows)
@@ -461,8 +462,8 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
     q, do, row_max, log_row_sum, delta = map(grouped, (q, do, row_max, log_row_sum, delta))
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if spec.backend == "tpu":
-        def first_i(i, j):
-            return jnp.maximum(i, _first_q_block(spec, j))
+        def first_i(i, j):  # skipped tiles: no new copy (and none past the last tile, for keys beyond all queries)
+            return jnp.minimum(jnp.maximum(i, _first_q_block(spec, j)), n_q - 1)
 
         grid: tuple[int, ...] = (batch, kv_heads, n_k, group, n_q)
 
@@ -834,7 +835,7 @@ def attention(
         group=layout.group,
         causal=is_causal,
         skip_causal=is_causal and mask is None,
-        dropout={DropoutMode.NONE: "none", DropoutMode.BROADCAST: "broadcast"}.get(dropout, "element"),
+        dropout=dropout,
         mask_mode=dropout_mask,
         mask_rows=(batch * layout.q_heads if per_element else 1) * layout.q_length,
         bias_full=() if bias is None else tuple(d > 1 for d in bias.shape),
