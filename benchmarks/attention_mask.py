@@ -1,6 +1,6 @@
 """What the attention dropout mask costs: integer ops per element, counted, and step times, measured.
 
-``python -m benchmarks.attention_mask`` prints two tables:
+``python -m benchmarks.attention_mask`` prints three tables:
 
 1. Ops per attention element of the mask of each ``dropout_mask`` mode (``"exact"``: one threefry-2x32 call per
    element, flax's mask; ``"fast16"`` / ``"fast8"``: one call per 4 / 8 elements), counted from the jaxpr of
@@ -8,7 +8,9 @@
    elements, by primitive, divided by the tile's elements. Integer and bool results are the mask's arithmetic;
    iotas, broadcasts, reshapes and int32/uint32 conversions (bit casts on every target) are listed apart as
    layout; the float ops are the final select of the factor.
-2. The training step (forward and backward) of ``jdrop.dot_product_attention`` (the xla path) on this machine
+2. The mask draw alone: one call's per-head factors ``(B, H, T, T)``, as XLA compiles the tile function (one
+   fusion), per mode, round-robin.
+3. The training step (forward and backward) of ``jdrop.dot_product_attention`` (the xla path) on this machine
    for each mode, timed round-robin in one process (B=4, H=8, D=64, rate 0.1, per-head dropout, the costliest
    for the mask, and flax's default broadcast dropout), with the no-dropout step as the reference.
 
@@ -104,6 +106,60 @@ def ops_per_element(mode: str, tile: tuple[int, int] = TILE) -> dict[str, Any]:
     }
 
 
+def _timed(fn: Any, *args: Any) -> Any:
+    """A runner for :func:`round_robin`: one call of the compiled ``fn`` (compiled here, outside the timing)."""
+    import time
+
+    import jax
+
+    jax.block_until_ready(fn(*args))
+
+    def run() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - start
+
+    return run
+
+
+def draw_times(length: int, rounds: int) -> list[dict[str, Any]]:
+    """Median times (ms) of drawing one attention call's per-head mask factors alone, ``(B, H, T, T)``, per mode.
+
+    The tile function of the ops count over the whole array as XLA compiles it (one fusion): what the mask
+    itself costs on this machine, apart from the attention around it.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    from jdrop import masks
+    from jdrop.attention import _dropout_mask
+
+    def draw(mode: str) -> Any:
+        @jax.jit
+        def factors(key_data: Any, threshold: Any, factor: Any) -> Any:
+            heads = (jnp.arange(BATCH * HEADS, dtype=jnp.uint32) * np.uint32(length)).reshape(BATCH, HEADS, 1, 1)
+            rows = heads + _dropout_mask.first_rows(length, mode).astype(jnp.uint32)
+            cols = lax.broadcasted_iota(jnp.uint32, (1, length), 1)
+            high, low = masks.index_words(rows, cols, length, n_rows=BATCH * HEADS * length)
+            keep = _dropout_mask.tile_keep(key_data, high, low, threshold, mode)
+            return jnp.where(keep, factor, jnp.zeros_like(factor))
+
+        key = jax.random.key(1)
+        if mode == "exact":
+            threshold = masks.keep_threshold(jnp.float32(1 - RATE))
+            operands = (jax.random.key_data(key), threshold, jnp.float32(1 / (1 - RATE)))
+        else:
+            operands = _dropout_mask.operands(key, RATE, jnp.float32, mode)
+        return _timed(factors, *operands)
+
+    times = round_robin({mode: draw(mode) for mode in MODES}, rounds)
+    exact = statistics.median(times["exact"])
+    return [{"name": mode, "length": length, "median_ms": 1e3 * statistics.median(t),
+             "vs_exact": statistics.median(t) / exact} for mode, t in times.items()]
+
+
 def step_times(length: int, rounds: int, broadcast: bool) -> list[dict[str, Any]]:
     """Median step times (ms) of the xla path per mode and without dropout, round-robin in one process."""
     import jax
@@ -123,19 +179,7 @@ def step_times(length: int, rounds: int, broadcast: bool) -> list[dict[str, Any]
     steps = {"no dropout": step()}
     steps.update({mode: step(dropout_rng=rng, dropout_rate=RATE, dropout_mask=mode) for mode in MODES})
 
-    def runner(fn: Any) -> Any:
-        jax.block_until_ready(fn(*args))  # compile outside the timing
-
-        def run() -> float:
-            import time
-
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            return time.perf_counter() - start
-
-        return run
-
-    times = round_robin({name: runner(fn) for name, fn in steps.items()}, rounds)
+    times = round_robin({name: _timed(fn, *args) for name, fn in steps.items()}, rounds)
     base = statistics.median(times["no dropout"])
     exact = statistics.median(times["exact"])
     return [{"name": name, "length": length, "broadcast_dropout": broadcast,
@@ -155,6 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(("mode", "integer ops", "layout ops", "float ops"),
                          [(c["mode"], c["integer_ops_per_element"], c["layout_ops_per_element"],
                            c["float_ops_per_element"]) for c in counts]))
+    log(f"timing the mask draw alone, T={args.length}")
+    draws = draw_times(args.length, args.rounds)
+    print(f"\n## Drawing one call's per-head mask factors alone, (B={BATCH}, H={HEADS}, T, T) at T={args.length}, "
+          "round-robin\n")
+    print(markdown_table(("mask", "median ms", "vs exact"),
+                         [(r["name"], r["median_ms"], r["vs_exact"]) for r in draws]))
     records = []
     for broadcast in (False, True):
         log(f"timing T={args.length}, broadcast_dropout={broadcast}")
@@ -164,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          [(r["name"], r["broadcast_dropout"], r["median_ms"], r["vs_no_dropout"],
                            r["dropout_cost_vs_exact"]) for r in records]))
     if args.out is not None:
-        args.out.write_text(json.dumps({"machine": machine_description(), "ops": counts, "steps": records}, indent=1))
+        report = {"machine": machine_description(), "ops": counts, "draws": draws, "steps": records}
+        args.out.write_text(json.dumps(report, indent=1))
     return 0
 
 
