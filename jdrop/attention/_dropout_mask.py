@@ -103,6 +103,6 @@ def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Arr
     member = lax.broadcasted_iota(jnp.int32, (n, 1, 1), 0)
     word = jnp.where(member < n // 2, t0.reshape(split), t1.reshape(split))
     shift = ((member & (n // 2 - 1)) * width).astype(jnp.uint32)
-    uniform = (word >> shift) & np.uint32(2**width - 1)
-    keep = uniform < (threshold >> np.uint32(masks.THRESHOLD_BITS - width))
-    return keep.reshape(*lead, rows * n, cols)
+    # The reshape back to the tile's rows moves 32-bit values (whole (8, 128) tiles on TPU), not booleans.
+    uniform = ((word >> shift) & np.uint32(2**width - 1)).reshape(*lead, rows * n, cols)
+    return uniform < (threshold >> np.uint32(masks.THRESHOLD_BITS - width))
