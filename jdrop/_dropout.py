@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import enum
+import warnings
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -14,94 +16,127 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jdrop import masks
-from jdrop._typing import KeyLike
+from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import (
-    check_choice,
     check_deterministic,
     check_float_input,
     check_rate,
+    check_residual,
     check_scale,
     keep_probability,
+    nan_unless,
     rate_is_valid,
+    require_key,
 )
 
-__all__ = ["DropoutResidual", "dropout", "dropout_bwd", "dropout_fwd", "keep_and_factor"]
-
-Scale = Literal["inverted", "classic"]
-Residual = Literal["key", "bits", "mask"]
-RESIDUALS = ("key", "bits", "mask")
-"""The residual policies of :func:`dropout`."""
+__all__ = ["DropoutResidual", "Residual", "Scale", "dropout", "dropout_bwd", "dropout_fwd", "keep_and_factor"]
 
 
-@partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["key_data", "mask", "threshold", "valid"],
-    meta_fields=["residual", "scale", "train", "impl", "mask_shape", "identity"],
-)
+class _Kind(enum.Enum):
+    """What a residual keeps for the backward pass (``DropoutResidual.policy``)."""
+
+    KEY = "key"  # the key's data: the mask is regenerated
+    BITS = "bits"  # the mask packed 8 elements a byte
+    MASK = "mask"  # the bool mask
+    DETERMINISTIC = "deterministic"  # nothing: the backward pass multiplies by the evaluation scale
+
+
 @dataclasses.dataclass(frozen=True)
-class DropoutResidual:
-    """What :func:`dropout_bwd` needs to apply the forward pass's mask again.
+class _Static:
+    """The static part of a pass: hashable (the custom_vjp's non-differentiable argument, a residual's metadata)."""
 
-    Per policy, the only per-element field is ``mask``:
-
-    - ``"key"``: ``key_data`` (2 words for threefry); ``mask`` is None. The backward pass
-      regenerates the mask from the key, so nothing per element is kept.
-    - ``"bits"``: ``mask`` is the drawn mask packed 8 elements per byte (:func:`jdrop.masks.pack_bits`).
-    - ``"mask"``: ``mask`` is the drawn bool mask (1 byte per element, what other libraries keep).
-    - deterministic (``train=False``): no mask; the backward pass multiplies by the eval scale.
-
-    ``threshold`` is the integer keep threshold (``ceil(keep * 2**23)``) and ``valid`` is False
-    when a traced rate was outside [0, 1] (outputs and gradients are then NaN). ``identity`` marks a
-    pass that is statically the identity (static rate 0, or inverted evaluation with a static rate):
-    it returns its input itself, not a product with 1, which XLA:CPU would flush to zero for
-    subnormal numbers outside ``jit``.
-    """
-
-    key_data: jax.Array | None
-    mask: jax.Array | None
-    threshold: jax.Array
-    valid: jax.Array
-    residual: str
+    kind: _Kind
     scale: str
-    train: bool
-    impl: str | None
+    impl: str | None  # the key's PRNG implementation, to rebuild the key from its data
     mask_shape: tuple[int, ...]
+    # Statically the identity (static rate 0, or inverted evaluation with a static rate): the pass returns its
+    # input itself, not a product with 1, which XLA:CPU would flush to zero for subnormals outside jit.
     identity: bool = False
 
+    @property
+    def train(self) -> bool:
+        return self.kind is not _Kind.DETERMINISTIC
 
+
+@partial(jax.tree_util.register_dataclass, data_fields=["saved", "_threshold", "_valid"], meta_fields=["_static"])
 @dataclasses.dataclass(frozen=True)
-class _Options:
-    """The static part of a training call: the custom_vjp's (hashable) non-differentiable argument."""
+class DropoutResidual:
+    """What :func:`dropout_bwd` needs to apply the forward pass's mask again: a pytree, opaque but for its face.
 
-    residual: str
-    scale: str
-    impl: str | None
-    mask_shape: tuple[int, ...]
+    - ``policy``: what the backward pass reads the mask from: ``"key"`` (the mask is regenerated from
+      the key), ``"bits"`` (the mask packed 8 elements a byte, :func:`jdrop.masks.pack_bits`),
+      ``"mask"`` (the bool mask, 1 byte per element, what other libraries keep), or
+      ``"deterministic"`` (an evaluation pass: no mask, the backward pass multiplies by the
+      evaluation scale).
+    - ``mask_shape``: the shape of the drawn mask (1 along ``broadcast_dims``).
+    - ``saved``: the array kept per policy: the key's data (``uint32[2]`` for threefry), the packed
+      ``uint8`` mask, the bool mask, or None; its ``nbytes`` is what a residual costs per layer.
+
+    The rest (threshold, validity of a traced rate, scale, key implementation) is private. Build one
+    with :func:`dropout_fwd`, or with :meth:`from_mask` for a mask you hold.
+    """
+
+    saved: jax.Array | None
+    _threshold: jax.Array
+    _valid: jax.Array
+    _static: _Static
+
+    @property
+    def policy(self) -> str:
+        """``"key"``, ``"bits"``, ``"mask"`` or ``"deterministic"``."""
+        return self._static.kind.value
+
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        """The shape of the drawn mask (size 1 along the broadcast dims)."""
+        return self._static.mask_shape
+
+    @classmethod
+    def from_mask(cls, mask: jax.Array, rate: ArrayLike, *, scale: str = "inverted") -> DropoutResidual:
+        """A training residual holding ``mask`` itself: ``dropout_bwd(res, dy) = dy * mask * s``.
+
+        ``s`` is the training scale of ``rate`` (``1 / keep`` for ``"inverted"``, with ``keep`` the
+        realised keep probability, or 1 for ``"classic"``) and a traced ``rate`` outside [0, 1] makes the
+        result NaN, as in the forward pass. :mod:`jdrop.mlp` uses it with ``mask = [a > 0]`` for a ReLU
+        layer's dropped activation ``a``, which is the dropout mask times ``relu'``: the backward pass
+        then needs neither the key nor a stored mask.
+
+        Example::
+
+          >>> res = jdrop.DropoutResidual.from_mask(a > 0, 0.5)
+          >>> dx = jdrop.dropout_bwd(res, dy)           # dy * [a > 0] / 0.5
+        """
+        checked = check_rate(rate)
+        threshold = masks.keep_threshold(keep_probability(checked))
+        static = _Static(_Kind.MASK, check_scale(scale), None, tuple(mask.shape))
+        return cls(mask, threshold, jnp.asarray(rate_is_valid(checked)), static)
+
+    def __getattr__(self, name: str) -> Any:
+        # The fields of the first DropoutResidual, kept readable (deprecated): only ever reached for names
+        # that are not attributes, so the dataclass and pytree machinery never come here.
+        if name in _DEPRECATED_FIELDS and name != "_static":
+            replacement, read = _DEPRECATED_FIELDS[name]
+            warnings.warn(f"DropoutResidual.{name} is deprecated; use {replacement}.", DeprecationWarning,
+                          stacklevel=2)
+            return read(self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-def _residual(
-    options: _Options,
-    threshold: jax.Array,
-    valid: jax.Array,
-    *,
-    train: bool,
-    key_data: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    identity: bool = False,
-) -> DropoutResidual:
-    """The one place that builds a :class:`DropoutResidual`."""
-    return DropoutResidual(
-        key_data=key_data,
-        mask=mask,
-        threshold=threshold,
-        valid=valid,
-        residual=options.residual,
-        scale=options.scale,
-        train=train,
-        impl=options.impl,
-        mask_shape=options.mask_shape,
-        identity=identity,
-    )
+def _payload_if(*kinds: _Kind) -> Callable[[DropoutResidual], Any]:
+    return lambda res: res.saved if res._static.kind in kinds else None
+
+
+_DEPRECATED_FIELDS: dict[str, tuple[str, Callable[[DropoutResidual], Any]]] = {
+    "residual": ("res.policy", lambda res: res.policy),
+    "train": ('res.policy != "deterministic"', lambda res: res._static.train),
+    "key_data": ('res.saved (policy "key")', _payload_if(_Kind.KEY)),
+    "mask": ('res.saved (policy "bits" or "mask")', _payload_if(_Kind.BITS, _Kind.MASK)),
+    "threshold": ("jdrop.masks.keep_threshold", lambda res: res._threshold),
+    "valid": ("nothing (private)", lambda res: res._valid),
+    "scale": ("nothing (private)", lambda res: res._static.scale),
+    "impl": ("nothing (private)", lambda res: res._static.impl),
+    "identity": ("nothing (private)", lambda res: res._static.identity),
+}
 
 
 def _keep_and_factor(
@@ -110,7 +145,8 @@ def _keep_and_factor(
     """The realised keep probability and the factor of a pass, in ``dtype``; the factor is NaN if invalid.
 
     Train: kept elements are multiplied by ``1 / keep`` (inverted; 0 when ``keep = 0``, where nothing
-    is kept) or 1 (classic). Eval: every element by 1 (inverted) or ``keep`` (classic).
+    is kept) or 1 (classic). Eval: every element by 1 (inverted) or ``keep`` (classic). An invalid
+    traced rate reaches NaN here, through :func:`jdrop._validation.nan_unless`, and only here.
     """
     keep = masks.realised_keep(threshold).astype(dtype)
     if train and scale == "inverted":
@@ -119,7 +155,7 @@ def _keep_and_factor(
         factor = jnp.ones((), dtype)
     else:
         factor = keep
-    return keep, jnp.where(valid, factor, jnp.nan).astype(dtype)
+    return keep, (factor * nan_unless(valid, dtype)).astype(dtype)
 
 
 def keep_and_factor(
@@ -140,52 +176,70 @@ def _compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-def _apply(res: DropoutResidual, mask: jax.Array | None, values: jax.Array) -> jax.Array:
-    """``values * mask * multiplier`` in at least float32, cast back to the input dtype."""
-    if res.identity:
+def _apply(static: _Static, threshold: jax.Array, valid: jax.Array, mask: jax.Array | None,
+           values: jax.Array) -> jax.Array:
+    """``values * mask * factor`` in at least float32, cast back to the input dtype."""
+    if static.identity:
         return values
     dtype = _compute_dtype(values.dtype)
-    _, factor = _keep_and_factor(res.threshold, res.valid, scale=res.scale, train=res.train, dtype=dtype)
+    _, factor = _keep_and_factor(threshold, valid, scale=static.scale, train=static.train, dtype=dtype)
     wide = values.astype(dtype)
     if mask is None:
         out = wide * factor
     else:
-        fill = jnp.where(res.valid, dtype.type(0), dtype.type(np.nan))
+        fill = dtype.type(0) * factor  # dropped elements are NaN too when the factor is
         out = jnp.where(mask, wide * factor, fill)
     return out.astype(values.dtype)
 
 
-def _mask_from_key(key_data: jax.Array, res: DropoutResidual, shape: tuple[int, ...]) -> jax.Array:
-    """The keep mask at ``res.mask_shape``, for a consumer of ``shape`` (broadcast along ``broadcast_dims``)."""
-    key = jax.random.wrap_key_data(key_data, impl=res.impl)
-    bits = masks.random_bits(key, res.mask_shape, broadcast_to=shape)
-    return masks.keep_from_bits(bits, res.threshold)
+def _mask_from_key(key_data: jax.Array, static: _Static, threshold: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The keep mask at ``static.mask_shape``, for a consumer of ``shape`` (broadcast along ``broadcast_dims``)."""
+    key = jax.random.wrap_key_data(key_data, impl=static.impl)
+    bits = masks.random_bits(key, static.mask_shape, broadcast_to=shape)
+    return masks.keep_from_bits(bits, threshold)
+
+
+# What a training pass keeps, per policy: (key_data, mask) -> saved.
+_SAVE: dict[_Kind, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    _Kind.KEY: lambda key_data, mask: key_data,
+    _Kind.BITS: lambda key_data, mask: masks.pack_bits(mask),
+    _Kind.MASK: lambda key_data, mask: mask,
+}
 
 
 def _train_forward(
-    options: _Options, key_data: jax.Array, x: jax.Array, threshold: jax.Array, valid: jax.Array
+    static: _Static, key_data: jax.Array, x: jax.Array, threshold: jax.Array, valid: jax.Array
 ) -> tuple[jax.Array, DropoutResidual]:
-    res = _residual(options, threshold, valid, train=True, key_data=key_data)
-    mask = _mask_from_key(key_data, res, x.shape)
-    y = _apply(res, mask, x)
-    if options.residual == "bits":
-        res = dataclasses.replace(res, key_data=None, mask=masks.pack_bits(mask))
-    elif options.residual == "mask":
-        res = dataclasses.replace(res, key_data=None, mask=mask)
-    return y, res
+    mask = _mask_from_key(key_data, static, threshold, x.shape)
+    y = _apply(static, threshold, valid, mask, x)
+    return y, DropoutResidual(_SAVE[static.kind](key_data, mask), threshold, valid, static)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train_dropout(options, key_data, x, threshold, valid):
-    return _train_forward(options, key_data, x, threshold, valid)[0]
+def _train_dropout(static, key_data, x, threshold, valid):
+    return _train_forward(static, key_data, x, threshold, valid)[0]
 
 
-def _train_dropout_bwd(options, res, dy):
-    del options
+def _train_dropout_bwd(static, res, dy):
+    del static
     return None, dropout_bwd(res, dy), None, None
 
 
 _train_dropout.defvjp(_train_forward, _train_dropout_bwd)
+
+
+def _regenerated_mask(res: DropoutResidual, dy: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+    key_data, dy = lax.optimization_barrier((res.saved, dy))
+    return _mask_from_key(key_data, res._static, res._threshold, dy.shape), dy
+
+
+# The mask the backward pass applies, per policy: (res, dy) -> (mask or None, dy).
+_MASK_OF: dict[_Kind, Callable[[DropoutResidual, jax.Array], tuple[jax.Array | None, jax.Array]]] = {
+    _Kind.KEY: _regenerated_mask,
+    _Kind.BITS: lambda res, dy: (masks.unpack_bits(cast(jax.Array, res.saved), res.mask_shape), dy),
+    _Kind.MASK: lambda res, dy: (res.saved, dy),
+    _Kind.DETERMINISTIC: lambda res, dy: (None, dy),
+}
 
 
 def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
@@ -208,59 +262,31 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
     Returns:
       ``dx``, with the dtype of ``dy``.
     """
-    if not res.train:
-        return _apply(res, None, dy)
-    if res.residual == "key":
-        key_data, dy = lax.optimization_barrier((res.key_data, dy))
-        mask = _mask_from_key(key_data, res, dy.shape)
-    else:
-        assert res.mask is not None, "a bits/mask residual carries the mask"
-        mask = masks.unpack_bits(res.mask, res.mask_shape) if res.residual == "bits" else res.mask
-    return _apply(res, mask, dy)
-
-
-def mask_residual(mask: jax.Array, rate: ArrayLike, *, scale: str = "inverted") -> DropoutResidual:
-    """A training residual that holds ``mask`` itself, for ``dropout_bwd(res, dy) = dy * mask * s``.
-
-    ``s`` is the training scale of ``rate`` (``1 / keep`` or 1) and a traced ``rate`` outside
-    [0, 1] makes the result NaN, as in the forward pass. :mod:`jdrop.mlp` uses it with
-    ``mask = [a > 0]`` for a ReLU layer's dropped activation ``a``, which is the dropout mask
-    times ``relu'``: the backward pass then needs neither the key nor a stored mask.
-    """
-    checked = check_rate(rate)
-    threshold = masks.keep_threshold(keep_probability(checked))
-    options = _Options(residual="mask", scale=check_scale(scale), impl=None, mask_shape=tuple(mask.shape))
-    return _residual(options, threshold, jnp.asarray(rate_is_valid(checked)), train=True, mask=mask)
-
-
-def check_options(scale: Any, residual: Any) -> None:
-    """Rejects an unknown ``scale`` or ``residual`` (``ValueError``)."""
-    check_scale(scale)
-    check_choice(residual, RESIDUALS, name="residual")
+    mask, dy = _MASK_OF[res._static.kind](res, dy)
+    return _apply(res._static, res._threshold, res._valid, mask, dy)
 
 
 class _Call(NamedTuple):
     """A checked call: a training pass (``key_data`` set) or a deterministic one (``key_data`` None)."""
 
     x: jax.Array
-    options: _Options
+    static: _Static
     threshold: jax.Array
     valid: jax.Array
     key_data: jax.Array | None
-    identity: bool
 
     def eval_residual(self) -> DropoutResidual:
-        return _residual(self.options, self.threshold, self.valid, train=False, identity=self.identity)
+        return DropoutResidual(None, self.threshold, self.valid, self.static)
 
     def train_arguments(self) -> tuple[Any, ...]:
         """The arguments of the custom_vjp core (and of its forward rule)."""
-        return self.options, self.key_data, self.x, self.threshold, self.valid
+        return self.static, self.key_data, self.x, self.threshold, self.valid
 
 
 def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual) -> _Call:
     """Checks and canonicalises the arguments at trace time (``rate == 0`` statically is deterministic)."""
     x = check_float_input(x)
-    check_options(scale, residual)
+    scale, residual = check_scale(scale), check_residual(residual)
     deterministic = check_deterministic(deterministic)
     rate = check_rate(rate)
     mask_shape = masks.broadcast_shape(x.shape, broadcast_dims)
@@ -268,12 +294,11 @@ def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual) -> _C
     valid = jnp.asarray(rate_is_valid(rate))
     static = isinstance(rate, float)
     if deterministic or (static and rate == 0.0):
-        options = _Options(residual=residual, scale=scale, impl=None, mask_shape=mask_shape)
         identity = static and (rate == 0.0 or scale == "inverted")
-        return _Call(x, options, threshold, valid, None, identity)
-    key = masks.require_key(key, what="dropout")
-    options = _Options(residual=residual, scale=scale, impl=str(jax.random.key_impl(key)), mask_shape=mask_shape)
-    return _Call(x, options, threshold, valid, jax.random.key_data(key), False)
+        return _Call(x, _Static(_Kind.DETERMINISTIC, scale, None, mask_shape, identity), threshold, valid, None)
+    key = require_key(key, what="dropout")
+    options = _Static(_Kind(residual), scale, str(jax.random.key_impl(key)), mask_shape)
+    return _Call(x, options, threshold, valid, jax.random.key_data(key))
 
 
 def dropout_fwd(
@@ -298,7 +323,7 @@ def dropout_fwd(
     call = _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual)
     if call.key_data is None:
         res = call.eval_residual()
-        return _apply(res, None, call.x), res
+        return _apply(call.static, call.threshold, call.valid, None, call.x), res
     return _train_forward(*call.train_arguments())
 
 
@@ -356,5 +381,5 @@ def dropout(
     """
     call = _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual)
     if call.key_data is None:
-        return _apply(call.eval_residual(), None, call.x)
+        return _apply(call.static, call.threshold, call.valid, None, call.x)
     return _train_dropout(*call.train_arguments())

@@ -3,38 +3,54 @@
 Each check validates and canonicalises a value at trace time (where it is static) and raises a
 ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, outside the allowed range) that
 names the argument and what is allowed, as ``jax.random`` does. Traced rates cannot be checked at
-trace time: :func:`rate_is_valid` and :func:`nan_unless_valid` make an invalid one give NaN outputs.
+trace time: :func:`rate_is_valid` and :func:`nan_unless` (the one road to NaN) make an invalid one give
+NaN outputs and gradients.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdrop._typing import Scale
+
 __all__ = [
+    "RESIDUALS",
     "SCALES",
+    "MissingKeyError",
     "canonical_axis",
     "canonical_key",
+    "check_alias",
     "check_attention_shapes",
     "check_broadcastable",
+    "check_callable",
+    "check_channel_and_batch_axes",
     "check_choice",
     "check_deterministic",
     "check_float_dtype",
     "check_float_input",
+    "check_index_offset",
     "check_mask_rows",
     "check_no_custom_products",
+    "check_nonnegative",
+    "check_rank_at_least",
     "check_rate",
+    "check_residual",
     "check_scale",
     "check_single_key",
     "check_threefry_key",
     "int_at_least",
     "keep_probability",
+    "nan_unless",
     "nan_unless_valid",
+    "poison_invalid",
     "positive_int",
+    "nonnegative_is_valid",
     "rate_is_valid",
     "require_key",
     "static_bool",
@@ -42,10 +58,37 @@ __all__ = [
 
 SCALES = ("inverted", "classic")
 """Dropout's two scalings: ``"inverted"`` (1/keep in training) and ``"classic"`` (keep at evaluation)."""
+RESIDUALS = ("key", "bits", "mask")
+"""The residual policies of :func:`jdrop.dropout`: what its backward pass reads the mask from."""
+
+
+class MissingKeyError(ValueError, RuntimeError):
+    """A training pass without a PRNG key: a ``ValueError`` (jdrop's rule for a missing argument).
+
+    Also a ``RuntimeError``, what ``equinox.nn.Dropout`` raises for a missing key, so code written
+    for equinox's modules catches the equinox adapter's error unchanged.
+    """
 
 
 def _is_tracer(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
+
+
+def _real_scalar(value: Any, *, name: str, expected: str) -> float | jax.Array:
+    """``value`` as a Python float (static) or a float32 scalar array (traced); ``TypeError`` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        dtype = np.dtype(value.dtype) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else None
+        real = dtype is not None and dtype != np.bool_
+        if not (real and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer))):
+            raise TypeError(f"`{name}` must be a real scalar, got an array of dtype {value.dtype}.")
+        if tuple(value.shape) != ():
+            raise ValueError(f"`{name}` must be a scalar, got shape {tuple(value.shape)}.")
+        return jnp.asarray(value, jnp.float32) if _is_tracer(value) else float(value)
+    raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
 
 
 def check_rate(rate: Any, *, name: str = "rate", upper: float = 1.0) -> float | jax.Array:
@@ -60,37 +103,73 @@ def check_rate(rate: Any, *, name: str = "rate", upper: float = 1.0) -> float | 
       TypeError: if ``rate`` is not a real number or a real scalar array.
       ValueError: if a static ``rate`` is NaN, infinite or outside ``[0, upper]``.
     """
-    if isinstance(rate, (bool, np.bool_)) or isinstance(rate, (str, bytes)) or rate is None:
-        raise TypeError(f"`{name}` must be a real number in [0, {upper:g}], got {type(rate).__name__} {rate!r}.")
-    if isinstance(rate, numbers.Real):
-        value = float(rate)
-    elif hasattr(rate, "dtype") and hasattr(rate, "shape"):
-        dtype = np.dtype(rate.dtype) if not jax.dtypes.issubdtype(rate.dtype, jax.dtypes.prng_key) else None
-        real = dtype is not None and dtype != np.bool_
-        if not (real and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer))):
-            raise TypeError(f"`{name}` must be a real scalar, got an array of dtype {rate.dtype}.")
-        if tuple(rate.shape) != ():
-            raise ValueError(f"`{name}` must be a scalar, got shape {tuple(rate.shape)}.")
-        if _is_tracer(rate):
-            return jnp.asarray(rate, jnp.float32)
-        value = float(rate)
-    else:
-        raise TypeError(f"`{name}` must be a real number in [0, {upper:g}], got {type(rate).__name__} {rate!r}.")
-    if not (0.0 <= value <= upper):  # also rejects NaN
+    value = _real_scalar(rate, name=name, expected=f"a real number in [0, {upper:g}]")
+    if isinstance(value, float) and not (0.0 <= value <= upper):  # also rejects NaN
         raise ValueError(f"`{name}` must be in [0, {upper:g}], got {value!r}.")
     return value
 
 
-def rate_is_valid(rate: float | jax.Array, *, upper: float = 1.0) -> jax.Array | bool:
-    """True for a static rate (already checked); a traced bool for a traced one."""
+def check_nonnegative(value: Any, *, name: str, positive: bool = False) -> float | jax.Array:
+    """``value`` as a Python float when static (finite and >= 0, or > 0 if ``positive``), else a float32 scalar.
+
+    For scales and coefficients (a noise's standard deviation, a temperature, a loss weight); a
+    traced value is checked by :func:`nonnegative_is_valid` instead (NaN outputs when invalid).
+
+    Raises:
+      TypeError: if ``value`` is not a real number or a real scalar array.
+      ValueError: if a static ``value`` is NaN, infinite, negative (or 0 when ``positive``).
+    """
+    bound = "> 0" if positive else ">= 0"
+    checked = _real_scalar(value, name=name, expected=f"a finite real number {bound}")
+    if isinstance(checked, float) and not (math.isfinite(checked) and (checked > 0 if positive else checked >= 0)):
+        raise ValueError(f"`{name}` must be finite and {bound}, got {checked!r}.")
+    return checked
+
+
+def nonnegative_is_valid(value: float | jax.Array) -> jax.Array | bool:
+    """True for a static value (already checked); for a traced one, a traced ``value >= 0 and finite``."""
+    if isinstance(value, float):
+        return True
+    return (value >= 0.0) & jnp.isfinite(value)
+
+
+def rate_is_valid(rate: float | jax.Array, *, upper: float = 1.0, closed: bool = True) -> jax.Array | bool:
+    """True for a static rate (already checked); for a traced one, a traced ``0 <= rate <= upper``.
+
+    ``closed=False`` excludes ``upper`` itself (``0 <= rate < upper``).
+    """
     if isinstance(rate, float):
         return True
-    return (rate >= 0.0) & (rate <= upper)
+    return (rate >= 0.0) & ((rate <= upper) if closed else (rate < upper))
+
+
+def nan_unless(valid: jax.Array | bool, dtype: Any) -> jax.Array:
+    """1 where ``valid``, NaN otherwise, in ``dtype``: the one road from an invalid traced argument to NaN.
+
+    Every op multiplies by it once, its scale factor (the core, attention, DropConnect's moments:
+    through :func:`jdrop._dropout.keep_and_factor`) or its output (the variants whose output has no
+    keep factor: :func:`poison_invalid`). So a traced rate (or scale) outside its range makes every
+    output element and every gradient NaN, in training and evaluation alike, never a silently
+    different rate.
+    """
+    return jnp.where(valid, 1.0, jnp.nan).astype(dtype)
 
 
 def nan_unless_valid(rate: float | jax.Array, dtype: Any) -> jax.Array:
-    """1 for a valid rate, NaN for a traced one outside [0, 1]: multiply an output by it."""
-    return jnp.where(rate_is_valid(rate), 1.0, jnp.nan).astype(dtype)
+    """:func:`nan_unless` of a rate's validity: 1 for a valid rate, NaN for a traced one outside [0, 1]."""
+    return nan_unless(rate_is_valid(rate), dtype)
+
+
+def poison_invalid(x: jax.Array, valid: jax.Array | bool) -> jax.Array:
+    """``x`` when ``valid`` (``x`` itself when statically valid), else NaN: ``x * nan_unless(valid)``.
+
+    Computed in at least float32 and returned in ``x``'s dtype, as the core computes; its gradient
+    is ``dy * nan_unless(valid)``, NaN too when invalid.
+    """
+    if valid is True:
+        return x
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    return (x.astype(dtype) * nan_unless(valid, dtype)).astype(x.dtype)
 
 
 def keep_probability(rate: Any) -> jax.Array:
@@ -134,9 +213,30 @@ def check_choice(value: Any, choices: tuple[str, ...], *, name: str) -> str:
     return value
 
 
-def check_scale(scale: Any) -> str:
+def check_scale(scale: Any) -> Scale:
     """``scale`` if it is ``"inverted"`` or ``"classic"``, else ``ValueError``."""
-    return check_choice(scale, SCALES, name="scale")
+    return cast(Scale, check_choice(scale, SCALES, name="scale"))
+
+
+def check_residual(residual: Any) -> str:
+    """``residual`` if it is ``"key"``, ``"bits"`` or ``"mask"``, else ``ValueError``."""
+    return check_choice(residual, RESIDUALS, name="residual")
+
+
+def check_alias(name: str, value: Any, default: Any, *, alias: str, alias_value: Any) -> None:
+    """``ValueError`` if ``name`` (away from its ``default``) and its ``alias`` (a peer's spelling) are both set."""
+    if alias_value is not None and value != default:
+        raise ValueError(
+            f"pass `{name}` or its alias `{alias}`, not both: got {name}={value!r} and {alias}={alias_value!r}."
+        )
+
+
+def check_callable(value: Any, *, name: str, usage: str = "") -> Any:
+    """``value`` if it is callable, else ``TypeError`` naming ``name`` (and how it is called, ``usage``)."""
+    if not callable(value):
+        how = f" as {usage}" if usage else ""
+        raise TypeError(f"`{name}` must be callable{how}, got {_describe(value)}.")
+    return value
 
 
 def static_bool(value: Any, *, name: str, hint: str = "") -> bool:
@@ -163,6 +263,24 @@ def canonical_axis(axis: Any, ndim: int, *, name: str) -> int:
     return int(axis) % ndim
 
 
+def check_channel_and_batch_axes(ndim: int, *, channel_axis: Any, batch_axis: Any) -> tuple[int, int | None]:
+    """``(channel, batch)`` axes of a rank-``ndim`` input, canonical and distinct (``batch`` None: one example)."""
+    channel = canonical_axis(channel_axis, ndim, name="channel_axis")
+    if batch_axis is None:
+        return channel, None
+    batch = canonical_axis(batch_axis, ndim, name="batch_axis")
+    if batch == channel:
+        raise ValueError(f"`batch_axis` and `channel_axis` must differ, both are dim {batch} of a rank-{ndim} input.")
+    return channel, batch
+
+
+def check_rank_at_least(x: jax.Array, minimum: int, *, name: str, why: str) -> jax.Array:
+    """``x`` if its rank is at least ``minimum``, else ``ValueError`` naming ``name`` and ``why`` it needs the axes."""
+    if x.ndim < minimum:
+        raise ValueError(f"`{name}` must have rank >= {minimum} ({why}), got rank {x.ndim}.")
+    return x
+
+
 def int_at_least(value: Any, minimum: int, *, name: str) -> int:
     """``value`` as a Python int >= ``minimum``: ``TypeError`` if it is not an int, ``ValueError`` if smaller."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -170,6 +288,22 @@ def int_at_least(value: Any, minimum: int, *, name: str) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.")
     return int(value)
+
+
+def check_index_offset(offset: Any, *, name: str = "offset") -> Any:
+    """``offset`` if it is an integer index (a Python int >= 0 or an integer array, maybe traced).
+
+    Raises:
+      TypeError: for a float, complex or bool, or an array of another dtype.
+      ValueError: for a static negative int.
+    """
+    if isinstance(offset, (float, complex, bool, np.bool_)) or (
+        hasattr(offset, "dtype") and not jnp.issubdtype(offset.dtype, jnp.integer)
+    ):
+        raise TypeError(f"`{name}` must be an integer, got {_describe(offset)}.")
+    if isinstance(offset, (int, np.integer)) and offset < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {offset}.")
+    return offset
 
 
 def positive_int(value: Any, *, name: str) -> int:
@@ -223,11 +357,12 @@ def require_key(key: Any, *, what: str, name: str = "key", eval_hint: str = "det
     """A single typed key for a training pass of ``what``, or an error that says what to do.
 
     Raises:
-      ValueError: if ``key`` is None (pass a key, or ``eval_hint`` for evaluation) or holds several keys.
+      MissingKeyError: (a ``ValueError``) if ``key`` is None: pass a key, or ``eval_hint`` for evaluation.
+      ValueError: if ``key`` holds several keys.
       TypeError: if ``key`` is not a PRNG key (see :func:`canonical_key`).
     """
     if key is None:
-        raise ValueError(
+        raise MissingKeyError(
             f"{what} needs a PRNG `{name}` in training mode: pass {name}=jax.random.key(seed) (one per step, "
             f"e.g. from jdrop.example_keys), or {eval_hint} for evaluation."
         )

@@ -42,7 +42,7 @@ from jax.custom_batching import custom_vmap
 from jax.typing import ArrayLike, DTypeLike
 
 from jdrop import masks
-from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd, mask_residual
+from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd
 from jdrop._typing import KeyLike
 from jdrop._validation import check_choice, check_float_input, check_rate, check_scale
 
@@ -264,7 +264,7 @@ def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[ML
             grad_b.append(jnp.sum(g, axis=batch_axes))
             da = g @ params.weights[layer].T
             rate = res.rates[layer] if res.active[layer] else 0.0
-            g = dropout_bwd(mask_residual(a > 0, rate, scale=res.scale), da)
+            g = dropout_bwd(DropoutResidual.from_mask(a > 0, rate, scale=res.scale), da)
             continue
         h = res.activations[layer]
         # Ties the recomputation to the cotangent: it stops XLA's common-subexpression pass from merging it with

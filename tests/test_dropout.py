@@ -17,14 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import FLOAT_DTYPES, mean_tolerance, realised_keep, signed_input
-from absl.testing import parameterized
 
 import jdrop
 from jdrop import masks
+from jdrop._validation import RESIDUALS, SCALES
 
 SHAPE = (13, 5)  # odd sizes
-SCALES = ["inverted", "classic"]
-RESIDUALS = ["key", "bits", "mask"]
 
 
 def naive_dropout(key, x, rate, *, scale="inverted", broadcast_dims=()):
@@ -53,29 +51,26 @@ def _bits(a):
 # --------------------------------------------------------------------------------------- forward
 
 
-class ForwardTest(chex.TestCase):
-    """jdrop.dropout and jdrop.keep_mask with and without jit (chex variants): the same bits either way."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(*SCALES)
-    def test_forward_equals_naive_reference(self, scale):
-        key, x = jax.random.key(0), signed_input(SHAPE)
-        rates = [0.1, 0.5, 0.9]
-        outputs = self.variant(
-            lambda k, x: [(jdrop.dropout(k, x, rate, scale=scale), jdrop.keep_mask(k, SHAPE, rate)) for rate in rates]
-        )(key, x)
-        for rate, (y, mask) in zip(rates, outputs):
-            expected = naive_dropout(key, x, rate, scale=scale)
-            chex.assert_shape(y, x.shape)
-            chex.assert_type(y, x.dtype)
-            # The same result inside and outside jit: each variant against the other's eager call.
-            np.testing.assert_array_equal(y, jdrop.dropout(key, x, rate, scale=scale))
-            np.testing.assert_array_equal(mask, jdrop.keep_mask(key, SHAPE, rate))
-            np.testing.assert_array_equal(y != 0, mask)
-            # jdrop multiplies by 1/keep where the reference divides by keep: at most 1 ulp apart.
-            np.testing.assert_allclose(y, expected, rtol=1e-6, atol=0)
-            if scale == "classic" or rate == 0.5:  # multiplying by 1 or 2 is exact
-                np.testing.assert_array_equal(y, expected)
+@pytest.mark.parametrize("scale", SCALES)
+def test_forward_equals_naive_reference(variant, scale):
+    """jdrop.dropout and jdrop.keep_mask with and without jit: the same bits either way."""
+    key, x = jax.random.key(0), signed_input(SHAPE)
+    rates = [0.1, 0.5, 0.9]
+    outputs = variant(
+        lambda k, x: [(jdrop.dropout(k, x, rate, scale=scale), jdrop.keep_mask(k, SHAPE, rate)) for rate in rates]
+    )(key, x)
+    for rate, (y, mask) in zip(rates, outputs):
+        expected = naive_dropout(key, x, rate, scale=scale)
+        chex.assert_shape(y, x.shape)
+        chex.assert_type(y, x.dtype)
+        # The same result inside and outside jit: each variant against the other's eager call.
+        np.testing.assert_array_equal(y, jdrop.dropout(key, x, rate, scale=scale))
+        np.testing.assert_array_equal(mask, jdrop.keep_mask(key, SHAPE, rate))
+        np.testing.assert_array_equal(y != 0, mask)
+        # jdrop multiplies by 1/keep where the reference divides by keep: at most 1 ulp apart.
+        np.testing.assert_allclose(y, expected, rtol=1e-6, atol=0)
+        if scale == "classic" or rate == 0.5:  # multiplying by 1 or 2 is exact
+            np.testing.assert_array_equal(y, expected)
 
 
 def test_inverted_scale_uses_realised_keep(key):
@@ -605,24 +600,43 @@ def test_dropout_fwd_residual_fields(key):
         mask_shape = masks.broadcast_shape(RESIDUAL_SHAPE, dims)
         size = math.prod(mask_shape)
         assert isinstance(res, jdrop.DropoutResidual)
-        assert res.residual == residual and res.train and res.mask_shape == mask_shape
+        assert res.policy == residual and res.mask_shape == mask_shape
         if residual == "key":
-            assert res.mask is None
-            np.testing.assert_array_equal(res.key_data, jax.random.key_data(key))
+            np.testing.assert_array_equal(res.saved, jax.random.key_data(key))
         elif residual == "bits":
-            assert res.key_data is None
-            assert res.mask.dtype == jnp.uint8 and res.mask.shape == (math.ceil(size / 8),)
-            unpacked = np.unpackbits(np.asarray(res.mask), bitorder="little")[:size].reshape(mask_shape)
+            assert res.saved.dtype == jnp.uint8 and res.saved.shape == (math.ceil(size / 8),)
+            unpacked = np.unpackbits(np.asarray(res.saved), bitorder="little")[:size].reshape(mask_shape)
             np.testing.assert_array_equal(np.broadcast_to(unpacked, RESIDUAL_SHAPE), expected_mask)
         else:
-            assert res.key_data is None
-            assert res.mask.dtype == jnp.bool_ and res.mask.size == size
-            np.testing.assert_array_equal(np.broadcast_to(res.mask, RESIDUAL_SHAPE), expected_mask)
+            assert res.saved.dtype == jnp.bool_ and res.saved.size == size
+            np.testing.assert_array_equal(np.broadcast_to(res.saved, RESIDUAL_SHAPE), expected_mask)
         if not dims:  # a residual is a pytree: it crosses jit boundaries, and dropout_bwd applies its mask
             dx = jax.jit(jdrop.dropout_bwd)(res, dy)
             np.testing.assert_array_equal(dx, np.where(expected_mask, np.asarray(dy) * 2, 0))
     _, res = jdrop.dropout_fwd(None, x, 0.5, deterministic=True)
-    assert not res.train and res.mask is None and res.key_data is None
+    assert res.policy == "deterministic" and res.saved is None
+
+
+def test_residual_from_mask_applies_that_mask_with_the_training_scale():
+    mask = jnp.asarray([True, False, True, True])
+    dy = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+    for scale, factor in (("inverted", 1 / float(realised_keep(0.25))), ("classic", 1.0)):
+        res = jdrop.DropoutResidual.from_mask(mask, 0.25, scale=scale)
+        assert res.policy == "mask" and res.mask_shape == (4,)
+        np.testing.assert_allclose(jdrop.dropout_bwd(res, dy), np.where(mask, dy * factor, 0.0), rtol=1e-7)
+    traced = jax.jit(lambda rate: jdrop.dropout_bwd(jdrop.DropoutResidual.from_mask(mask, rate), dy))
+    assert np.all(np.isnan(traced(1.5)))
+
+
+def test_residual_old_field_names_still_read_with_a_deprecation_warning(key):
+    x = signed_input(RESIDUAL_SHAPE)
+    _, res = jdrop.dropout_fwd(key, x, 0.5, residual="bits")
+    with pytest.warns(DeprecationWarning, match="res.policy"):
+        assert res.residual == "bits"
+    with pytest.warns(DeprecationWarning):
+        assert res.train and res.key_data is None and res.mask is res.saved
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        res.nope  # noqa: B018
 
 
 # --------------------------------------------------------------------------------------- statistics

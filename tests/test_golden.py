@@ -44,7 +44,7 @@ def _cases():
         "fold_in_(3,4)": jax.random.key_data(jdrop.masks.fold_in(jdrop.example_keys(key, 3)[:, None], jnp.arange(4))),
         "dropout_inverted_0.25": jdrop.dropout(key, x, 0.25),
         "dropout_classic_0.25": jdrop.dropout(key, x, 0.25, scale="classic"),
-        "dropout_bits_residual_packed": jdrop.dropout_fwd(key, x, 0.5, residual="bits")[1].mask,
+        "dropout_bits_residual_packed": jdrop.dropout_fwd(key, x, 0.5, residual="bits")[1].saved,
     }
     params = jdrop.mlp.init(key, [4, 8, 3])
     cases["mlp_apply_train"] = jdrop.mlp.apply(params, jnp.ones((5, 4)), key=key, rates=(0.2, 0.5), train=True)

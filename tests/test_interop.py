@@ -26,12 +26,12 @@ from flax import nnx
 
 import jdrop
 import jdrop.interop
+from jdrop._validation import RESIDUALS
 from jdrop.interop import equinox as jdrop_eqx
 from jdrop.interop import linen as jdrop_linen
 from jdrop.interop import nnx as jdrop_nnx
 
 FRAMEWORKS = ["linen", "nnx", "equinox"]
-RESIDUALS = ["key", "bits", "mask"]
 SHAPE = (8, 16)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,6 +283,17 @@ def test_equinox_errors_and_deprecations_follow_equinox():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jdrop_eqx.Dropout(0.5, inference=True)
+
+
+def test_equinox_missing_key_is_jdrops_missing_key_error_and_equinoxs_runtime_error():
+    # One rule, one wording: the ValueError every jdrop op raises, which is also the RuntimeError equinox raises.
+    x = signed_input(SHAPE)
+    mha = eqx.nn.MultiheadAttention(2, 8, dropout_p=0.1, key=jax.random.key(0))
+    tokens = jnp.ones((3, 8))
+    for call in (lambda: jdrop_eqx.Dropout(0.5)(x), lambda: jdrop_eqx.multihead_attention(mha, tokens, tokens, tokens)):
+        with pytest.raises(ValueError, match=r"needs a PRNG `key` in training mode.*or inference=True") as error:
+            call()
+        assert isinstance(error.value, RuntimeError)
 
 
 # ------------------------------------------------------------------------------------- imports

@@ -27,8 +27,7 @@ from typing import Any
 
 from jax.typing import ArrayLike
 
-from jdrop._dropout import check_options
-from jdrop._validation import check_rate
+from jdrop._validation import check_rate, check_residual, check_scale
 
 _SUBMODULES = ("equinox", "linen", "nnx")
 
@@ -46,7 +45,8 @@ def __dir__() -> list[str]:
 
 def _check_fields(scale: Any, residual: Any) -> None:
     """Rejects an unknown ``scale`` or ``residual`` when the module is built, not at its first call."""
-    check_options(scale, residual)
+    check_scale(scale)
+    check_residual(residual)
 
 
 def _concrete_rate(rate: ArrayLike) -> float | None:

@@ -17,6 +17,7 @@ import jax
 from jaxtyping import Array, PRNGKeyArray
 
 from jdrop._dropout import Residual, Scale, dropout
+from jdrop._validation import require_key
 from jdrop.attention import dot_product_attention
 from jdrop.interop import _check_fields
 
@@ -28,10 +29,11 @@ class Dropout(eqx.Module):
 
     The fields, call signature and errors of ``equinox.nn.Dropout`` (``p``, ``inference``,
     ``key=``, the deprecated ``deterministic``; toggled with ``equinox.nn.inference_mode``), plus
-    jdrop's ``scale`` and ``residual``. The mask is ``jdrop.dropout``'s for ``key``, which is
-    equinox's mask (``jax.random.bernoulli(key, 1 - p, x.shape)``): same model, same keys, same
-    outputs and gradients (to float rounding). With ``m`` that mask and ``keep = 1 - p`` (to
-    2**-23, see :func:`jdrop.dropout`)::
+    jdrop's ``scale`` and ``residual``. A missing key in training raises jdrop's error for every
+    op, a ``ValueError`` that is also the ``RuntimeError`` equinox raises. The mask is
+    ``jdrop.dropout``'s for ``key``, which is equinox's mask (``jax.random.bernoulli(key, 1 - p,
+    x.shape)``): same model, same keys, same outputs and gradients (to float rounding). With ``m``
+    that mask and ``keep = 1 - p`` (to 2**-23, see :func:`jdrop.dropout`)::
 
         scale="inverted" (equinox's):  train  y = m * x / keep      inference  y = x
         scale="classic":               train  y = m * x             inference  y = keep * x
@@ -121,8 +123,7 @@ class Dropout(eqx.Module):
         with jax.named_scope("jdrop.interop.equinox.Dropout"):
             if inference:
                 return dropout(None, x, self.p, deterministic=True, scale=self.scale, residual=self.residual)
-            if key is None:
-                raise RuntimeError("Dropout requires a key when running in non-deterministic mode.")
+            key = require_key(key, what="jdrop.interop.equinox.Dropout", eval_hint="inference=True")
             return dropout(key, x, self.p, scale=self.scale, residual=self.residual)
 
 
@@ -171,8 +172,8 @@ def multihead_attention(
     rate = attention.dropout.p
     inference = attention.dropout.inference if inference is None else inference
     deterministic = bool(inference) or (isinstance(rate, (int, float)) and rate == 0)
-    if not deterministic and key is None:
-        raise RuntimeError("multihead_attention requires a key when dropout is on (as equinox's Dropout does).")
+    if not deterministic:
+        key = require_key(key, what="jdrop.interop.equinox.multihead_attention", eval_hint="inference=True")
 
     def project(linear: eqx.nn.Linear, x: Array) -> Array:
         return jax.vmap(linear)(x).reshape(x.shape[0], attention.num_heads, -1)

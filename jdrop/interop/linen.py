@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax.typing import PRNGKey
 
-from jdrop._dropout import Residual, Scale, dropout
+from jdrop._dropout import dropout
+from jdrop._typing import Residual, Scale
 from jdrop._validation import check_float_input
 from jdrop.interop import _check_fields, _concrete_rate
 

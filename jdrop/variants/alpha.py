@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jdrop._dropout import Residual, dropout, keep_and_factor
-from jdrop._typing import KeyLike
+from jdrop._dropout import dropout, keep_and_factor
+from jdrop._typing import KeyLike, Residual
 from jdrop._validation import check_deterministic, check_float_input, check_rate
-from jdrop.variants.feature import feature_broadcast_dims
+from jdrop.variants.feature import _feature_broadcast_dims
 
 __all__ = ["SELU_ALPHA", "SELU_SCALE", "alpha_dropout", "feature_alpha_dropout"]
 
@@ -117,5 +117,5 @@ def feature_alpha_dropout(
       Array of ``x``'s shape and dtype.
     """
     x = check_float_input(x)
-    dims = feature_broadcast_dims(x.ndim, channel_axis=channel_axis, batch_axis=batch_axis)
+    dims = _feature_broadcast_dims(x, channel_axis=channel_axis, batch_axis=batch_axis)
     return _alpha_dropout(key, x, rate, dims, deterministic, residual)

@@ -12,17 +12,18 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._dropout import dropout
 from jdrop._typing import KeyLike
 from jdrop._validation import (
-    canonical_axis,
+    check_channel_and_batch_axes,
     check_deterministic,
     check_float_input,
     check_rate,
     nan_unless_valid,
     positive_int,
+    require_key,
     static_bool,
 )
-from jdrop.masks import require_key
 
 __all__ = ["dropblock"]
 
@@ -36,14 +37,8 @@ def _layout(ndim: int, channel_axis: Any, batch_axis: Any) -> tuple[int, tuple[i
             f"({'(H, W, C)' if batch_axis is None else '(B, H, W, C)'} or any order set by `channel_axis`"
             f"{'' if batch_axis is None else ' and `batch_axis`'}), got rank {ndim}."
         )
-    channel = canonical_axis(channel_axis, ndim, name="channel_axis")
-    used = {channel}
-    if batch_axis is not None:
-        batch = canonical_axis(batch_axis, ndim, name="batch_axis")
-        if batch == channel:
-            raise ValueError(f"`batch_axis` and `channel_axis` must differ, both are dim {batch}.")
-        used.add(batch)
-    height, width = (axis for axis in range(ndim) if axis not in used)
+    channel, batch = check_channel_and_batch_axes(ndim, channel_axis=channel_axis, batch_axis=batch_axis)
+    height, width = (axis for axis in range(ndim) if axis not in (channel, batch))
     return channel, (height, width)
 
 
@@ -114,7 +109,7 @@ def dropblock(
     if isinstance(rate, float) and (deterministic or rate == 0.0):
         return x
     if deterministic:
-        return x * nan_unless_valid(rate, x.dtype)
+        return dropout(None, x, rate, deterministic=True)  # the core's evaluation: x (NaN for an invalid rate)
     key = require_key(key, what="dropblock")
     mask_shape = tuple(1 if couple_channels and axis == channel else size for axis, size in enumerate(x.shape))
     block_h, block_w = min(block_size, x.shape[height]), min(block_size, x.shape[width])

@@ -12,8 +12,7 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import check_deterministic, check_float_input, check_rate, int_at_least
-from jdrop.masks import require_key
+from jdrop._validation import check_deterministic, check_float_input, check_nonnegative, int_at_least, require_key
 
 __all__ = ["concrete_dropout", "concrete_dropout_regulariser"]
 
@@ -62,9 +61,7 @@ def concrete_dropout(
     x = check_float_input(x)
     deterministic = check_deterministic(deterministic)
     rate_logit = _check_logit(rate_logit)
-    checked_temperature = check_rate(temperature, name="temperature", upper=np.inf)
-    if isinstance(checked_temperature, float) and not 0.0 < checked_temperature < np.inf:
-        raise ValueError(f"`temperature` must be finite and > 0, got {checked_temperature!r}.")
+    check_nonnegative(temperature, name="temperature", positive=True)
     if deterministic:
         return x
     key = require_key(key, what="concrete_dropout")
@@ -116,9 +113,8 @@ def concrete_dropout_regulariser(
         raise ValueError(f"`rate_logit` must be a scalar (one rate per layer), got shape {rate_logit.shape}.")
     kernel = check_float_input(kernel, name="kernel")
     input_dim = int_at_least(input_dim, 0, name="input_dim")
-    for name, value in (("weight_regulariser", weight_regulariser), ("dropout_regulariser", dropout_regulariser)):
-        if check_rate(value, name=name, upper=np.inf) == np.inf:
-            raise ValueError(f"`{name}` must be finite and >= 0, got inf.")
+    check_nonnegative(weight_regulariser, name="weight_regulariser")
+    check_nonnegative(dropout_regulariser, name="dropout_regulariser")
     p = jax.nn.sigmoid(rate_logit)
     # log p and log(1 - p) from the logit: stable where p rounds to 0 or 1.
     negative_entropy = p * jax.nn.log_sigmoid(rate_logit) + (1 - p) * jax.nn.log_sigmoid(-rate_logit)

@@ -7,30 +7,21 @@ from typing import Any
 import jax
 from jax.typing import ArrayLike
 
-from jdrop._dropout import Residual, dropout
-from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_float_input
+from jdrop._dropout import dropout
+from jdrop._typing import KeyLike, Residual, Scale
+from jdrop._validation import check_channel_and_batch_axes, check_float_input, check_rank_at_least
 
 __all__ = ["feature_dropout"]
 
 
-def feature_broadcast_dims(ndim: int, *, channel_axis: Any, batch_axis: Any) -> tuple[int, ...]:
+def _feature_broadcast_dims(x: jax.Array, *, channel_axis: Any, batch_axis: Any) -> tuple[int, ...]:
     """The dims a per-(example, channel) mask is shared along: all but ``batch_axis`` and ``channel_axis``.
 
     ``batch_axis=None`` means the input is one example (e.g. inside ``jax.vmap``).
     """
-    if ndim < 1:
-        raise ValueError("feature dropout needs an input of rank >= 1 (it has a channel axis), got a scalar.")
-    channel = canonical_axis(channel_axis, ndim, name="channel_axis")
-    kept = {channel}
-    if batch_axis is not None:
-        batch = canonical_axis(batch_axis, ndim, name="batch_axis")
-        if batch == channel:
-            raise ValueError(
-                f"`batch_axis` and `channel_axis` must differ, both are dim {batch} of a rank-{ndim} input."
-            )
-        kept.add(batch)
-    return tuple(axis for axis in range(ndim) if axis not in kept)
+    check_rank_at_least(x, 1, name="x", why="it has a channel axis")
+    kept = check_channel_and_batch_axes(x.ndim, channel_axis=channel_axis, batch_axis=batch_axis)
+    return tuple(axis for axis in range(x.ndim) if axis not in kept)
 
 
 def feature_dropout(
@@ -41,13 +32,15 @@ def feature_dropout(
     channel_axis: int = -1,
     batch_axis: int | None = 0,
     deterministic: bool = False,
+    scale: Scale = "inverted",
     residual: Residual = "key",
 ) -> jax.Array:
     """Drops whole channels (feature maps) of each example (Tompson et al. 2015, "spatial dropout").
 
     One ``m ~ Bernoulli(keep)`` per (example, channel), shared along every other axis::
 
-        train  y[b, ..., c] = m[b, c] * x[b, ..., c] / keep        eval  y = x
+        scale="inverted":  train  y[b, ..., c] = m[b, c] * x[b, ..., c] / keep      eval  y = x
+        scale="classic":   train  y[b, ..., c] = m[b, c] * x[b, ..., c]             eval  y = keep * x
 
     The mask is ``jdrop.keep_mask(key, x.shape, rate, broadcast_dims=<all other axes>)`` and the
     op is :func:`jdrop.dropout` with those ``broadcast_dims``, so keys, residual policies, traced
@@ -64,7 +57,8 @@ def feature_dropout(
       rate: probability of dropping a channel, in [0, 1]; may be traced.
       channel_axis: the channel axis.
       batch_axis: the example axis, or None for a single example.
-      deterministic: evaluation mode (identity).
+      deterministic: evaluation mode.
+      scale: ``"inverted"`` (default) or ``"classic"``, as in :func:`jdrop.dropout`.
       residual: the core's residual policy (``"key"``, ``"bits"`` or ``"mask"``).
 
     Returns:
@@ -75,5 +69,5 @@ def feature_dropout(
       >>> y = feature_dropout(jax.random.key(0), jnp.ones((8, 32, 32, 16)), 0.1)  # (B, H, W, C)
     """
     x = check_float_input(x)
-    dims = feature_broadcast_dims(x.ndim, channel_axis=channel_axis, batch_axis=batch_axis)
-    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, residual=residual)
+    dims = _feature_broadcast_dims(x, channel_axis=channel_axis, batch_axis=batch_axis)
+    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, scale=scale, residual=residual)

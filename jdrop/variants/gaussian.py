@@ -13,8 +13,17 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import check_deterministic, check_float_input, check_rate
-from jdrop.masks import require_key
+from jdrop._validation import (
+    check_deterministic,
+    check_float_input,
+    check_nonnegative,
+    check_rate,
+    nan_unless,
+    nonnegative_is_valid,
+    poison_invalid,
+    rate_is_valid,
+    require_key,
+)
 
 __all__ = ["gaussian_dropout", "gaussian_noise"]
 
@@ -36,7 +45,7 @@ def _noisy(key: KeyLike | None, x: jax.Array, multiplier: Any, addend: Any, vali
     multiplier, addend = (lax.stop_gradient(jnp.asarray(v, dtype)) for v in (multiplier, addend))
     y = _perturb(key, x.astype(dtype), multiplier, addend)
     if valid is not True:
-        y = y * jnp.where(valid, dtype.type(1), dtype.type(jnp.nan))  # a scalar factor: no per-element residual
+        y = y * nan_unless(valid, dtype)  # a scalar factor: no per-element residual
     return y.astype(x.dtype)
 
 
@@ -78,9 +87,9 @@ def gaussian_dropout(key: KeyLike | None, x: ArrayLike, rate: ArrayLike, *, dete
         if deterministic or rate == 0.0:
             return x
         return _noisy(key, x, math.sqrt(rate / (1.0 - rate)), 0.0, True, "gaussian_dropout")
-    valid = (rate >= 0.0) & (rate < 1.0)
+    valid = rate_is_valid(rate, closed=False)
     if deterministic:
-        return jnp.where(valid, x, jnp.nan).astype(x.dtype)
+        return poison_invalid(x, valid)
     safe = jnp.where(valid, rate, 0.0)
     return _noisy(key, x, jnp.sqrt(safe / (1.0 - safe)), 0.0, valid, "gaussian_dropout")
 
@@ -107,14 +116,12 @@ def gaussian_noise(key: KeyLike | None, x: ArrayLike, stddev: ArrayLike, *, dete
     """
     x = check_float_input(x)
     deterministic = check_deterministic(deterministic)
-    stddev = check_rate(stddev, name="stddev", upper=math.inf)
+    stddev = check_nonnegative(stddev, name="stddev")
     if isinstance(stddev, float):
-        if math.isinf(stddev):
-            raise ValueError("`stddev` must be finite and >= 0, got inf.")
         if deterministic or stddev == 0.0:
             return x
         return _noisy(key, x, 0.0, stddev, True, "gaussian_noise")
-    valid = (stddev >= 0.0) & jnp.isfinite(stddev)
+    valid = nonnegative_is_valid(stddev)
     if deterministic:
-        return jnp.where(valid, x, jnp.nan).astype(x.dtype)
+        return poison_invalid(x, valid)
     return _noisy(key, x, 0.0, jnp.where(valid, stddev, 0.0), valid, "gaussian_noise")

@@ -10,10 +10,9 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jdrop import masks
-from jdrop._dropout import Residual, Scale, dropout, keep_and_factor
-from jdrop._typing import KeyLike
-from jdrop._validation import check_float_input, check_scale, positive_int
-from jdrop.masks import require_key
+from jdrop._dropout import dropout, keep_and_factor
+from jdrop._typing import KeyLike, Residual, Scale
+from jdrop._validation import check_callable, check_float_input, check_scale, positive_int, require_key
 
 __all__ = ["DropConnectMoments", "dropconnect", "dropconnect_moments", "dropconnect_predict"]
 
@@ -136,8 +135,7 @@ def dropconnect_predict(
       The averaged activation, ``(..., d_out)``.
     """
     num_samples = positive_int(num_samples, name="num_samples")
-    if not callable(activation):
-        raise TypeError(f"`activation` must be callable, got {type(activation).__name__}.")
+    check_callable(activation, name="activation")
     mean, variance = dropconnect_moments(x, w, rate, bias=bias, scale=scale)
     key = require_key(key, what="dropconnect_predict")
     z = masks.normal_from_bits(masks.random_bits(key, (num_samples, *mean.shape))).astype(mean.dtype)
