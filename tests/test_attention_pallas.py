@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import value_and_grads
 
 import jdrop
 from jdrop import masks
@@ -44,18 +45,6 @@ def _pallas_fn(backend, **options):
             return jdrop.dot_product_attention(*args, implementation="pallas", **options, **kwargs)
 
     return attend
-
-
-def _value_and_grads(fn, *args):
-    """Output and gradients of a loss that weights every output element differently."""
-
-    def loss(*args):
-        out = fn(*args)
-        weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-        return jnp.sum(out.astype(jnp.float32) * weights), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
-    return out, grads
 
 
 def _errors(actual, reference):
@@ -193,7 +182,7 @@ def test_outputs_and_gradients_match_float64_reference(backend, case):
     def call(fn):
         def attend(q, k, v, bias=None):
             return fn(q, k, v, bias=bias, mask=mask, **options)
-        return _value_and_grads(attend, *args)
+        return value_and_grads(attend, *args)
 
     pallas = call(_pallas_fn(backend))
     xla = call(partial(jdrop.dot_product_attention, **XLA_BLOCKS))
@@ -209,7 +198,7 @@ def test_outputs_and_gradients_match_float64_reference(backend, case):
         def naive(q, k, v, bias=None):
             return _naive(q, k, v, bias, allowed, keep, keep_probability)
 
-        reference = _value_and_grads(naive, *wide)
+        reference = value_and_grads(naive, *wide)
         reference = jax.tree.map(np.asarray, reference)
     xla_error, pallas_error = _errors(xla, reference), _errors(pallas, reference)
     # The kernels round differently from the xla path (e.g. P * factors vs exp(S - L + log factors)), not worse:
@@ -229,7 +218,7 @@ def test_traced_rate_compiles_once_rate_zero_is_no_dropout_rate_one_gives_zeros(
     @jax.jit
     @chex.assert_max_traces(n=1)
     def attend(rate):
-        return _value_and_grads(_pallas_fn(backend, dropout_rng=RNG, dropout_rate=rate), q, k, v)
+        return value_and_grads(_pallas_fn(backend, dropout_rng=RNG, dropout_rate=rate), q, k, v)
 
     plain = jax.jit(_pallas_fn(backend))(q, k, v)
     np.testing.assert_allclose(attend(0.0)[0], plain, rtol=0, atol=1e-6)
