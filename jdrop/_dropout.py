@@ -112,9 +112,9 @@ class DropoutResidual:
         return cls(mask, threshold, jnp.asarray(rate_is_valid(checked)), static)
 
     def __getattr__(self, name: str) -> Any:
-        # The fields of the first DropoutResidual, kept readable (deprecated): only ever reached for names
-        # that are not attributes, so the dataclass and pytree machinery never come here.
-        if name in _DEPRECATED_FIELDS and name != "_static":
+        # The fields of the first DropoutResidual, kept readable (deprecated). Python calls this only for
+        # names that are not attributes, so the dataclass and pytree machinery never come here.
+        if name in _DEPRECATED_FIELDS:
             replacement, read = _DEPRECATED_FIELDS[name]
             warnings.warn(f"DropoutResidual.{name} is deprecated; use {replacement}.", DeprecationWarning,
                           stacklevel=2)

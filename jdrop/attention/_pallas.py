@@ -171,8 +171,7 @@ def _factors(spec: _Spec, drop, head: Any, i: Any, j: Any) -> jax.Array | None:
     cols = (j * spec.block_k + lax.broadcasted_iota(jnp.int32, (1, spec.block_k), 1)).astype(jnp.uint32)
     high, low = masks.index_words(rows, cols, spec.k_length, n_rows=spec.mask_rows)
     keep = _dropout_mask.tile_keep(key_data, high, low, threshold, spec.mask_mode)
-    fill = jnp.where(jnp.isnan(factor), factor, jnp.zeros_like(factor))
-    return jnp.where(keep, factor, fill)
+    return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
 
 
 def _forward_tile(spec: _Spec, carry, s: jax.Array, v: jax.Array, factors: jax.Array | None):
