@@ -83,3 +83,23 @@ def test_attention_tile_sweep_runs_every_tile(capsys):
     for row in ("flax.linen, no dropout", "flax.linen, dropout", "jdrop 8x8", "jdrop 16x8"):
         assert f"| {row} |" in out
     assert "jdrop 32x32" not in out  # tiles longer than T are skipped
+
+
+def test_gpu_script_smoke_run_records_every_fused_attention_row(tmp_path, capsys):
+    # On a CPU the Pallas rows run the GPU kernels interpreted, and the cuDNN row records its error.
+    import json
+
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--smoke", "--sections", "attention", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["attention"]
+    assert [row["name"] for row in rows] == list(gpu.fused_attention_variants())
+    for row in rows:
+        assert ("median_ms" in row) != ("error" in row), row
+        if "pallas" in row["name"] or "xla" in row["name"]:
+            assert row["median_ms"] > 0 and row["temp_mib"] > 0
+    assert "| jdrop pallas fast8  |" in capsys.readouterr().out
+    # A spent budget skips the rows still to come, recording them.
+    assert gpu.main(["--smoke", "--sections", "attention", "--budget-s", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text()).get("skipped_sections") == ["attention"]

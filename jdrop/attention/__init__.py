@@ -8,7 +8,9 @@ elements is ever stored or built.
 
 One concern per file: ``_api`` (the public function and its checks), ``_layout`` (padding and
 tiling into the kernel's layout, and back), ``_kernel`` (the tiles, the forward and backward passes
-of one block pair at a global position, and the custom_vjp that composes them).
+of one block pair at a global position, and the custom_vjp that composes them), ``_dropout_mask``
+(the exact and fast masks a tile draws, for both implementations), ``_pallas`` (the Pallas kernels
+of ``implementation="pallas"``, imported only when asked for).
 
 References: A. Vaswani et al., Attention is all you need, NeurIPS 2017; M. Rabe, C. Staats,
 Self-attention does not need O(n^2) memory, arXiv:2112.05682, 2021; T. Dao, D. Fu, S. Ermon, A. Rudra,

@@ -15,6 +15,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jdrop._validation import (
     check_attention_shapes,
     check_broadcastable,
+    check_choice,
     check_deterministic,
     check_float_dtype,
     check_float_input,
@@ -25,15 +26,18 @@ from jdrop._validation import (
     positive_int,
     require_key,
 )
+from jdrop.attention import _dropout_mask
 from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
 from jdrop.attention._layout import Layout
 
-__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "dot_product_attention"]
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "IMPLEMENTATIONS", "dot_product_attention"]
 
 DEFAULT_BLOCK_Q = 256
 """Default query rows per tile (measured on a 2-core CPU: see BENCHMARKS.md)."""
 DEFAULT_BLOCK_K = 128
 """Default key columns per tile."""
+IMPLEMENTATIONS = ("xla", "pallas")
+"""The values of ``implementation`` besides None (which is "xla" until the kernels are measured on hardware)."""
 
 
 def _checked_inputs(query: Any, key: Any, value: Any, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -58,17 +62,20 @@ def _checked_bias_and_mask(layout: Layout, bias: Any, mask: Any) -> tuple[jax.Ar
     return bias, None if mask is None else mask.astype(bool)
 
 
-def _dropout(layout: Layout, mode: DropoutMode, dropout_rng: Any, rate: float | jax.Array, dtype: Any) -> Drop:
+def _dropout(layout: Layout, mode: DropoutMode, dropout_rng: Any, rate: float | jax.Array, dtype: Any,
+             dropout_mask: str) -> Drop:
     """The kernel's dropout operands for a training pass, after checking the key and the mask's size."""
     rng = require_key(dropout_rng, what="jdrop.dot_product_attention", name="dropout_rng")
     check_threefry_key(rng, name="dropout_rng")
     check_mask_rows(layout.batch * layout.q_heads * layout.q_length if mode == DropoutMode.PER_ELEMENT
                     else layout.q_length)
+    if dropout_mask != "exact":
+        return _dropout_mask.operands(rng, rate, dtype, dropout_mask)
     return dropout_operands(rng, rate, dtype)
 
 
 def _config(layout: Layout, mode: DropoutMode, bias: jax.Array | None, masked: bool, causal: bool,
-            precision: Any) -> Config:
+            precision: Any, dropout_mask: str) -> Config:
     """The kernel's static description of the call; ``bias`` is in the internal layout."""
     per_element = mode == DropoutMode.PER_ELEMENT
     bias_shape = () if bias is None else bias.shape
@@ -84,6 +91,7 @@ def _config(layout: Layout, mode: DropoutMode, bias: jax.Array | None, masked: b
                        layout.k_length),
         bias_full=tuple(d > 1 for d in bias_shape),
         precision=precision,
+        mask=dropout_mask,
     )
 
 
@@ -106,8 +114,10 @@ def dot_product_attention(
     einsum_dot_general: Any = None,
     qk_attn_weights_einsum: Any = None,
     attn_weights_value_einsum: Any = None,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_k: int = DEFAULT_BLOCK_K,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    implementation: str | None = None,
+    dropout_mask: str = "exact",
 ) -> jax.Array:
     """Dot-product attention (Vaswani et al. 2017) with dropout, blockwise, in O(T) memory.
 
@@ -133,6 +143,28 @@ def dot_product_attention(
     mask. No ``Tq x Tk`` array is stored or built, so a training step's temporary memory grows
     linearly in the length, and results do not depend on the tile sizes (up to float rounding). It
     is plain JAX (``lax`` loops), so XLA compiles it for CPU, GPU and TPU.
+
+    ``implementation="pallas"`` runs the same algorithm as Pallas kernels instead (Dao 2023's
+    FlashAttention-2 forward and backward; Mosaic on TPU, Triton on GPU), which draw each tile's
+    mask in-kernel with the same threefry and the same global index, so the mask is still flax's,
+    bit for bit. It takes float16, bfloat16 and float32 (not float64: TPUs have none), any mask,
+    bias, causal flag, grouped queries and traced rate; tiles must suit the backend (TPU:
+    ``block_q`` a multiple of 32, ``block_k`` of 128; GPU: powers of 2, at least 16; defaults
+    128x128 and 64x64). Broadcast dropout costs the kernels as much as per-head dropout (each
+    (batch, head) program draws its tile's bits; the xla path draws them once), and a bias shared
+    across batch rows or heads has its gradient reduced from a ``(B, H, Tq, Tk)`` float32 buffer
+    (only when that gradient is used). It is checked on CPU only (Pallas's interpreter, and lowering
+    for ``tpu`` and ``cuda``), not yet run on a GPU or TPU: the default, None, is ``"xla"``
+    everywhere until it is measured there (``python -m benchmarks.gpu``).
+
+    ``dropout_mask="fast16"`` or ``"fast8"`` (either implementation) opts into a cheaper mask that
+    is *not* flax's: one threefry call per 4 or 8 attention weights, its 64 output bits split into
+    16- or 8-bit uniforms (FlashAttention-2's trick), 3.6x or 6.4x fewer integer ops per weight
+    (120 -> 33 or 19, counted by ``benchmarks/attention_mask.py``). The realised keep probability is
+    ``ceil((1 - rate) * 2**b) / 2**b`` (``b`` = 16 or 8: the rate rounded down to a multiple of
+    ``2**-b``) and kept weights are scaled by its inverse, so the output is still unbiased. The
+    name says what it trades: the mask stops being exact (flax's) to be fast; 16 bits keep the
+    contract's ``2**-16`` rate resolution, 8 bits are the coarse option.
 
     Grouped-query and multi-query attention: ``key`` and ``value`` may have fewer heads than
     ``query`` (a divisor of its heads); query head ``h`` attends with key/value head
@@ -165,15 +197,21 @@ def dot_product_attention(
       einsum_dot_general: must be None (custom products, e.g. AQT, need flax's own attention).
       qk_attn_weights_einsum: must be None.
       attn_weights_value_einsum: must be None.
-      block_q: query rows per tile (tuning only: results do not depend on it).
-      block_k: key columns per tile.
+      block_q: query rows per tile (tuning only: results do not depend on it). Default: 256 for
+        ``"xla"`` (tuned on a CPU), 128 (TPU) or 64 (GPU) for ``"pallas"``.
+      block_k: key columns per tile. Default: 128 for ``"xla"``, 128 (TPU) or 64 (GPU) for ``"pallas"``.
+      implementation: None (today ``"xla"`` everywhere), ``"xla"`` (the blockwise ``lax`` program) or
+        ``"pallas"`` (the TPU or GPU kernels; ``ValueError`` on a CPU, or for float64 or tiles the
+        backend refuses), as in ``jax.nn.dot_product_attention``.
+      dropout_mask: ``"exact"`` (flax's mask, the default), ``"fast16"`` or ``"fast8"`` (see above).
 
     Returns:
       ``(batch..., Tq, heads, Dv)`` in ``dtype``.
 
     Raises:
       ValueError: for a bad ``dropout_rate``, a missing, non-single or non-threefry ``dropout_rng`` in
-        training, mismatched shapes, custom einsums, or block sizes below 1.
+        training, mismatched shapes, custom einsums, block sizes below 1, an unknown
+        ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take.
       TypeError: for integer inputs, a non-floating ``dtype``, a non-bool ``deterministic``, or
         non-int block sizes.
 
@@ -181,28 +219,46 @@ def dot_product_attention(
 
       >>> q = k = v = jnp.ones((2, 1024, 8, 64))
       >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1)
+      >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1,
+      ...                                   implementation="pallas", dropout_mask="fast16")  # on a GPU/TPU
       >>> layer = flax.linen.MultiHeadDotProductAttention(8, dropout_rate=0.1,
       ...                                                 attention_fn=jdrop.dot_product_attention)
     """
     del force_fp32_for_softmax  # the softmax always runs in (at least) float32 here
     check_no_custom_products(einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,
                              attn_weights_value_einsum=attn_weights_value_einsum)
-    block_q, block_k = positive_int(block_q, name="block_q"), positive_int(block_k, name="block_k")
+    block_q, block_k = (None if b is None else positive_int(b, name=name) for b, name in
+                        ((block_q, "block_q"), (block_k, "block_k")))
+    implementation = "xla" if implementation is None else check_choice(implementation, IMPLEMENTATIONS,
+                                                                         name="implementation")
+    dropout_mask = check_choice(dropout_mask, _dropout_mask.MODES, name="dropout_mask")
     deterministic = check_deterministic(deterministic)
     query, key, value = _checked_inputs(query, key, value, dtype)
-    layout = Layout.of(query, key, block_q, block_k)
+    layout = Layout.of(query, key, DEFAULT_BLOCK_Q if block_q is None else block_q,
+                       DEFAULT_BLOCK_K if block_k is None else block_k)
+    if dropout_mask != "exact":  # whole groups of rows per tile (see _dropout_mask)
+        span = _dropout_mask.group_rows(dropout_mask)
+        layout = layout._replace(block_q=-(-layout.block_q // span) * span)
     bias, mask = _checked_bias_and_mask(layout, bias, mask)
     rate = check_rate(dropout_rate, name="dropout_rate")
     mode = DropoutMode.NONE
     if not deterministic and not (isinstance(rate, float) and rate == 0.0):
         mode = DropoutMode.BROADCAST if broadcast_dropout else DropoutMode.PER_ELEMENT
-    drop = None if mode == DropoutMode.NONE else _dropout(layout, mode, dropout_rng, rate, query.dtype)
+    if implementation == "pallas":
+        from jdrop.attention import _pallas  # imports jax.experimental.pallas: only when asked for
+
+        backend, interpret = _pallas.resolve_backend()
+    drop = None if mode == DropoutMode.NONE else _dropout(layout, mode, dropout_rng, rate, query.dtype, dropout_mask)
     if module is not None:
         from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
 
         sow_attention_weights(module, query, key, bias, mask, is_causal)
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
+    if implementation == "pallas":
+        return _pallas.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
+                                 precision=precision, is_causal=bool(is_causal), block_q=block_q, block_k=block_k,
+                                 backend=backend, interpret=interpret)
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
-    cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision)
+    cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision, dropout_mask)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
     return layout.from_query_tiles(attention(cfg, ops))

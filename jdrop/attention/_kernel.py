@@ -25,6 +25,7 @@ from jax import lax
 from jdrop import masks
 from jdrop._dropout import keep_and_factor
 from jdrop._validation import keep_probability
+from jdrop.attention import _dropout_mask
 
 __all__ = [
     "Config",
@@ -66,6 +67,7 @@ class Config(NamedTuple):
     dropout_shape: tuple[int, int, int, int]  # GLOBAL shape of flax's mask: (B, Hq, Tq, Tk) or (1, 1, Tq, Tk)
     bias_full: tuple[bool, ...]  # per internal axis (batch, kv head, group, q, k): does the bias vary along it?
     precision: Any
+    mask: str = "exact"  # which dropout mask the tiles draw: "exact" (flax's), "fast16", "fast8" (see _dropout_mask)
 
 
 class Offsets(NamedTuple):
@@ -199,10 +201,10 @@ def _dropout_factors(cfg: Config, drop: Drop, heads: tuple[int, int], row0: Any,
     ``(n_rows, n_cols)`` for broadcast dropout, ``(B, Hk, G, n_rows, n_cols)`` otherwise.
     """
     key_data, threshold, factor = drop
-    rows = _shift(row0 + lax.broadcasted_iota(jnp.int32, (n_rows, 1), 0), offsets.q).astype(jnp.uint32)
+    rows = _shift(row0 + _dropout_mask.first_rows(n_rows, cfg.mask), offsets.q).astype(jnp.uint32)
     cols = _shift(col0 + lax.broadcasted_iota(jnp.int32, (1, n_cols), 1), offsets.k).astype(jnp.uint32)
     high, low = _mask_index(cfg, heads, rows, cols, offsets)
-    keep = masks.keep_from_bits(masks.bits_at(key_data, high, low), threshold)
+    keep = _dropout_mask.tile_keep(key_data, high, low, threshold, cfg.mask)
     return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
 
 

@@ -1,0 +1,108 @@
+"""The dropout masks a tile of :func:`jdrop.dot_product_attention` can draw: flax's exact mask and two cheaper ones.
+
+Both the xla path (:mod:`jdrop.attention._kernel`) and the Pallas kernels (:mod:`jdrop.attention._pallas`) draw a
+tile's mask with :func:`first_rows` (which rows need a threefry counter) and :func:`tile_keep` (counters' words to
+keep decisions), by global element index (:func:`jdrop.masks.index_words`), so every tiling of either path draws
+the same mask.
+
+``"exact"`` (the default) is ``jax.random.bernoulli(key, 1 - rate, shape)``, flax's mask: one threefry-2x32 call
+(20 rounds, about 120 integer ops) per attention element, whose 32-bit word (``t0 ^ t1``) is tested on its top 23
+bits. Where the products run on tensor cores or an MXU (``4 D`` flops per element, at many times the integer
+rate) that call can cost more than the attention itself.
+
+``"fast16"`` / ``"fast8"`` (opt-in; *not* flax's mask) make one call per group of ``n = 4`` / ``8`` elements and
+split its two 32-bit output words into ``n`` uniforms of ``b = 16`` / ``8`` bits, FlashAttention-2's trick (Dao
+2023, with Philox there): about 4x / 8x fewer threefry rounds per element. Element keeps iff its uniform is below
+``ceil(keep * 2**b)``, so the realised keep probability is ``ceil((1 - rate) * 2**b) / 2**b`` exactly (the rate
+rounded down to a multiple of ``2**-b``: within ``2**-16`` of ``1 - rate`` for fast16, ``2**-8`` for fast8), and
+kept elements are scaled by its inverse, so the output stays unbiased. A group is ``n`` elements of one column,
+``SUBLANES`` rows apart: in each block of ``R = n * SUBLANES`` rows starting at a multiple of ``R``, rows
+``8 s + r`` (``s < n``, ``r < 8``) share the call whose counter is the flat index of row ``r``'s element (the
+group's first), and member ``s`` takes bits ``[b (s mod n/2), b (s mod n/2) + b)`` of word ``s // (n/2)``. Tiles
+are multiples of ``R`` rows, so groups never straddle tiles. The ``n`` uniforms of a group are disjoint bits of one
+threefry output, a pseudo-random function of the counter: as independent as threefry's bits are (the tests check
+each pair's joint keep rate to 5 sigma).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdrop import masks
+from jdrop._dropout import _keep_and_factor
+from jdrop._validation import check_rate, keep_probability, rate_is_valid
+
+__all__ = ["MODES", "SUBLANES", "bits", "first_rows", "group_rows", "group_size", "operands", "tile_keep"]
+
+MODES = ("exact", "fast16", "fast8")
+"""The values of ``dropout_mask``."""
+SUBLANES = 8
+"""Rows between the members of a fast group: one (8, 128) vector tile of 32-bit values (TPU), so in-kernel
+reshapes only move whole tiles."""
+
+
+def bits(mode: str) -> int:
+    """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s), 16 or 8."""
+    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8}[mode]
+
+
+def group_size(mode: str) -> int:
+    """Elements per threefry call: 1 (exact), or the 64 bits of one call's two words in ``bits``-bit uniforms."""
+    return 1 if mode == "exact" else 64 // bits(mode)
+
+
+def group_rows(mode: str) -> int:
+    """Rows a block of groups spans, ``group_size * SUBLANES`` (1 for exact): tiles are multiples of it."""
+    return 1 if mode == "exact" else group_size(mode) * SUBLANES
+
+
+def operands(key: jax.Array, rate: float | jax.Array, dtype: Any, mode: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(key_data, threshold, factor)`` of a training pass with a fast mask.
+
+    ``threshold = ceil(keep * 2**b) * 2**(23 - b)``: the b-bit threshold on the exact mask's 23-bit scale, so
+    that ``masks.realised_keep(threshold)`` is the realised keep probability and the factor is the dropout
+    core's, ``1 / keep`` (0 at keep 0, NaN for an invalid traced rate).
+    """
+    width = bits(mode)
+    keep = keep_probability(rate)
+    threshold = jnp.ceil(keep * np.float32(2**width)).astype(jnp.uint32) << np.uint32(masks.THRESHOLD_BITS - width)
+    _, factor = _keep_and_factor(threshold, rate_is_valid(check_rate(rate)), scale="inverted", train=True,
+                                 dtype=jnp.promote_types(dtype, jnp.float32))
+    return jax.random.key_data(key), threshold, factor
+
+
+def first_rows(n_rows: int, mode: str) -> jax.Array:
+    """``(n_rows / group_size, 1)`` int32 offsets, within a tile of ``n_rows`` rows, of the rows that draw counters.
+
+    Exact: every row. Fast: the first row of each group, block-major (block ``g``'s rows ``R g + [0, 8)``).
+    """
+    if mode == "exact":
+        return lax.broadcasted_iota(jnp.int32, (n_rows, 1), 0)
+    index = lax.broadcasted_iota(jnp.int32, (n_rows // group_size(mode), 1), 0)
+    return (index >> 3) * group_rows(mode) + (index & (SUBLANES - 1))
+
+
+def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Array, mode: str) -> jax.Array:
+    """Keep decisions of a tile from its counters' index words (of :func:`first_rows`' rows, broadcast to columns).
+
+    ``high``/``low``: ``(..., n_rows / group_size, n_cols)`` (``high`` may be a 0-d zero). Returns a bool
+    ``(..., n_rows, n_cols)`` array: exact, ``keep_from_bits(bits_at(...))``; fast, each counter's two words split
+    into its group's uniforms (see the module docstring).
+    """
+    if mode == "exact":
+        return masks.keep_from_bits(masks.bits_at(key_data, high, low), threshold)
+    n, width = group_size(mode), bits(mode)
+    t0, t1 = jnp.broadcast_arrays(*masks.threefry2x32(key_data[0], key_data[1], high, low))
+    *lead, rows, cols = t0.shape
+    split = (*lead, rows // SUBLANES, 1, SUBLANES, cols)
+    member = lax.broadcasted_iota(jnp.int32, (n, 1, 1), 0)
+    word = jnp.where(member < n // 2, t0.reshape(split), t1.reshape(split))
+    shift = ((member & (n // 2 - 1)) * width).astype(jnp.uint32)
+    # The reshape back to the tile's rows moves 32-bit values (whole (8, 128) tiles on TPU), not booleans.
+    uniform = ((word >> shift) & np.uint32(2**width - 1)).reshape(*lead, rows * n, cols)
+    return uniform < (threshold >> np.uint32(masks.THRESHOLD_BITS - width))

@@ -1,0 +1,851 @@
+"""Pallas kernels of :func:`jdrop.dot_product_attention`: Mosaic (TPU) and Triton (GPU), flax's masks in-kernel.
+
+Four kernels implement the forward and the FlashAttention-2 backward (Dao 2023) of the blockwise
+attention of :mod:`jdrop.attention`:
+
+- forward: per ``(batch, query head, query tile)``, an online softmax over the key tiles; outputs the
+  attention output and each row's logsumexp, kept as its max and log-sum (see ``_forward_tile``);
+- ``dK, dV``: per ``(batch, key/value head, key tile)``, a loop over the group's query heads and the query
+  tiles that see the key tile;
+- ``dQ``: per ``(batch, query head, query tile)``, a loop over the key tiles it sees;
+- ``dbias`` (only when a bias is given and its gradient is used: a separate kernel, so that XLA drops it
+  otherwise): one logit-gradient tile per program, reduced over the axes the bias broadcasts along.
+
+Every tile recomputes its probabilities from the logsumexp and draws its dropout factors in-kernel from
+the key by global element index, with the same threefry and the same index as the xla path
+(:mod:`jdrop.attention._dropout_mask`, :func:`jdrop.masks.index_words`), so the mask is
+``jax.random.bernoulli(dropout_rng, 1 - rate, shape)``, flax's, bit for bit (or the same fast mask as the xla
+path's). Nothing of ``Tq x Tk`` elements is stored (but a bias gradient, see ``_bias_gradient``).
+
+The tile arithmetic (``_logits``, ``_factors``, ``_forward_tile``, ``_backward_tile``) is one set of functions
+of arrays; each backend has its own thin shell around it (block specs, grid and loops):
+
+- TPU (Mosaic): the reduction axis (key tiles in the forward pass and ``dQ``, query tiles in ``dK, dV``) is the
+  last grid axis, marked ``arbitrary``, with accumulators in VMEM scratch; skipped causal tiles are guarded by
+  ``pl.when`` and their block indices clamped so that no copy is issued for them. Tiles: ``block_q`` a
+  multiple of 32 (int8/bf16 sublane tiling), ``block_k`` a multiple of 128 (lanes).
+- GPU (Triton): the grid covers the parallel axes only and the kernel loops over the reduction axis with
+  ``lax.fori_loop`` (the loop bound skips causal tiles); Triton needs power-of-2 tiles and head dims (head
+  dims are zero-padded to one) and tiles of at least 16 for its matrix units.
+
+Both shells run on CPU under ``interpret=True`` (the tests compare them with the xla path there) and lower
+for their target on any machine (the tests lower them for ``tpu`` and ``cuda`` on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from jdrop import masks
+from jdrop.attention import _dropout_mask
+from jdrop.attention._kernel import Drop, DropoutMode
+from jdrop.attention._layout import Layout, _pad_axis
+
+BACKENDS = ("tpu", "gpu")
+DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
+"""Default ``(block_q, block_k)`` per backend: not tuned on hardware yet (no device lent so far)."""
+_MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully masked row is uniform
+
+
+# ----------------------------------------------------------------------------------- static description
+
+
+class _Spec(NamedTuple):
+    """Static description of one call (hashable: the custom_vjp's non-differentiable argument)."""
+
+    q_length: int  # real lengths; the arrays are padded to whole tiles
+    k_length: int
+    block_q: int
+    block_k: int
+    q_heads: int
+    group: int  # query heads per key/value head
+    causal: bool
+    skip_causal: bool  # no user mask: tiles above the diagonal are skipped
+    dropout: DropoutMode
+    mask_mode: str  # "exact", "fast16", "fast8" (see jdrop.attention._dropout_mask)
+    mask_rows: int  # rows of flax's mask viewed as (rows, k_length): Tq, or B * Hq * Tq
+    bias_full: tuple[bool, ...]  # per axis of the 5-d bias (batch, kv head, group, q, k): full or broadcast
+    mask_full: tuple[bool, ...]
+    precision: Any
+    backend: str  # "tpu" or "gpu"
+    interpret: bool
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.bias_full)
+
+    @property
+    def has_mask(self) -> bool:
+        return bool(self.mask_full)
+
+    @property
+    def has_dropout(self) -> bool:
+        return self.dropout != DropoutMode.NONE
+
+    def compiler_params(self, semantics: tuple[Any, ...], warps: int = 4) -> Any:
+        if self.backend == "tpu":
+            return pltpu.CompilerParams(dimension_semantics=semantics)
+        return pltriton.CompilerParams(num_warps=warps, num_stages=2)
+
+
+def _div(a: Any, b: int) -> Any:
+    """``a // b`` for non-negative ``a``: ``lax.div`` (jnp's floor division adds sign fix-ups Mosaic lowers by chip)."""
+    return lax.div(a, np.int32(b)) if isinstance(a, jax.Array) else a // b
+
+
+def _rem(a: Any, b: int) -> Any:
+    return lax.rem(a, np.int32(b)) if isinstance(a, jax.Array) else a % b
+
+
+def _visible_k_blocks(spec: _Spec, i: Any, n_k: int) -> Any:
+    """Key tiles query tile ``i`` sees: all, or those on or below the causal diagonal."""
+    if not spec.skip_causal:
+        return n_k
+    return jnp.minimum(n_k, _div((i + 1) * spec.block_q - 1, spec.block_k) + 1)
+
+
+def _first_q_block(spec: _Spec, j: Any) -> Any:
+    """First query tile that sees key tile ``j``."""
+    if not spec.skip_causal:
+        return 0
+    return _div(j * spec.block_k, spec.block_q)
+
+
+# ----------------------------------------------------------------------------------- tile arithmetic
+
+
+def _dot(spec: _Spec, a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """2-d product contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``, in float32."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=spec.precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _logits(spec: _Spec, q, k, bias, mask, i, j) -> tuple[jax.Array, jax.Array | None]:
+    """Logits of tile (i, j), ``(bq, bk)`` float32, masked as flax masks them, and the allowed entries (or None).
+
+    ``q`` is already scaled by ``1/sqrt(D)``; ``bias``/``mask`` are the tile's, ``(bq | 1, bk | 1)``. Masked
+    entries get ``finfo(float32).min``; key columns past ``k_length`` (padding) get ``-inf``.
+    """
+    s = _dot(spec, q, k, (1, 1))
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    shape = s.shape
+    rows = i * spec.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+    cols = j * spec.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
+    allowed = None
+    if mask is not None:
+        allowed = jnp.broadcast_to(mask != 0, shape)
+    if spec.causal:
+        allowed = cols <= rows if allowed is None else allowed & (cols <= rows)
+    if allowed is not None:
+        s = jnp.where(allowed, s, _MASK_VALUE)
+    if spec.k_length % spec.block_k:
+        s = jnp.where(cols < spec.k_length, s, -jnp.inf)
+    return s, allowed
+
+
+def _factors(spec: _Spec, drop, head: Any, i: Any, j: Any) -> jax.Array | None:
+    """Tile (i, j)'s dropout factors for query head index ``head = b * Hq + h``, or None without dropout.
+
+    The same index and the same bits as the xla path's ``_dropout_factors`` (uint32 iotas are built as int32
+    ones and converted: Mosaic has only int32 iotas).
+    """
+    if drop is None:
+        return None
+    key_data, threshold, factor = drop
+    rows = (i * spec.block_q + _dropout_mask.first_rows(spec.block_q, spec.mask_mode)).astype(jnp.uint32)
+    if spec.dropout == DropoutMode.PER_ELEMENT:
+        rows = head.astype(jnp.uint32) * np.uint32(spec.q_length) + rows
+    cols = (j * spec.block_k + lax.broadcasted_iota(jnp.int32, (1, spec.block_k), 1)).astype(jnp.uint32)
+    high, low = masks.index_words(rows, cols, spec.k_length, n_rows=spec.mask_rows)
+    keep = _dropout_mask.tile_keep(key_data, high, low, threshold, spec.mask_mode)
+    return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
+
+
+def _forward_tile(spec: _Spec, carry, s: jax.Array, v: jax.Array, factors: jax.Array | None):
+    """One online-softmax step (Milakov & Gimelshein 2018; Dao 2023): ``(max, sum, acc)`` after tile ``s``."""
+    row_max, row_sum, acc = carry
+    new_max = jnp.maximum(row_max, s.max(axis=-1, keepdims=True))
+    # A row whose logits so far are all -inf (a -inf bias) keeps a finite reference point.
+    safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+    p = jnp.exp(s - safe_max)
+    correction = jnp.exp(row_max - safe_max)
+    row_sum = row_sum * correction + p.sum(axis=-1, keepdims=True)
+    if factors is not None:
+        p = p * factors
+    acc = acc * correction + _dot(spec, p.astype(v.dtype), v, (1, 0))
+    return new_max, row_sum, acc
+
+
+def _backward_tile(spec: _Spec, s, allowed, do, v, row_max, log_row_sum, delta, factors):
+    """``(P~, dS)`` of a tile: the dropped probabilities (for dV) and the logit gradient (for dQ, dK, dbias).
+
+    ``dS = P * (dP~ * factors - delta) = P~ * dP~ - P * delta``, ``dP~ = dO V^T``, ``delta = rowsum(dO * O)``.
+    """
+    p = jnp.exp(s - row_max - log_row_sum)
+    dp = _dot(spec, do, v, (1, 1))
+    p_dropped = p if factors is None else p * factors
+    ds = p_dropped * dp - p * delta
+    if allowed is not None and spec.has_mask:
+        # Masked logits are a constant: no gradient, even in a fully masked row (whose P is uniform).
+        ds = jnp.where(allowed, ds, 0.0)
+    return p_dropped, ds
+
+
+# ----------------------------------------------------------------------------------- refs and specs
+
+
+class _Inputs(NamedTuple):
+    """The kernel's optional refs, unpacked (None where absent)."""
+
+    bias: Any
+    mask: Any
+    seed: Any
+    factor: Any
+
+
+def _split_refs(spec: _Spec, refs: tuple, n_leading: int) -> tuple[tuple, _Inputs, tuple]:
+    """``(leading refs, optional input refs, remaining refs)`` in the order the kernels are called with."""
+    leading, rest = refs[:n_leading], list(refs[n_leading:])
+    bias = rest.pop(0) if spec.has_bias else None
+    mask = rest.pop(0) if spec.has_mask else None
+    seed = factor = None
+    if spec.has_dropout:
+        seed, factor = rest.pop(0), rest.pop(0)
+    return leading, _Inputs(bias, mask, seed, factor), tuple(rest)
+
+
+def _drop(inputs: _Inputs):
+    if inputs.seed is None:
+        return None
+    return (inputs.seed[0, 0], inputs.seed[0, 1]), inputs.seed[0, 2], inputs.factor[0, 0]
+
+
+def _scalar_spec(spec: _Spec, size: int) -> pl.BlockSpec:
+    """The dropout scalars, ``(1, size)``: a row, so that under ``vmap`` (per-example keys) the batched
+    ``(N, 1, size)`` array's blocks still span its last two dims, as Mosaic requires."""
+    if spec.backend == "tpu":
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    return pl.BlockSpec((1, size), lambda *_: (0, 0))
+
+
+def _broadcast_block(spec: _Spec, full: tuple[bool, ...], rows: int, cols: int):
+    """Block shape of a 5-d bias or mask whose tile is ``(rows | 1, cols | 1)``, and its index map builder."""
+    shape = (None, None, None, rows if full[3] else 1, cols if full[4] else 1)
+
+    def index(b, h, i, j):
+        kv_head, member = _div(h, spec.group), _rem(h, spec.group)
+        return (b if full[0] else 0, kv_head if full[1] else 0, member if full[2] else 0, i if full[3] else 0,
+                j if full[4] else 0)
+
+    return shape, index
+
+
+def _optional_specs(spec: _Spec, index_of, rows: int, cols: int) -> list[pl.BlockSpec]:
+    """Block specs of bias, mask and dropout scalars; ``index_of(grid ids) -> (b, h, i, j)`` of the tile."""
+    specs = []
+    for full in (spec.bias_full, spec.mask_full):
+        if full:
+            shape, index = _broadcast_block(spec, full, rows, cols)
+            specs.append(pl.BlockSpec(shape, lambda *ids, index=index: index(*index_of(*ids))))
+    if spec.has_dropout:
+        specs += [_scalar_spec(spec, 4), _scalar_spec(spec, 1)]
+    return specs
+
+
+def _optional_args(bias, mask, drop) -> list[jax.Array]:
+    args = [x for x in (bias, mask) if x is not None]
+    if drop is not None:
+        (k0, k1), threshold, factor = drop
+        args.append(jnp.stack([k0, k1, threshold, jnp.zeros((), jnp.uint32)]).reshape(1, 4))
+        args.append(factor.reshape(1, 1).astype(jnp.float32))
+    return args
+
+
+def _column_slice(ref, full: bool, j: Any, size: int) -> jax.Array:
+    """Key tile ``j`` of a bias or mask row-block ref (``(bq | 1, Tk | 1)``), for the GPU shells' loops."""
+    if not full:
+        return ref[...]
+    return ref[:, pl.ds(pl.multiple_of(j * size, size), size)]
+
+
+def _member_rows(ref, full: tuple[bool, ...], g: Any, i: Any, size: int) -> jax.Array:
+    """Query tile ``i`` of group member ``g`` of a bias or mask ref ``(G | 1, Tq | 1, bk | 1)`` (GPU dK, dV loop)."""
+    rows = pl.ds(pl.multiple_of(i * size, size), size) if full[3] else slice(None)
+    return ref[g if full[2] else 0, rows, :]
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+def _forward_kernel_gpu(spec: _Spec, n_k: int, *refs):
+    (q_ref, k_ref, v_ref), inputs, (o_ref, max_ref, lse_ref) = _split_refs(spec, refs, 3)
+    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    drop = _drop(inputs)
+    q = q_ref[...]
+    bk = spec.block_k
+
+    def body(j, carry):
+        start = pl.multiple_of(j * bk, bk)
+        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+        bias = None if inputs.bias is None else _column_slice(inputs.bias, spec.bias_full[4], j, bk)
+        mask = None if inputs.mask is None else _column_slice(inputs.mask, spec.mask_full[4], j, bk)
+        s, _ = _logits(spec, q, k, bias, mask, i, j)
+        return _forward_tile(spec, carry, s, v, _factors(spec, drop, b * spec.q_heads + h, i, j))
+
+    bq = spec.block_q
+    init = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+            jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
+    row_max, row_sum, acc = lax.fori_loop(0, _visible_k_blocks(spec, i, n_k), body, init)
+    o_ref[...] = (acc / row_sum).astype(o_ref.dtype)
+    max_ref[...] = row_max
+    lse_ref[...] = jnp.log(row_sum)
+
+
+def _forward_kernel_tpu(spec: _Spec, n_k: int, *refs):
+    (q_ref, k_ref, v_ref), inputs, (o_ref, max_ref, lse_ref, max_scratch, sum_scratch, acc_scratch) = _split_refs(
+        spec, refs, 3)
+    b, h, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        max_scratch[...] = jnp.full(max_scratch.shape, -jnp.inf, jnp.float32)
+        sum_scratch[...] = jnp.zeros(sum_scratch.shape, jnp.float32)
+        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+    @pl.when(j < _visible_k_blocks(spec, i, n_k))
+    def _step():
+        bias = None if inputs.bias is None else inputs.bias[...]
+        mask = None if inputs.mask is None else inputs.mask[...]
+        s, _ = _logits(spec, q_ref[...], k_ref[...], bias, mask, i, j)
+        carry = (max_scratch[...], sum_scratch[...], acc_scratch[...])
+        factors = _factors(spec, _drop(inputs), b * spec.q_heads + h, i, j)
+        row_max, row_sum, acc = _forward_tile(spec, carry, s, v_ref[...], factors)
+        max_scratch[...], sum_scratch[...], acc_scratch[...] = row_max, row_sum, acc
+
+    @pl.when(j == n_k - 1)
+    def _finish():
+        o_ref[...] = (acc_scratch[...] / sum_scratch[...]).astype(o_ref.dtype)
+        max_ref[...] = max_scratch[...]
+        lse_ref[...] = jnp.log(sum_scratch[...])
+
+
+def _forward(spec: _Spec, q, k, v, bias, mask, drop):
+    """``(out, row_max, log_row_sum)``: out ``(B, Hq, Tq, Dv)``, the residuals ``(B, Hq, Tq, 1)`` float32."""
+    batch, q_heads, q_padded, depth = q.shape
+    k_padded, value_depth = k.shape[2], v.shape[3]
+    bq, bk, group = spec.block_q, spec.block_k, spec.group
+    n_q, n_k = q_padded // bq, k_padded // bk
+    out_shape = [jax.ShapeDtypeStruct((batch, q_heads, q_padded, value_depth), q.dtype),
+                 jax.ShapeDtypeStruct((batch, q_heads, q_padded, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, q_heads, q_padded, 1), jnp.float32)]
+    if spec.backend == "tpu":
+        def last_k(i, j):
+            return jnp.minimum(j, _visible_k_blocks(spec, i, n_k) - 1)  # skipped tiles: no new copy
+
+        grid: tuple[int, ...] = (batch, q_heads, n_q, n_k)
+        row = pl.BlockSpec((None, None, bq, depth), lambda b, h, i, j: (b, h, i, 0))
+        def key_tile(b, h, i, j):
+            return b, _div(h, group), last_k(i, j), 0
+
+        in_specs = [row, pl.BlockSpec((None, None, bk, depth), key_tile),
+                    pl.BlockSpec((None, None, bk, value_depth), key_tile),
+                    *_optional_specs(spec, lambda b, h, i, j: (b, h, i, last_k(i, j)), bq, bk)]
+        out_specs = [pl.BlockSpec((None, None, bq, value_depth), lambda b, h, i, j: (b, h, i, 0)),
+                     pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0)),
+                     pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))]
+        scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                   pltpu.VMEM((bq, value_depth), jnp.float32)]
+        kernel = partial(_forward_kernel_tpu, spec, n_k)
+        params = spec.compiler_params(("parallel", "parallel", "parallel", "arbitrary"))
+    else:
+        grid = (n_q, batch, q_heads)
+        in_specs = [pl.BlockSpec((None, None, bq, depth), lambda i, b, h: (b, h, i, 0)),
+                    pl.BlockSpec((None, None, k_padded, depth), lambda i, b, h: (b, _div(h, group), 0, 0)),
+                    pl.BlockSpec((None, None, k_padded, value_depth), lambda i, b, h: (b, _div(h, group), 0, 0)),
+                    *_optional_specs(spec, lambda i, b, h: (b, h, i, 0), bq, k_padded)]
+        out_specs = [pl.BlockSpec((None, None, bq, value_depth), lambda i, b, h: (b, h, i, 0)),
+                     pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0)),
+                     pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))]
+        scratch = []
+        kernel = partial(_forward_kernel_gpu, spec, n_k)
+        params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          scratch_shapes=scratch, compiler_params=params, interpret=spec.interpret,
+                          name="jdrop_attention_forward")(q, k, v, *_optional_args(bias, mask, drop))
+
+
+# ----------------------------------------------------------------------------------- backward: dK, dV
+
+
+def _dkv_kernel_gpu(spec: _Spec, n_q: int, *refs):
+    (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, (dk_ref, dv_ref) = _split_refs(spec, refs, 7)
+    j, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    drop = _drop(inputs)
+    k, v = k_ref[...], v_ref[...]
+    bq = spec.block_q
+
+    def member_body(g, carry):
+        def body(i, carry):
+            d_k, d_v = carry
+            rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+            q, do = q_ref[g, rows, :], do_ref[g, rows, :]
+            bias = None if inputs.bias is None else _member_rows(inputs.bias, spec.bias_full, g, i, bq)
+            mask = None if inputs.mask is None else _member_rows(inputs.mask, spec.mask_full, g, i, bq)
+            s, allowed = _logits(spec, q, k, bias, mask, i, j)
+            factors = _factors(spec, drop, b * spec.q_heads + kv_head * spec.group + g, i, j)
+            p_dropped, ds = _backward_tile(spec, s, allowed, do, v, max_ref[g, rows, :], lse_ref[g, rows, :],
+                                           delta_ref[g, rows, :], factors)
+            d_v = d_v + _dot(spec, p_dropped.astype(do.dtype), do, (0, 0))
+            d_k = d_k + _dot(spec, ds.astype(q.dtype), q, (0, 0))
+            return d_k, d_v
+
+        return lax.fori_loop(_first_q_block(spec, j), n_q, body, carry)
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    d_k, d_v = lax.fori_loop(0, spec.group, member_body, init)
+    dk_ref[...] = d_k.astype(dk_ref.dtype)
+    dv_ref[...] = d_v.astype(dv_ref.dtype)
+
+
+def _dkv_kernel_tpu(spec: _Spec, n_q: int, *refs):
+    (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, rest = _split_refs(spec, refs, 7)
+    dk_ref, dv_ref, dk_scratch, dv_scratch = rest
+    b, kv_head, j, g, i = (pl.program_id(axis) for axis in range(5))
+
+    @pl.when((g == 0) & (i == 0))
+    def _init():
+        dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+        dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+
+    @pl.when(i >= _first_q_block(spec, j))
+    def _step():
+        bias = None if inputs.bias is None else inputs.bias[...]
+        mask = None if inputs.mask is None else inputs.mask[...]
+        q, do = q_ref[...], do_ref[...]
+        s, allowed = _logits(spec, q, k_ref[...], bias, mask, i, j)
+        factors = _factors(spec, _drop(inputs), b * spec.q_heads + kv_head * spec.group + g, i, j)
+        p_dropped, ds = _backward_tile(spec, s, allowed, do, v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
+                                       factors)
+        # Transposes of float32 tiles, then the casts: Mosaic's best-supported order.
+        dv_scratch[...] += _dot(spec, p_dropped.T.astype(do.dtype), do, (1, 0))
+        dk_scratch[...] += _dot(spec, ds.T.astype(q.dtype), q, (1, 0))
+
+    @pl.when((g == spec.group - 1) & (i == n_q - 1))
+    def _finish():
+        dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+
+
+def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop):
+    batch, q_heads, q_padded, depth = q.shape
+    kv_heads, k_padded, value_depth = k.shape[1], k.shape[2], v.shape[3]
+    bq, bk, group = spec.block_q, spec.block_k, spec.group
+    n_q, n_k = q_padded // bq, k_padded // bk
+
+    def grouped(x):  # (B, Hq, Tq, d) -> (B, Hk, G, Tq, d): a free reshape
+        return x.reshape(batch, kv_heads, group, *x.shape[2:])
+
+    q, do, row_max, log_row_sum, delta = map(grouped, (q, do, row_max, log_row_sum, delta))
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if spec.backend == "tpu":
+        def first_i(i, j):  # skipped tiles: no new copy (and none past the last tile, for keys beyond all queries)
+            return jnp.minimum(jnp.maximum(i, _first_q_block(spec, j)), n_q - 1)
+
+        grid: tuple[int, ...] = (batch, kv_heads, n_k, group, n_q)
+
+        def rows(width):
+            return pl.BlockSpec((None, None, None, bq, width), lambda b, h, j, g, i: (b, h, g, first_i(i, j), 0))
+
+        def cols(width):
+            return pl.BlockSpec((None, None, bk, width), lambda b, h, j, g, i: (b, h, j, 0))
+
+        in_specs = [rows(depth), cols(depth), cols(value_depth), rows(do.shape[-1]),
+                    rows(1), rows(1), rows(1),
+                    *_optional_specs(spec, lambda b, h, j, g, i: (b, h * group + g, first_i(i, j), j), bq, bk)]
+        out_specs = [cols(depth), cols(value_depth)]
+        scratch = [pltpu.VMEM((bk, depth), jnp.float32), pltpu.VMEM((bk, value_depth), jnp.float32)]
+        kernel = partial(_dkv_kernel_tpu, spec, n_q)
+        params = spec.compiler_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary"))
+    else:
+        grid = (n_k, batch, kv_heads)
+
+        def rows(width):
+            return pl.BlockSpec((None, None, group, q_padded, width), lambda j, b, h: (b, h, 0, 0, 0))
+
+        def cols(width):
+            return pl.BlockSpec((None, None, bk, width), lambda j, b, h: (b, h, j, 0))
+
+        optional = []
+        for full in (spec.bias_full, spec.mask_full):
+            if full:
+                shape = (None, None, group if full[2] else 1, q_padded if full[3] else 1, bk if full[4] else 1)
+                optional.append(pl.BlockSpec(shape, lambda j, b, h, full=full: (
+                    b if full[0] else 0, h if full[1] else 0, 0, 0, j if full[4] else 0)))
+        if spec.has_dropout:
+            optional += [_scalar_spec(spec, 4), _scalar_spec(spec, 1)]
+        in_specs = [rows(depth), cols(depth), cols(value_depth), rows(do.shape[-1]), rows(1), rows(1), rows(1),
+                    *optional]
+        out_specs = [cols(depth), cols(value_depth)]
+        scratch = []
+        kernel = partial(_dkv_kernel_gpu, spec, n_q)
+        params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          scratch_shapes=scratch, compiler_params=params, interpret=spec.interpret,
+                          name="jdrop_attention_dkv")(q, k, v, do, row_max, log_row_sum, delta,
+                                                       *_optional_args(bias, mask, drop))
+
+
+# ----------------------------------------------------------------------------------- backward: dQ
+
+
+def _dq_kernel_gpu(spec: _Spec, n_k: int, *refs):
+    (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, (dq_ref,) = _split_refs(spec, refs, 7)
+    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    drop = _drop(inputs)
+    q, do, row_max, log_row_sum, delta = q_ref[...], do_ref[...], max_ref[...], lse_ref[...], delta_ref[...]
+    bk = spec.block_k
+
+    def body(j, d_q):
+        start = pl.multiple_of(j * bk, bk)
+        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+        bias = None if inputs.bias is None else _column_slice(inputs.bias, spec.bias_full[4], j, bk)
+        mask = None if inputs.mask is None else _column_slice(inputs.mask, spec.mask_full[4], j, bk)
+        s, allowed = _logits(spec, q, k, bias, mask, i, j)
+        factors = _factors(spec, drop, b * spec.q_heads + h, i, j)
+        _, ds = _backward_tile(spec, s, allowed, do, v, row_max, log_row_sum, delta, factors)
+        return d_q + _dot(spec, ds.astype(k.dtype), k, (1, 0))
+
+    d_q = lax.fori_loop(0, _visible_k_blocks(spec, i, n_k), body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = d_q.astype(dq_ref.dtype)
+
+
+def _dq_kernel_tpu(spec: _Spec, n_k: int, *refs):
+    (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, (dq_ref, dq_scratch) = _split_refs(
+        spec, refs, 7)
+    b, h, i, j = (pl.program_id(axis) for axis in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+
+    @pl.when(j < _visible_k_blocks(spec, i, n_k))
+    def _step():
+        bias = None if inputs.bias is None else inputs.bias[...]
+        mask = None if inputs.mask is None else inputs.mask[...]
+        k = k_ref[...]
+        s, allowed = _logits(spec, q_ref[...], k, bias, mask, i, j)
+        factors = _factors(spec, _drop(inputs), b * spec.q_heads + h, i, j)
+        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
+                               factors)
+        dq_scratch[...] += _dot(spec, ds.astype(k.dtype), k, (1, 0))
+
+    @pl.when(j == n_k - 1)
+    def _finish():
+        dq_ref[...] = dq_scratch[...].astype(dq_ref.dtype)
+
+
+def _row_specs_by_tile(spec: _Spec, q, k, v, index_of, k_block: int, k_index):
+    """Block specs of q, k, v, dO and the three row residuals for kernels indexed by query tiles."""
+    bq, group = spec.block_q, spec.group
+    depth, value_depth = q.shape[3], v.shape[3]
+
+    def rows(width):
+        return pl.BlockSpec((None, None, bq, width), lambda *ids: (*index_of(*ids)[:3], 0))
+
+    def cols(width):
+        return pl.BlockSpec((None, None, k_block, width), lambda *ids: (
+            index_of(*ids)[0], _div(index_of(*ids)[1], group), k_index(*ids), 0))
+
+    return [rows(depth), cols(depth), cols(value_depth), rows(value_depth), rows(1), rows(1), rows(1)]
+
+
+def _dq(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop):
+    batch, q_heads, q_padded, depth = q.shape
+    k_padded = k.shape[2]
+    bq, bk = spec.block_q, spec.block_k
+    n_q, n_k = q_padded // bq, k_padded // bk
+    index_of: Callable[..., tuple[Any, ...]]
+    if spec.backend == "tpu":
+        def index_of(b, h, i, j):
+            return b, h, i, jnp.minimum(j, _visible_k_blocks(spec, i, n_k) - 1)
+
+        grid: tuple[int, ...] = (batch, q_heads, n_q, n_k)
+        in_specs = [*_row_specs_by_tile(spec, q, k, v, index_of, bk, lambda *ids: index_of(*ids)[3]),
+                    *_optional_specs(spec, index_of, bq, bk)]
+        scratch = [pltpu.VMEM((bq, depth), jnp.float32)]
+        kernel = partial(_dq_kernel_tpu, spec, n_k)
+        params = spec.compiler_params(("parallel", "parallel", "parallel", "arbitrary"))
+        out_spec = pl.BlockSpec((None, None, bq, depth), lambda b, h, i, j: (b, h, i, 0))
+    else:
+        def index_of(i, b, h):  # the GPU grid has no key axis
+            return b, h, i, 0
+
+        grid = (n_q, batch, q_heads)
+        in_specs = [*_row_specs_by_tile(spec, q, k, v, index_of, k_padded, lambda *ids: 0),
+                    *_optional_specs(spec, index_of, bq, k_padded)]
+        scratch = []
+        kernel = partial(_dq_kernel_gpu, spec, n_k)
+        params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
+        out_spec = pl.BlockSpec((None, None, bq, depth), lambda i, b, h: (b, h, i, 0))
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=grid, in_specs=in_specs,
+                          out_specs=out_spec, scratch_shapes=scratch, compiler_params=params,
+                          interpret=spec.interpret, name="jdrop_attention_dq")(
+        q, k, v, do, row_max, log_row_sum, delta, *_optional_args(bias, mask, drop))
+
+
+# ----------------------------------------------------------------------------------- backward: dbias
+
+
+def _dbias_kernel(spec: _Spec, n_k: int, *refs):
+    (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, (ds_ref,) = _split_refs(spec, refs, 7)
+    b, h, i, j = (pl.program_id(axis) for axis in range(4))
+
+    def compute():
+        bias = inputs.bias[...]
+        mask = None if inputs.mask is None else inputs.mask[...]
+        s, allowed = _logits(spec, q_ref[...], k_ref[...], bias, mask, i, j)
+        factors = _factors(spec, _drop(inputs), b * spec.q_heads + h, i, j)
+        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
+                               factors)
+        ds_ref[...] = ds
+
+    if not spec.skip_causal:
+        compute()
+        return
+    visible = j < _visible_k_blocks(spec, i, n_k)
+    pl.when(visible)(compute)
+
+    @pl.when(jnp.logical_not(visible))
+    def _zeros():
+        ds_ref[...] = jnp.zeros(ds_ref.shape, jnp.float32)
+
+
+def _bias_gradient(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop):
+    """The gradient of the (5-d, padded) bias: the logit gradients, summed over the axes the bias broadcasts along.
+
+    Each program writes one ``(block_q, block_k)`` tile of ``dS``; a bias shared across batch rows or heads
+    therefore costs a temporary ``(B, Hq, Tq, Tk)`` float32 array for its gradient (the xla path accumulates
+    it in place instead). Only computed when the bias gradient is used.
+    """
+    batch, q_heads, q_padded, _ = q.shape
+    k_padded = k.shape[2]
+    bq, bk = spec.block_q, spec.block_k
+    n_q, n_k = q_padded // bq, k_padded // bk
+
+    def index_of(b, h, i, j):
+        return b, h, i, j
+
+    in_specs = [*_row_specs_by_tile(spec, q, k, v, index_of, bk, lambda b, h, i, j: j),
+                *_optional_specs(spec, index_of, bq, bk)]
+    semantics = ("parallel",) * 4
+    ds = pl.pallas_call(partial(_dbias_kernel, spec, n_k),
+                        out_shape=jax.ShapeDtypeStruct((batch, q_heads, q_padded, k_padded), jnp.float32),
+                        grid=(batch, q_heads, n_q, n_k), in_specs=in_specs,
+                        out_specs=pl.BlockSpec((None, None, bq, bk), lambda b, h, i, j: (b, h, i, j)),
+                        compiler_params=spec.compiler_params(semantics), interpret=spec.interpret,
+                        name="jdrop_attention_dbias")(q, k, v, do, row_max, log_row_sum, delta,
+                                                      *_optional_args(bias, mask, drop))
+    ds = ds.reshape(batch, q_heads // spec.group, spec.group, q_padded, k_padded)
+    axes = tuple(axis for axis, full in enumerate(spec.bias_full) if not full)
+    return ds.sum(axis=axes, keepdims=True).astype(bias.dtype) if axes else ds.astype(bias.dtype)
+
+
+# ----------------------------------------------------------------------------------- custom_vjp
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(spec: _Spec, q, k, v, bias, mask, drop):
+    return _forward(spec, q, k, v, bias, mask, drop)[0]
+
+
+def _attention_fwd(spec: _Spec, q, k, v, bias, mask, drop):
+    out, row_max, log_row_sum = _forward(spec, q, k, v, bias, mask, drop)
+    return out, (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
+
+
+def _attention_bwd(spec: _Spec, residuals, d_out):
+    q, k, v, bias, mask, drop, out, row_max, log_row_sum = residuals
+    # rowsum(dP~ * P~) = dO . O: the softmax backward's per-row term, dropout included.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_out = d_out.astype(q.dtype)
+    args = (q, k, v, d_out, row_max, log_row_sum, delta, bias, mask, drop)
+    d_k, d_v = _dkv(spec, *args)
+    d_q = _dq(spec, *args)
+    d_bias = None if bias is None else _bias_gradient(spec, *args)
+    return d_q, d_k, d_v, d_bias, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------------- entry point
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, block_k: int | None,
+               mode: str = "exact") -> tuple[int, int]:
+    """The ``(block_q, block_k)`` of a backend's kernels: the requested (checked) or default tiles, shrunk to fit.
+
+    TPU: ``block_q`` a multiple of 32 (the sublane tiling of int8 and 16-bit buffers), ``block_k`` of 128 (lanes);
+    GPU: powers of 2 (Triton's tensors), at least 16 (its matrix units). Fast masks need ``block_q`` to be a
+    multiple of their group block (32 rows for ``"fast16"``, 64 for ``"fast8"``).
+
+    Raises:
+      ValueError: naming ``block_q`` or ``block_k`` when a requested tile breaks its backend's rule.
+    """
+    default_q, default_k = DEFAULT_BLOCKS[backend]
+    span = _dropout_mask.group_rows(mode)
+    q_unit, k_unit = (math.lcm(32, span), 128) if backend == "tpu" else (max(16, span), 16)
+    for name, block, unit in (("block_q", block_q, q_unit), ("block_k", block_k, k_unit)):
+        if block is None:
+            continue
+        if backend == "tpu":
+            good, rule = block % unit == 0, f"a multiple of {unit}"
+        else:
+            good, rule = block & (block - 1) == 0, f"a power of 2, at least {unit}"
+        if block < unit or not good:
+            raise ValueError(f"`{name}` must be {rule} for the {backend} kernels (dropout_mask={mode!r}), got {block}.")
+    bq = default_q if block_q is None else block_q
+    bk = default_k if block_k is None else block_k
+    if backend == "tpu":
+        bq, bk = min(bq, _round_up(q_length, q_unit)), min(bk, _round_up(k_length, k_unit))
+    else:
+        bq = min(bq, max(q_unit, _next_power_of_2(q_length)))
+        bk = min(bk, max(k_unit, _next_power_of_2(k_length)))
+    return max(bq, q_unit), max(bk, k_unit)
+
+
+_forced: list[tuple[str, bool]] = []
+
+
+@contextlib.contextmanager
+def kernels_for(backend: str, *, interpret: bool = True) -> Iterator[None]:
+    """Within it, ``implementation="pallas"`` uses ``backend``'s kernels, by default under Pallas's interpreter.
+
+    For tests and smoke runs on a CPU: ``interpret=True`` runs the kernels there (slowly: every grid step is a
+    loop iteration of plain XLA ops); ``interpret=False`` lets a CPU lower them for their device (``jax.jit(f)
+    .trace(...).lower(lowering_platforms=("tpu",))``). The choice is made when a function is traced: a function
+    jitted inside keeps it.
+    """
+    check_backend(backend)
+    _forced.append((backend, bool(interpret)))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    return backend
+
+
+def resolve_backend() -> tuple[str, bool]:
+    """``(backend, interpret)`` of the kernels: the default backend's, or those of :func:`kernels_for`.
+
+    Raises:
+      ValueError: on a CPU (outside :func:`kernels_for`): the kernels need a TPU or a GPU.
+    """
+    if _forced:
+        return _forced[-1]
+    platform = jax.default_backend()
+    backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
+    if backend is None:
+        raise ValueError(
+            f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the default backend "
+            f"is {platform!r}. Use implementation='xla' (or None, the default) here."
+        )
+    return backend, False
+
+
+def attention(
+    layout: Layout,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    drop: Drop | None,
+    *,
+    dropout: DropoutMode,
+    dropout_mask: str,
+    precision: Any,
+    is_causal: bool,
+    block_q: int | None,
+    block_k: int | None,
+    backend: str,
+    interpret: bool,
+) -> jax.Array:
+    """The Pallas path of :func:`jdrop.dot_product_attention` for checked inputs, ``(batch..., Tq, Hq, Dv)``.
+
+    ``query`` ``(batch..., Tq, Hq, D)`` is already scaled by ``1/sqrt(D)``; ``key``/``value`` are
+    ``(batch..., Tk, Hk, D | Dv)`` in its dtype; ``bias``/``mask`` (bool) broadcast to ``(batch..., Hq, Tq, Tk)``;
+    ``drop`` holds the key data, the threshold of ``dropout_mask``'s test and the factor.
+
+    Raises:
+      ValueError: for float64 inputs, or tiles the backend's kernels cannot take.
+    """
+    if query.dtype == jnp.float64:
+        raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64, "
+                         "and Triton's is far slower); use implementation='xla' for float64.")
+    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, dropout_mask)
+    layout = layout._replace(block_q=bq, block_k=bk)
+    batch, q_padded, k_padded = layout.batch, layout.n_q * bq, layout.n_k * bk
+    # Triton's tiles are powers of 2 of at least 16 along every axis, the head dims included.
+    width = (lambda d: d) if backend == "tpu" else (lambda d: max(16, _next_power_of_2(d)))
+
+    def kernel_layout(x: jax.Array, length: int) -> jax.Array:  # (batch..., T, H, d) -> (B, H, T_pad, width)
+        x = x.reshape(batch, *x.shape[-3:])
+        return _pad_axis(_pad_axis(x, 1, length), 3, width(x.shape[-1])).transpose(0, 2, 1, 3)
+
+    q, k, v = kernel_layout(query, q_padded), kernel_layout(key, k_padded), kernel_layout(value, k_padded)
+    bias = None if bias is None else layout.internal(bias)
+    if mask is not None:
+        # Mosaic has no bool buffers: int32 on TPU, int8 (a quarter of the traffic) on GPU.
+        mask = layout.internal(mask).astype(jnp.int32 if backend == "tpu" else jnp.int8)
+    per_element = dropout == DropoutMode.PER_ELEMENT
+    spec = _Spec(
+        q_length=layout.q_length,
+        k_length=layout.k_length,
+        block_q=bq,
+        block_k=bk,
+        q_heads=layout.q_heads,
+        group=layout.group,
+        causal=is_causal,
+        skip_causal=is_causal and mask is None,
+        dropout=dropout,
+        mask_mode=dropout_mask,
+        mask_rows=(batch * layout.q_heads if per_element else 1) * layout.q_length,
+        bias_full=() if bias is None else tuple(d > 1 for d in bias.shape),
+        mask_full=() if mask is None else tuple(d > 1 for d in mask.shape),
+        precision=precision,
+        backend=backend,
+        interpret=interpret,
+    )
+    kernel_drop = None
+    if drop is not None:
+        key_data, threshold, factor = drop
+        kernel_drop = ((key_data[0], key_data[1]), threshold, factor)
+    out = _attention(spec, q, k, v, bias, mask, kernel_drop)[:, :, : layout.q_length, : value.shape[-1]]
+    return out.transpose(0, 2, 1, 3).reshape(*layout.batch_shape, layout.q_length, layout.q_heads, value.shape[-1])
