@@ -6,6 +6,7 @@ the computation :mod:`jdrop.attention._kernel`'s.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -20,13 +21,17 @@ from jdrop._validation import (
     check_float_input,
     check_mask_rows,
     check_no_custom_products,
+    check_not_sequence_parallel,
     check_rate,
+    check_shared_key,
     check_threefry_key,
     positive_int,
     require_key,
 )
 from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
 from jdrop.attention._layout import Layout
+from jdrop.attention._ring import Ring
+from jdrop.attention._ring import attention as ring_attention
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "dot_product_attention"]
 
@@ -58,12 +63,11 @@ def _checked_bias_and_mask(layout: Layout, bias: Any, mask: Any) -> tuple[jax.Ar
     return bias, None if mask is None else mask.astype(bool)
 
 
-def _dropout(layout: Layout, mode: DropoutMode, dropout_rng: Any, rate: float | jax.Array, dtype: Any) -> Drop:
-    """The kernel's dropout operands for a training pass, after checking the key and the mask's size."""
+def _dropout(mask_shape: tuple[int, ...], dropout_rng: Any, rate: float | jax.Array, dtype: Any) -> Drop:
+    """The kernel's dropout operands for a training pass, after checking the key and the (global) mask's size."""
     rng = require_key(dropout_rng, what="jdrop.dot_product_attention", name="dropout_rng")
     check_threefry_key(rng, name="dropout_rng")
-    check_mask_rows(layout.batch * layout.q_heads * layout.q_length if mode == DropoutMode.PER_ELEMENT
-                    else layout.q_length)
+    check_mask_rows(math.prod(mask_shape[:-1]))
     return dropout_operands(rng, rate, dtype)
 
 
@@ -108,6 +112,10 @@ def dot_product_attention(
     attn_weights_value_einsum: Any = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    axis_name: Any = None,
+    sequence_layout: str = "contiguous",
+    batch_axis_name: Any = None,
+    head_axis_name: Any = None,
 ) -> jax.Array:
     """Dot-product attention (Vaswani et al. 2017) with dropout, blockwise, in O(T) memory.
 
@@ -196,12 +204,32 @@ def dot_product_attention(
     mode = DropoutMode.NONE
     if not deterministic and not (isinstance(rate, float) and rate == 0.0):
         mode = DropoutMode.BROADCAST if broadcast_dropout else DropoutMode.PER_ELEMENT
-    drop = None if mode == DropoutMode.NONE else _dropout(layout, mode, dropout_rng, rate, query.dtype)
+    per_element = mode == DropoutMode.PER_ELEMENT
+    ring = None
+    if axis_name is not None:
+        check_not_sequence_parallel(module, name="module", why="sowing the attention weights needs the whole "
+                                    "(Tq, Tk) matrix on one device")
+        ring = Ring.plan(axis_name, sequence_layout, batch_axis_name, head_axis_name, layout, bias, mask,
+                         bool(is_causal))
+        mask_shape = ring.dropout_shape(layout, per_element)
+    else:
+        mask_shape = (layout.batch if per_element else 1, layout.q_heads if per_element else 1, layout.q_length,
+                      layout.k_length)
+    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype)
+    if ring is not None and drop is not None:
+        check_shared_key(drop[0], query, sequence_axis=axis_name, declared=(batch_axis_name, head_axis_name),
+                         per_element=per_element)
     if module is not None:
         from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
 
         sow_attention_weights(module, query, key, bias, mask, is_causal)
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
+    if ring is not None:
+        chunk = ring.chunk_layout(layout)
+        ops = ring.operands(chunk, query, key, value, bias, mask, drop)
+        cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, bool(is_causal),
+                      precision)
+        return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
     cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
