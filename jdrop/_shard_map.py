@@ -48,7 +48,7 @@ def vary_like(tree: Any, axes: frozenset) -> Any:
             return x
         if cast is not None:
             return cast(x, missing, to="varying")
-        return lax.pvary(x, missing)  # JAX < 0.8
+        return lax.pvary(x, missing)  # type: ignore[attr-defined]  # JAX before pcast
 
     return jax.tree.map(vary, tree)
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdrop._shard_map import varying_axes
+
 __all__ = [
     "RESIDUALS",
     "SCALES",
@@ -33,6 +35,7 @@ __all__ = [
     "check_index_offset",
     "check_mask_rows",
     "check_mesh_axis",
+    "check_multiple_of",
     "check_no_custom_products",
     "check_not_sequence_parallel",
     "check_nonnegative",
@@ -430,6 +433,13 @@ def check_not_sequence_parallel(value: Any, *, name: str, why: str) -> None:
         raise ValueError(f"`{name}` is not supported by sequence-parallel attention (axis_name=...): {why}.")
 
 
+def check_multiple_of(value: int, factor: int, *, name: str, why: str) -> int:
+    """``value`` if it is a multiple of ``factor``, else ``ValueError`` naming ``name`` and ``why`` it must be."""
+    if value % factor:
+        raise ValueError(f"`{name}` ({value}) must be a multiple of {factor} ({why}); pad it, or change the mesh.")
+    return value
+
+
 def check_sequence_shards(q_length: int, k_length: int, *, devices: int, layout: str, causal: bool) -> None:
     """``ValueError`` unless the local query and key lengths suit the ring's ``layout`` and causal masking.
 
@@ -453,20 +463,11 @@ def check_shard_follows(shape: tuple[int, ...], *, name: str) -> None:
     """``ValueError`` if a sequence-sharded mask or bias varies along both queries and keys (``(..., Tq, Tk)``)."""
     if len(shape) >= 2 and shape[-1] > 1 and shape[-2] > 1:
         raise ValueError(
-            f"`{name}` of local shape {shape} varies along both queries and keys: a (Tq, Tk) {name} cannot be "
+            f"`{name}` of shape {shape} varies along both queries and keys: a (Tq, Tk) {name} cannot be "
             "sharded along the sequence (each device would need its rows for every key shard). Give one that "
             "varies along the keys (e.g. a padding mask (batch, 1, 1, Tk), sharded with the keys) or the queries "
             "(batch, heads, Tq, 1), and is_causal=True for causal masking."
         )
-
-
-def _varying(x: Any) -> frozenset:
-    """The manual mesh axes ``x`` varies along inside ``jax.shard_map`` (empty when JAX does not track them)."""
-    aval = jax.typeof(x) if hasattr(jax, "typeof") else None
-    axes = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-    if axes is None:
-        axes = getattr(aval, "vma", frozenset())
-    return frozenset(axes)
 
 
 def _axes(*axis_names: Any) -> frozenset:
@@ -485,14 +486,14 @@ def check_shared_key(key: jax.Array, query: jax.Array, *, sequence_axis: Any, de
     axis is declared (``batch_axis_name`` or ``head_axis_name``), so that each shard draws its own part.
     Checked where ``jax.shard_map`` tracks varying axes (``check_vma=True``, its default).
     """
-    key_axes = _varying(key)
+    key_axes = varying_axes(key)
     ring = _axes(sequence_axis)
     if key_axes & ring:
         raise ValueError(
             f"`{name}` varies along the sequence axis {sorted(key_axes & ring)}: every device of the ring draws "
             "its part of one dropout mask, so all must pass the same key (do not fold the axis index into it)."
         )
-    undeclared = _varying(query) - key_axes - ring - _axes(*declared)
+    undeclared = {a for a in varying_axes(query) - key_axes - ring - _axes(*declared) if jax.lax.axis_size(a) > 1}
     if per_element and undeclared:
         raise ValueError(
             f"the query varies along mesh axes {sorted(undeclared)} but `{name}` does not: with "

@@ -360,14 +360,14 @@ def _backward(cfg: Config, ring: Ring, residuals: tuple[Any, ...], d_out: jax.Ar
     d_out = d_out.astype(ops.q.dtype)
     delta = kernel.delta(out, d_out)
 
-    def zeros(x: jax.Array | None) -> jax.Array | None:
+    def zeros(x: Any) -> Any:
         return None if x is None else jnp.zeros(x.shape, acc_dtype)
 
     axes = _carry_axes(ring, ops, out, lse, d_out)
     held = vary_like(_held(ring, ops), axes)
     local_bias = None if ring.bias_follows in (None, KEY) else ops.bias
-    init = vary_like(_Grads(zeros(ops.q), zeros(local_bias), Held(zeros(held.k), zeros(held.v), zeros(held.bias), None)),
-                     axes)
+    travelling = Held(zeros(held.k), zeros(held.v), zeros(held.bias), None)
+    init = vary_like(_Grads(zeros(ops.q), zeros(local_bias), travelling), axes)
 
     def visit(step_cfg: Config, diagonal: bool, src: Any, grads: _Grads, held: Held) -> _Grads:
         q_index, k_index, visible = _schedule(ring, cfg, diagonal, pos.me, src)
@@ -396,9 +396,10 @@ def _backward(cfg: Config, ring: Ring, residuals: tuple[Any, ...], d_out: jax.Ar
 
     grads = _ring_loop(ring, cfg, pos, visit, init, held)
     d_bias = grads.held.bias if ring.bias_follows == KEY else grads.bias
-    cast = [None if g is None else g.astype(x.dtype)
-            for g, x in ((grads.q, ops.q), (grads.held.k, ops.k), (grads.held.v, ops.v), (d_bias, ops.bias))]
-    return (cotangent_like(Operands(*cast, None, None), ops),)
+    d_bias = None if d_bias is None else d_bias.astype(ops.bias.dtype)  # type: ignore[union-attr]
+    d_ops = Operands(grads.q.astype(ops.q.dtype), grads.held.k.astype(ops.k.dtype), grads.held.v.astype(ops.v.dtype),
+                     d_bias, None, None)
+    return (cotangent_like(d_ops, ops),)
 
 
 # ----------------------------------------------------------------------------------- custom_vjp
