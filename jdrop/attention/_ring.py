@@ -82,6 +82,7 @@ class Ring(NamedTuple):
             if other is not None:
                 check_mesh_axis(other, name=name)
         layout = check_choice(layout, SEQUENCE_LAYOUTS, name="sequence_layout")
+        layout = "contiguous" if size == 1 else layout  # one device holds the whole sequence, in order
         check_sequence_shards(local.q_length, local.k_length, devices=size, layout=layout, causal=causal)
         chunks = 2 if layout == "zigzag" else 1
         return cls(axis_name, size, layout, local.q_length // chunks, local.k_length // chunks,

@@ -200,6 +200,7 @@ def sequence_parallel_attention(
         if missing:
             raise ValueError(f"`{name}`={names} names axes {missing} that the mesh {dict(mesh.shape)} does not have.")
     devices = {name: math.prod(mesh.shape[a] for a in names) for name, names in axes.items()}
+    balance = balance and devices["axis_name"] > 1  # one device holds the sequence in order
     rank = query.ndim
     per_seq = 2 * devices["axis_name"] if balance else devices["axis_name"]
     why = "twice the devices: load_balance splits each shard in two" if balance else "the devices"
