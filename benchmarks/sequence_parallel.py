@@ -71,13 +71,14 @@ def schedule_work(layout: str, devices: int, length: int, block_q: int = BLOCK_Q
         for me in range(devices):
             src = (me - step) % devices
             step_cfg = diagonal_cfg if step == 0 else off_cfg
-            q_index, k_index, visible = (list(map(int, x)) for x in _ring._schedule(ring, cfg, step == 0, me, src))
+            q_index, k_index, visible = _ring._schedule(ring, cfg, step == 0, me, src)
+            visible = [True] * len(q_index) if visible is None else [bool(v) for v in visible]
             q_starts = [int(s) for s in _ring.chunk_starts(layout, devices, me, chunk)]
             k_starts = [int(s) for s in _ring.chunk_starts(layout, devices, src, chunk)]
             tiles = 0
             for a, b, seen in zip(q_index, k_index, visible):
                 if seen:
-                    offsets = _kernel.Offsets(q=q_starts[a], k=k_starts[b])
+                    offsets = _kernel.Offsets(q=q_starts[int(a)], k=k_starts[int(b)])
                     tiles += sum(max(0, int(_kernel._visible_k_blocks(step_cfg, i, n_k, offsets))) for i in range(n_q))
             row.append(tiles * bq * bk)
         work.append(row)

@@ -164,29 +164,42 @@ def _offset(axis_name: Any, local: int) -> Any:
 # ----------------------------------------------------------------------------------- schedule
 
 
-def _schedule(ring: Ring, cfg: Config, diagonal: bool, me: Any, src: Any) -> tuple[jax.Array, ...]:
+def _schedule(ring: Ring, cfg: Config, diagonal: bool, me: Any, src: Any) -> tuple[Any, Any, Any]:
     """The (query chunk, key chunk) pairs a device visits at one step, and whether each is visible.
 
     ``me`` holds the key/value shard of device ``src``. Without tile skipping (not causal, or causal
     with a user mask, whose fully masked rows see every key), every pair is visited. With it, the
     diagonal step (``src == me``) visits the pairs on or below the diagonal, and the other steps the
     pairs below it, each entirely visible (see the module docstring for the zigzag layout).
+
+    Returns ``(query chunks, key chunks, visible)``: int32 arrays of one entry per pair, and a bool
+    array, or None where every pair is visible (known at trace time).
     """
     n = ring.chunks
-    if not cfg.skip_causal:
-        pairs = [(a, b) for a in range(n) for b in range(n)]
-        return (jnp.asarray([a for a, _ in pairs]), jnp.asarray([b for _, b in pairs]),
-                jnp.ones(len(pairs), bool))
-    if diagonal:
-        pairs = [(0, 0)] if n == 1 else [(0, 0), (1, 0), (1, 1)]
-        return (jnp.asarray([a for a, _ in pairs]), jnp.asarray([b for _, b in pairs]),
-                jnp.ones(len(pairs), bool))
-    if n == 1:
+    if not cfg.skip_causal or diagonal:
+        pairs = [(a, b) for a in range(n) for b in range(n) if not cfg.skip_causal or a >= b]
+        return jnp.asarray([a for a, _ in pairs]), jnp.asarray([b for _, b in pairs]), None
+    if n == 1:  # contiguous: the held shard lies below the diagonal or above it
         return jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), jnp.reshape(src < me, (1,))
     # Zigzag: the second query chunk sees the held first key chunk; the held shard from an earlier
     # device is seen by the first query chunk too, one from a later device by the second one.
     same = jnp.where(src < me, 0, 1)
-    return jnp.stack([jnp.int32(1), same]), jnp.stack([jnp.int32(0), same]), jnp.ones(2, bool)
+    return jnp.stack([jnp.int32(1), same]), jnp.stack([jnp.int32(0), same]), None
+
+
+def _over_pairs(q_index: jax.Array, visible: Any, contribution: Any, skip: Any, add: Any, carry: Any) -> Any:
+    """Adds ``contribution(p)`` (or ``skip()`` where pair ``p`` is not visible) into ``carry`` for every pair.
+
+    The pairs run in a loop with one kernel in its body; a hidden pair skips the kernel (``lax.cond``
+    around the contribution only, so that the carry is not copied into the branches).
+    """
+
+    def pair(p: Any, carry: Any) -> Any:
+        value = contribution(p) if visible is None else lax.cond(visible[p], contribution, lambda _: skip(), p)
+        return add(carry, p, value)
+
+    n = q_index.shape[0]
+    return pair(0, carry) if n == 1 else lax.fori_loop(0, n, pair, carry)
 
 
 def _step_configs(cfg: Config) -> tuple[Config, Config]:
@@ -327,17 +340,15 @@ def _forward(cfg: Config, ring: Ring, ops: Operands) -> tuple[jax.Array, LogSumE
     def visit(step_cfg: Config, diagonal: bool, src: Any, acc: _Partial, held: Held) -> _Partial:
         q_index, k_index, visible = _schedule(ring, cfg, diagonal, pos.me, src)
 
-        def pair(p: Any, acc: _Partial) -> _Partial:
+        def attend(p: Any) -> tuple[jax.Array, LogSumExp]:
             a, b = q_index[p], k_index[p]
+            return kernel.forward(step_cfg, _pair(ring, ops, held, a, b), _offsets(ring, pos, src, a, b),
+                                  out_dtype=acc_dtype)
 
-            def attend(acc: _Partial) -> _Partial:
-                out, lse = kernel.forward(step_cfg, _pair(ring, ops, held, a, b), _offsets(ring, pos, src, a, b),
-                                          out_dtype=acc_dtype)
-                return _combine(acc, a, out, lse)
+        def skip() -> tuple[jax.Array, LogSumExp]:  # no keys seen: weight 0, combines into nothing
+            return jnp.zeros_like(init.out[0]), LogSumExp(init.row_max[0], init.log_row_sum[0])
 
-            return lax.cond(visible[p], attend, lambda acc: acc, acc)
-
-        return lax.fori_loop(0, q_index.shape[0], pair, acc)
+        return _over_pairs(q_index, visible, attend, skip, lambda acc, p, new: _combine(acc, q_index[p], *new), acc)
 
     acc = _ring_loop(ring, cfg, pos, visit, init, vary_like(_held(ring, ops), axes))
     return acc.out.astype(ops.q.dtype), LogSumExp(acc.row_max, acc.log_row_sum)
@@ -373,25 +384,29 @@ def _backward(cfg: Config, ring: Ring, residuals: tuple[Any, ...], d_out: jax.Ar
     def visit(step_cfg: Config, diagonal: bool, src: Any, grads: _Grads, held: Held) -> _Grads:
         q_index, k_index, visible = _schedule(ring, cfg, diagonal, pos.me, src)
 
-        def pair(p: Any, grads: _Grads) -> _Grads:
+        def attend(p: Any) -> tuple[Any, ...]:
             a, b = q_index[p], k_index[p]
+            return tuple(kernel.backward(
+                step_cfg, _pair(ring, ops, held, a, b), d_out[a], LogSumExp(lse.row_max[a], lse.log_row_sum[a]),
+                delta[a], _offsets(ring, pos, src, a, b), grad_dtype=acc_dtype))
 
-            def attend(grads: _Grads) -> _Grads:
-                d_q, d_k, d_v, d_bias = kernel.backward(
-                    step_cfg, _pair(ring, ops, held, a, b), d_out[a], LogSumExp(lse.row_max[a], lse.log_row_sum[a]),
-                    delta[a], _offsets(ring, pos, src, a, b), grad_dtype=acc_dtype)
-                travelling = grads.held
-                bias, held_bias = grads.bias, travelling.bias
-                if ring.bias_follows == KEY:
-                    held_bias = held_bias.at[b].add(d_bias)  # type: ignore[union-attr]
-                elif ring.bias_follows is not None:
-                    bias = bias.at[a if ring.bias_follows == QUERY else 0].add(d_bias)  # type: ignore[union-attr]
-                return _Grads(grads.q.at[a].add(d_q), bias,
-                              Held(travelling.k.at[b].add(d_k), travelling.v.at[b].add(d_v), held_bias, None))
+        def skip() -> tuple[Any, ...]:
+            first = (grads.q, grads.held.k, grads.held.v, grads.held.bias if ring.bias_follows == KEY else grads.bias)
+            return tuple(None if x is None else jnp.zeros_like(x[0]) for x in first)
 
-            return lax.cond(visible[p], attend, lambda grads: grads, grads)
+        def add(grads: _Grads, p: Any, new: tuple[Any, ...]) -> _Grads:
+            a, b = q_index[p], k_index[p]
+            d_q, d_k, d_v, d_bias = new
+            travelling = grads.held
+            bias, held_bias = grads.bias, travelling.bias
+            if ring.bias_follows == KEY:
+                held_bias = held_bias.at[b].add(d_bias)  # type: ignore[union-attr]
+            elif ring.bias_follows is not None:
+                bias = bias.at[a if ring.bias_follows == QUERY else 0].add(d_bias)  # type: ignore[union-attr]
+            return _Grads(grads.q.at[a].add(d_q), bias,
+                          Held(travelling.k.at[b].add(d_k), travelling.v.at[b].add(d_v), held_bias, None))
 
-        grads = lax.fori_loop(0, q_index.shape[0], pair, grads)
+        grads = _over_pairs(q_index, visible, attend, skip, add, grads)
         # The shard's gradients go on with it; after the last step they have come home.
         return grads._replace(held=_shift(ring, grads.held)) if ring.size > 1 else grads
 
