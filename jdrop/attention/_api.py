@@ -146,6 +146,26 @@ def dot_product_attention(
     ``query`` (a divisor of its heads); query head ``h`` attends with key/value head
     ``h // (q_heads // kv_heads)``, as ``flax.nnx`` and repeating the key/value heads do.
 
+    Sequence parallelism (ring attention, Liu et al. 2023): with ``axis_name``, called inside
+    ``jax.shard_map`` on local shards, the sequence is taken to be sharded over that mesh axis (N
+    devices: this device holds ``L`` of the ``N L`` queries and keys, placed by
+    ``sequence_layout``). The key/value shards then travel around the devices (``lax.ppermute``),
+    the partial outputs combine by their logsumexp, and the backward pass sends the key/value
+    gradients around after them; each device draws exactly its part of the global mask
+    ``bernoulli(dropout_rng, 1 - rate, (B, H, N L, N L))`` by global index, so outputs and
+    gradients are the single-device call's on any number of devices, in O(L) memory per device.
+    An argument, not a separate function, because a model runs on local shards inside one
+    ``shard_map``: ``attention_fn=functools.partial(jdrop.dot_product_attention, axis_name="seq")``
+    makes any flax attention module sequence-parallel (:func:`jdrop.sequence_parallel_attention` is
+    the wrapper for global arrays). ``sequence_layout="zigzag"`` (device ``d`` holds chunks ``d``
+    and ``2N - 1 - d`` of ``2N``; :func:`jdrop.attention.to_zigzag`) gives every device the same
+    work at every step of causal attention; with ``"contiguous"`` shards the steps above the
+    diagonal are skipped but devices idle (``N - 1/2`` block-times instead of ``N / 2``). Masks and
+    biases may vary along the queries or along the keys (a key-padding mask ``(B, 1, 1, L)``
+    travels with the keys), not both; causal attention needs equal query and key lengths.
+    ``broadcast_dropout=False`` with the batch or heads sharded too (a 2-D mesh) needs
+    ``batch_axis_name``/``head_axis_name``, so that each shard draws its rows of the mask.
+
     Args:
       query: ``(batch..., Tq, heads, D)``, floating (float16, bfloat16, float32, float64).
       key: ``(batch..., Tk, kv_heads, D)``.
@@ -175,13 +195,25 @@ def dot_product_attention(
       attn_weights_value_einsum: must be None.
       block_q: query rows per tile (tuning only: results do not depend on it).
       block_k: key columns per tile.
+      axis_name: a mesh axis name (or tuple of names) bound by an enclosing ``jax.shard_map``: the
+        arrays are this device's shards of a sequence sharded over that axis (see above). None: the
+        arrays are the whole sequence.
+      sequence_layout: ``"contiguous"`` (device ``d`` holds positions ``[d L, (d + 1) L)``) or
+        ``"zigzag"`` (chunks ``d`` and ``2N - 1 - d`` of ``L / 2`` each; ``L`` even). With
+        ``axis_name`` only.
+      batch_axis_name: mesh axes that shard the leading batch dim (with ``axis_name``): the
+        global batch row of this device's first row for ``broadcast_dropout=False``.
+      head_axis_name: mesh axes that shard the query and key/value heads alike (with ``axis_name``).
 
     Returns:
       ``(batch..., Tq, heads, Dv)`` in ``dtype``.
 
     Raises:
       ValueError: for a bad ``dropout_rate``, a missing, non-single or non-threefry ``dropout_rng`` in
-        training, mismatched shapes, custom einsums, or block sizes below 1.
+        training, mismatched shapes, custom einsums, or block sizes below 1; with ``axis_name``: an
+        unbound axis, a mask or bias that varies along both queries and keys, ``module``, shard
+        lengths the layout or causal masking cannot take, or a ``dropout_rng`` that differs along
+        the sequence axis (or along an undeclared batch or head axis with ``broadcast_dropout=False``).
       TypeError: for integer inputs, a non-floating ``dtype``, a non-bool ``deterministic``, or
         non-int block sizes.
 
@@ -191,6 +223,10 @@ def dot_product_attention(
       >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1)
       >>> layer = flax.linen.MultiHeadDotProductAttention(8, dropout_rate=0.1,
       ...                                                 attention_fn=jdrop.dot_product_attention)
+      >>> ring = functools.partial(jdrop.dot_product_attention, axis_name="seq", is_causal=True)
+      >>> out = jax.shard_map(lambda q, k, v: ring(q, k, v, dropout_rng=key, dropout_rate=0.1),
+      ...                     mesh=jax.make_mesh((8,), ("seq",)), in_specs=P(None, "seq"),
+      ...                     out_specs=P(None, "seq"))(q, k, v)   # the sequence over 8 devices
     """
     del force_fp32_for_softmax  # the softmax always runs in (at least) float32 here
     check_no_custom_products(einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from jdrop._validation import (
@@ -238,9 +238,24 @@ def sequence_parallel_attention(
                                     batch_axis_name=batch_axis_name, head_axis_name=head_axis_name)
         return from_zigzag(out, axis_name) if balance else out
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, *extra_specs),
-                            out_specs=qkv_spec)
-    return sharded(query, key, value, *(x for x in extras if x is not None))  # type: ignore[no-any-return]
+    specs = (qkv_spec, qkv_spec, qkv_spec, *extra_specs)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec)
+    args = (query, key, value, *(x for x in extras if x is not None))
+    return sharded(*(_placed(x, mesh, spec) for x, spec in zip(args, specs)))  # type: ignore[no-any-return]
+
+
+def _placed(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+    """``x`` placed as ``spec`` says where ``mesh``'s axes are explicit (``jax.make_mesh``'s default).
+
+    ``shard_map`` reshards its inputs over a mesh of automatic axes itself, but takes them only as
+    they are placed over explicit ones.
+    """
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
+    used = [a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))]
+    if explicit is None or not types or any(types.get(a) != explicit for a in used):
+        return x
+    return jax.reshard(x, NamedSharding(mesh, spec))
 
 
 def _zigzag_along_sequence(x: jax.Array, axis_name: Any, move: Any) -> jax.Array:
