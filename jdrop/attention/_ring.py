@@ -8,7 +8,9 @@ their logsumexp (the online softmax across steps). The backward pass (``custom_v
 key/value shards around again together with their float32 gradient accumulators, which come home
 after a full turn; every tile's probabilities and dropout mask are recomputed from the row
 logsumexp and the key by global (row, column) index. Nothing of size ``T x T``, nor ``T / N x T``,
-exists: per-device memory is that of one ``T / N`` attention plus one shard in flight.
+exists: per-device memory is that of one ``T / N`` attention plus the shards in flight (the next
+key/value shard; in the backward pass also the travelling gradients and theirs in flight): about
+twice a single device's memory per token, measured by ``benchmarks/sequence_parallel.py``.
 
 Sequence layouts (how a device's shard maps to global positions; ``L`` local rows, ``N`` devices):
 
@@ -23,7 +25,8 @@ Sequence layouts (how a device's shard maps to global positions; ``L`` local row
 
 A device's shard is split into its chunks (one or two) and the kernel runs on (query chunk, key
 chunk) pairs, all of one shape, so one compiled kernel serves every pair of a step (a loop over
-the pairs, each behind a ``lax.cond`` that skips a pair above the diagonal).
+the pairs; with contiguous shards, a ``lax.cond`` skips a shard above the diagonal). The diagonal
+step has its own kernel (causal tiles); off the diagonal every visited pair is entirely visible.
 
 References: H. Liu, M. Zaharia, P. Abbeel, Ring attention with blockwise transformers for near-infinite
 context, arXiv:2310.01889, 2023; W. Brandon et al., Striped attention: faster ring attention for causal
@@ -71,7 +74,6 @@ class Ring(NamedTuple):
     @property
     def chunks(self) -> int:
         return 2 if self.layout == "zigzag" else 1
-
 
     @classmethod
     def plan(cls, axis_name: Any, layout: str, batch_axis_name: Any, head_axis_name: Any, local: Layout,
