@@ -7,6 +7,38 @@ The package face re-exports the public names; the code lives in one module per c
 (the seed's network), ``jdrop.train`` (the per-example convention, the training loop, losses, MC prediction),
 ``jdrop.variants`` (every other dropout, on the same core), ``jdrop.distributed``, ``jdrop.checkpoint`` and
 ``jdrop.interop`` (flax and equinox modules, imported on demand).
+
+Conventions
+-----------
+One spelling per idea, in every public function:
+
+- **Evaluation flag**: ``deterministic: bool`` (flax's name), a static Python bool, False by default:
+  ``jdrop.dropout(key, x, rate, deterministic=True)``, every variant, ``jdrop.dot_product_attention``,
+  ``jdrop.mlp.apply`` and the training functions; the one-example ``apply_fn`` that ``jdrop.train``
+  vmaps gets ``deterministic=`` (or ``train=``, the original contract, if that is what it declares).
+  Where jdrop took ``train=`` it still does, with a ``DeprecationWarning`` (``train=t`` is
+  ``deterministic=not t``). The
+  framework adapters keep their framework's flag (``deterministic`` in flax, ``inference`` in equinox).
+- **Key position**: a random op takes its key first, as ``jax.random`` does: ``op(key, x, ...)`` (the
+  core, every variant, ``keep_mask``, ``example_keys``, ``mlp.init``). A function whose first argument is
+  a model (``params``, ``state``, ``apply_fn``) takes the key after its data, ``train_step(state, batch,
+  key)``, ``mc_predict(apply_fn, params, x, key, num_samples)``, ``mlp.forward(params, x, key, rates)``, or
+  as ``key=`` where it is optional (``mlp.apply``, ``fit``). No public function had to move its key to
+  follow this. ``jdrop.dot_product_attention`` keeps flax's signature (``dropout_rng=``), to be a drop-in
+  ``attention_fn``.
+- **Scaling**: ``scale="inverted"`` (default: ``m * x / keep`` in training, ``x`` at evaluation) or
+  ``"classic"`` (``m * x`` in training, ``keep * x`` at evaluation; Srivastava et al. 2014), in the core
+  and every variant that is a Bernoulli mask and a scale (feature, locked, embedding, attention
+  dropout, drop path, DropConnect, ``mlp``). ``drop_path`` also takes timm's ``scale_by_keep`` (True:
+  inverted; False: timm's unscaled branch, whose evaluation stays the identity). Variants whose formula
+  fixes the scale (alpha, Gaussian, concrete, DropBlock, zoneout) have no ``scale``.
+- **Rates**: a Python float or a traced scalar in [0, 1] (one compilation serves every rate). A static
+  rate outside it raises ``ValueError`` at trace time; a traced one makes every output element and every
+  gradient NaN, the same way in every op and in evaluation too (``jdrop._validation.nan_unless``).
+- **Bad arguments**: ``TypeError`` for the wrong kind of value, ``ValueError`` for the right kind out of
+  range, naming the argument and what is allowed, with one wording per rule (``jdrop._validation``); a
+  missing key in training raises ``ValueError`` saying what to pass (for equinox code, also a
+  ``RuntimeError``).
 """
 
 from jdrop import attention as attention

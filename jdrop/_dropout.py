@@ -24,6 +24,7 @@ from jdrop._validation import (
     check_residual,
     check_scale,
     keep_probability,
+    nan_unless,
     rate_is_valid,
     require_key,
 )
@@ -111,9 +112,9 @@ class DropoutResidual:
         return cls(mask, threshold, jnp.asarray(rate_is_valid(checked)), static)
 
     def __getattr__(self, name: str) -> Any:
-        # The fields of the first DropoutResidual, kept readable (deprecated): only ever reached for names
-        # that are not attributes, so the dataclass and pytree machinery never come here.
-        if name in _DEPRECATED_FIELDS and name != "_static":
+        # The fields of the first DropoutResidual, kept readable (deprecated). Python calls this only for
+        # names that are not attributes, so the dataclass and pytree machinery never come here.
+        if name in _DEPRECATED_FIELDS:
             replacement, read = _DEPRECATED_FIELDS[name]
             warnings.warn(f"DropoutResidual.{name} is deprecated; use {replacement}.", DeprecationWarning,
                           stacklevel=2)
@@ -144,8 +145,8 @@ def _keep_and_factor(
     """The realised keep probability and the factor of a pass, in ``dtype``; the factor is NaN if invalid.
 
     Train: kept elements are multiplied by ``1 / keep`` (inverted; 0 when ``keep = 0``, where nothing
-    is kept) or 1 (classic). Eval: every element by 1 (inverted) or ``keep`` (classic). The one road
-    from an invalid traced rate to NaN: every op that scales multiplies by this factor.
+    is kept) or 1 (classic). Eval: every element by 1 (inverted) or ``keep`` (classic). An invalid
+    traced rate reaches NaN here, through :func:`jdrop._validation.nan_unless`, and only here.
     """
     keep = masks.realised_keep(threshold).astype(dtype)
     if train and scale == "inverted":
@@ -154,7 +155,7 @@ def _keep_and_factor(
         factor = jnp.ones((), dtype)
     else:
         factor = keep
-    return keep, jnp.where(valid, factor, jnp.nan).astype(dtype)
+    return keep, (factor * nan_unless(valid, dtype)).astype(dtype)
 
 
 def keep_and_factor(
@@ -186,7 +187,7 @@ def _apply(static: _Static, threshold: jax.Array, valid: jax.Array, mask: jax.Ar
     if mask is None:
         out = wide * factor
     else:
-        fill = jnp.where(valid, dtype.type(0), dtype.type(np.nan))
+        fill = dtype.type(0) * factor  # dropped elements are NaN too when the factor is
         out = jnp.where(mask, wide * factor, fill)
     return out.astype(values.dtype)
 

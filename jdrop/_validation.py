@@ -3,20 +3,22 @@
 Each check validates and canonicalises a value at trace time (where it is static) and raises a
 ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, outside the allowed range) that
 names the argument and what is allowed, as ``jax.random`` does. Traced rates cannot be checked at
-trace time: :func:`rate_is_valid` and :func:`nan_unless_valid` make an invalid one give NaN outputs.
+trace time: :func:`rate_is_valid` and :func:`nan_unless` (the one road to NaN) make an invalid one give
+NaN outputs and gradients.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdrop._shard_map import varying_axes
+from jdrop._typing import Scale
 
 __all__ = [
     "RESIDUALS",
@@ -24,6 +26,7 @@ __all__ = [
     "MissingKeyError",
     "canonical_axis",
     "canonical_key",
+    "check_alias",
     "check_attention_shapes",
     "check_broadcastable",
     "check_callable",
@@ -35,6 +38,7 @@ __all__ = [
     "check_index_offset",
     "check_mask_rows",
     "check_mesh_axis",
+    "check_mesh_has",
     "check_multiple_of",
     "check_no_custom_products",
     "check_not_sequence_parallel",
@@ -50,7 +54,9 @@ __all__ = [
     "check_threefry_key",
     "int_at_least",
     "keep_probability",
+    "nan_unless",
     "nan_unless_valid",
+    "poison_invalid",
     "positive_int",
     "nonnegative_is_valid",
     "rate_is_valid",
@@ -135,16 +141,43 @@ def nonnegative_is_valid(value: float | jax.Array) -> jax.Array | bool:
     return (value >= 0.0) & jnp.isfinite(value)
 
 
-def rate_is_valid(rate: float | jax.Array, *, upper: float = 1.0) -> jax.Array | bool:
-    """True for a static rate (already checked); a traced bool for a traced one."""
+def rate_is_valid(rate: float | jax.Array, *, upper: float = 1.0, closed: bool = True) -> jax.Array | bool:
+    """True for a static rate (already checked); for a traced one, a traced ``0 <= rate <= upper``.
+
+    ``closed=False`` excludes ``upper`` itself (``0 <= rate < upper``).
+    """
     if isinstance(rate, float):
         return True
-    return (rate >= 0.0) & (rate <= upper)
+    return (rate >= 0.0) & ((rate <= upper) if closed else (rate < upper))
+
+
+def nan_unless(valid: jax.Array | bool, dtype: Any) -> jax.Array:
+    """1 where ``valid``, NaN otherwise, in ``dtype``: the one road from an invalid traced argument to NaN.
+
+    Every op multiplies by it once, its scale factor (the core, attention, DropConnect's moments:
+    through :func:`jdrop._dropout.keep_and_factor`) or its output (the variants whose output has no
+    keep factor: :func:`poison_invalid`). So a traced rate (or scale) outside its range makes every
+    output element and every gradient NaN, in training and evaluation alike, never a silently
+    different rate.
+    """
+    return jnp.where(valid, 1.0, jnp.nan).astype(dtype)
 
 
 def nan_unless_valid(rate: float | jax.Array, dtype: Any) -> jax.Array:
-    """1 for a valid rate, NaN for a traced one outside [0, 1]: multiply an output by it."""
-    return jnp.where(rate_is_valid(rate), 1.0, jnp.nan).astype(dtype)
+    """:func:`nan_unless` of a rate's validity: 1 for a valid rate, NaN for a traced one outside [0, 1]."""
+    return nan_unless(rate_is_valid(rate), dtype)
+
+
+def poison_invalid(x: jax.Array, valid: jax.Array | bool) -> jax.Array:
+    """``x`` when ``valid`` (``x`` itself when statically valid), else NaN: ``x * nan_unless(valid)``.
+
+    Computed in at least float32 and returned in ``x``'s dtype, as the core computes; its gradient
+    is ``dy * nan_unless(valid)``, NaN too when invalid.
+    """
+    if valid is True:
+        return x
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    return (x.astype(dtype) * nan_unless(valid, dtype)).astype(x.dtype)
 
 
 def keep_probability(rate: Any) -> jax.Array:
@@ -188,14 +221,22 @@ def check_choice(value: Any, choices: tuple[str, ...], *, name: str) -> str:
     return value
 
 
-def check_scale(scale: Any) -> str:
+def check_scale(scale: Any) -> Scale:
     """``scale`` if it is ``"inverted"`` or ``"classic"``, else ``ValueError``."""
-    return check_choice(scale, SCALES, name="scale")
+    return cast(Scale, check_choice(scale, SCALES, name="scale"))
 
 
 def check_residual(residual: Any) -> str:
     """``residual`` if it is ``"key"``, ``"bits"`` or ``"mask"``, else ``ValueError``."""
     return check_choice(residual, RESIDUALS, name="residual")
+
+
+def check_alias(name: str, value: Any, default: Any, *, alias: str, alias_value: Any) -> None:
+    """``ValueError`` if ``name`` (away from its ``default``) and its ``alias`` (a peer's spelling) are both set."""
+    if alias_value is not None and value != default:
+        raise ValueError(
+            f"pass `{name}` or its alias `{alias}`, not both: got {name}={value!r} and {alias}={alias_value!r}."
+        )
 
 
 def check_callable(value: Any, *, name: str, usage: str = "") -> Any:
@@ -431,6 +472,13 @@ def check_not_sequence_parallel(value: Any, *, name: str, why: str) -> None:
     """``ValueError`` if ``value`` (an option the ring cannot honour) is set with ``axis_name``, saying ``why``."""
     if value is not None:
         raise ValueError(f"`{name}` is not supported by sequence-parallel attention (axis_name=...): {why}.")
+
+
+def check_mesh_has(mesh_shape: dict[str, int], axes: tuple[Any, ...], *, name: str) -> None:
+    """``ValueError`` unless every mesh axis in ``axes`` (named by argument ``name``) is in ``mesh_shape``."""
+    missing = [a for a in axes if a not in mesh_shape]
+    if missing:
+        raise ValueError(f"`{name}`={axes} names axes {missing} that the mesh {mesh_shape} does not have.")
 
 
 def check_multiple_of(value: int, factor: int, *, name: str, why: str) -> int:

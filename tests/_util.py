@@ -75,15 +75,30 @@ def standard_normal(key, shape):
     return masks.normal_from_bits(masks.random_bits(key, shape))
 
 
+def cotangent(y):
+    """The fixed, non-trivial cotangent of the gradient checks: ``cos(0), cos(1), ...`` over ``y``'s elements."""
+    return jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+
+
 def grad_of(fn, *args, argnums=0):
     """Gradient of ``sum(cotangent * fn(*args))`` with a fixed, non-trivial cotangent."""
 
     def loss(*a):
         y = fn(*a)
-        cotangent = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
-        return jnp.sum(cotangent * y.astype(jnp.float32))
+        return jnp.sum(cotangent(y) * y.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=argnums))(*args)
+
+
+def value_and_grads(fn, *args):
+    """``fn(*args)`` and the gradients of ``sum(cotangent * fn(*args))`` with respect to every argument, jitted."""
+
+    def loss(*a):
+        y = fn(*a)
+        return jnp.sum(cotangent(y) * y.astype(jnp.float32)), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+    return y, grads
 
 
 def signed_input(shape, dtype=jnp.float32, seed=0):

@@ -6,7 +6,6 @@ zero patterns must match exactly and values to float rounding. Every computation
 """
 
 from functools import partial
-from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import normal_input, value_and_grads
 from flax import nnx
 
 import jdrop
@@ -21,7 +21,6 @@ from jdrop import masks
 from jdrop.attention import _kernel as kernel
 from jdrop.attention import _layout as attention_layout
 
-ROOT = Path(__file__).resolve().parents[1]
 RNG = jax.random.key(7)
 BLOCKS = {"block_q": 8, "block_k": 16}  # small tiles: every test crosses tile and padding boundaries
 
@@ -35,26 +34,8 @@ def _qkv(batch=2, q_length=37, k_length=45, heads=4, depth=8, kv_heads=None, dty
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def _normal(shape, dtype=jnp.float32, seed=3):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
 def _jdrop(**options):
     return partial(jdrop.dot_product_attention, **{**BLOCKS, **options})
-
-
-def _value_and_grads(fn, q, k, v, *extra):
-    """Output and gradients of a loss that weights every output element differently."""
-
-    def loss(*args):
-        out = fn(*args)
-        weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-        return jnp.sum(out * weights), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(3 + len(extra))), has_aux=True))(
-        q, k, v, *extra
-    )
-    return out, grads
 
 
 def _assert_close(actual, expected, tol=2e-5):
@@ -100,8 +81,8 @@ def test_mask_index_past_two_to_the_32_matches_uint64_arithmetic():
 def test_outputs_and_gradients_equal_flax():
     q, k, v = _qkv()
     options = {"dropout_rng": RNG, "dropout_rate": 0.3}  # flax's default: one mask for all rows and heads
-    out, grads = _value_and_grads(_jdrop(**options), q, k, v)
-    ref, ref_grads = _value_and_grads(partial(nn.dot_product_attention, **options), q, k, v)
+    out, grads = value_and_grads(_jdrop(**options), q, k, v)
+    ref, ref_grads = value_and_grads(partial(nn.dot_product_attention, **options), q, k, v)
     _assert_close(out, ref)
     _assert_close(grads, ref_grads)
 
@@ -111,12 +92,12 @@ def test_mask_bias_causal_and_per_element_dropout_equal_flax():
     lengths = jnp.asarray([45, 20])
     mask = (jnp.arange(45) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, Tk) padding mask
     mask = mask & jnp.ones((45, 1), bool).at[3].set(False)  # and a fully masked row: uniform, as in flax
-    bias = _normal((4, 45, 45))  # (H, Tq, Tk), broadcast over the batch
+    bias = normal_input((4, 45, 45), seed=3)  # (H, Tq, Tk), broadcast over the batch
     options = {"dropout_rng": RNG, "dropout_rate": 0.2, "broadcast_dropout": False}
-    out, grads = _value_and_grads(lambda q, k, v, b: _jdrop(mask=mask, is_causal=True, **options)(q, k, v, bias=b),
+    out, grads = value_and_grads(lambda q, k, v, b: _jdrop(mask=mask, is_causal=True, **options)(q, k, v, bias=b),
                                   q, k, v, bias)
     causal = mask & jnp.tril(jnp.ones((45, 45), bool))
-    ref, ref_grads = _value_and_grads(
+    ref, ref_grads = value_and_grads(
         lambda q, k, v, b: nn.dot_product_attention(q, k, v, bias=b, mask=causal, **options), q, k, v, bias
     )
     _assert_close(out, ref)
@@ -129,17 +110,17 @@ def test_odd_lengths_draw_flax_mask_exactly_and_equal_flax():
     q, k, _ = _qkv(batch=1, q_length=q_length, k_length=k_length, heads=heads, depth=4)
     v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (1, k_length, heads, k_length))
     options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": False}
-    out, grads = _value_and_grads(partial(jdrop.dot_product_attention, **options), q, k, v)
+    out, grads = value_and_grads(partial(jdrop.dot_product_attention, **options), q, k, v)
     keep = jax.random.bernoulli(RNG, 0.5, (1, heads, q_length, k_length))
     np.testing.assert_array_equal(np.asarray(out).transpose(0, 2, 1, 3) != 0, keep)
-    ref, ref_grads = _value_and_grads(partial(nn.dot_product_attention, **options), q, k, v)
+    ref, ref_grads = value_and_grads(partial(nn.dot_product_attention, **options), q, k, v)
     _assert_close(out, ref)
     _assert_close(grads, ref_grads)
 
 
 def test_float64_equals_naive_attention_tightly(x64):
     q, k, v = _qkv(dtype=jnp.float64)
-    bias = _normal((1, 1, 37, 45), jnp.float64)
+    bias = normal_input((1, 1, 37, 45), seed=3, dtype=jnp.float64)
     rate = 0.3
     keep_mask = jax.random.bernoulli(RNG, np.float32(1 - rate), (1, 1, 37, 45))
     keep = float(masks.realised_keep(masks.keep_threshold(jnp.float32(1 - rate))))
@@ -148,9 +129,9 @@ def test_float64_equals_naive_attention_tightly(x64):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q / np.sqrt(8.0), k) + b
         return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits) * keep_mask / keep, v)
 
-    out, grads = _value_and_grads(lambda q, k, v, b: _jdrop(dropout_rng=RNG, dropout_rate=rate)(q, k, v, bias=b),
+    out, grads = value_and_grads(lambda q, k, v, b: _jdrop(dropout_rng=RNG, dropout_rate=rate)(q, k, v, bias=b),
                                   q, k, v, bias)
-    ref, ref_grads = _value_and_grads(naive, q, k, v, bias)
+    ref, ref_grads = value_and_grads(naive, q, k, v, bias)
     assert out.dtype == jnp.float64
     _assert_close(out, ref, tol=1e-12)
     _assert_close(grads, ref_grads, tol=1e-12)
@@ -163,7 +144,7 @@ def test_block_sizes_do_not_change_results():
     q, k, v = _qkv()
     options = {"dropout_rng": RNG, "dropout_rate": 0.4, "broadcast_dropout": False}
     results = [
-        _value_and_grads(partial(jdrop.dot_product_attention, block_q=bq, block_k=bk, **options), q, k, v)
+        value_and_grads(partial(jdrop.dot_product_attention, block_q=bq, block_k=bk, **options), q, k, v)
         for bq, bk in [(16, 7), (37, 45)]  # ragged tiles, one whole tile
     ]
     for out, grads in results[1:]:
@@ -181,8 +162,8 @@ def test_grouped_query_causal_attention_equals_flax_with_repeated_kv_heads():
         return nnx.dot_product_attention(q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2), **options)
 
     q, k, v = _qkv(q_length=45, kv_heads=2)
-    out, grads = _value_and_grads(_jdrop(**options), q, k, v)
-    ref, ref_grads = _value_and_grads(repeated, q, k, v)
+    out, grads = value_and_grads(_jdrop(**options), q, k, v)
+    ref, ref_grads = value_and_grads(repeated, q, k, v)
     _assert_close(out, ref)
     _assert_close(grads, ref_grads)
     q, k, v = _qkv(kv_heads=1)  # multi-query
@@ -195,7 +176,7 @@ def test_traced_rate_compiles_once_rate_zero_is_no_dropout_rate_one_gives_zeros(
     @jax.jit
     @chex.assert_max_traces(n=1)
     def attend(rate):
-        return _value_and_grads(_jdrop(dropout_rng=RNG, dropout_rate=rate), q, k, v)
+        return value_and_grads(_jdrop(dropout_rng=RNG, dropout_rate=rate), q, k, v)
 
     plain = jax.jit(_jdrop())(q, k, v)
     _assert_close(attend(0.0)[0], plain, tol=1e-6)
@@ -228,7 +209,7 @@ def test_low_precision_returns_input_dtype():
     q, k, v = _qkv()
     options = {"dropout_rng": RNG, "dropout_rate": 0.2}
     ref = jax.jit(_jdrop(**options))(q, k, v)
-    out, grads = _value_and_grads(_jdrop(**options), q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+    out, grads = value_and_grads(_jdrop(**options), q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                                   v.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     _assert_close(out, ref, tol=3e-2)
@@ -261,7 +242,7 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_attention_fn_of_linen_multi_head_attention():
-    x = _normal((2, 19, 16))
+    x = normal_input((2, 19, 16), seed=3)
 
     def layer(attention_fn):
         return nn.MultiHeadDotProductAttention(num_heads=4, dropout_rate=0.3, deterministic=False,
@@ -281,7 +262,7 @@ def test_attention_fn_of_linen_multi_head_attention():
 
 
 def test_attention_fn_of_nnx_multi_head_attention():
-    x = _normal((2, 19, 16))
+    x = normal_input((2, 19, 16), seed=3)
 
     def run(attention_fn):
         layer = nnx.MultiHeadAttention(num_heads=4, in_features=16, dropout_rate=0.3, decode=False,
@@ -349,7 +330,7 @@ def test_block_pairs_at_global_offsets_compose_into_the_whole_attention():
     q, k, v = _qkv(q_length=42, k_length=38)
     rate, q_split, k_split = 0.3, 19, 21
     shape = (2, 4, 42, 38)
-    d_out = _normal((2, 42, 4, 8))
+    d_out = normal_input((2, 42, 4, 8), seed=3)
 
     @jax.jit
     def sharded(q, k, v, d_out):

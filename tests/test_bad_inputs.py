@@ -28,20 +28,20 @@ def _matrix(v):
     return v.reshape(8, -1) if hasattr(v, "reshape") else v  # lists stay lists, to be rejected
 
 
-# name -> (call(key, value, rate), name of the array argument)
+# name -> (call(key, value, rate, **options), name of the array argument)
 FUNCTIONS = {
-    "dropout": (lambda k, v, r: jdrop.dropout(k, v, r), "x"),
-    "feature_dropout": (lambda k, v, r: jdrop.feature_dropout(k, v, r), "x"),
-    "drop_path": (lambda k, v, r: jdrop.drop_path(k, v, r), "x"),
-    "locked_dropout": (lambda k, v, r: jdrop.locked_dropout(k, v, r, time_axis=1), "x"),
-    "embedding_dropout": (lambda k, v, r: jdrop.embedding_dropout(k, _matrix(v), r), "table"),
-    "zoneout": (lambda k, v, r: jdrop.zoneout(k, v, v, r), "h_prev"),
-    "attention_dropout": (lambda k, v, r: jdrop.attention_dropout(k, v, r), "probs"),
-    "alpha_dropout": (lambda k, v, r: jdrop.alpha_dropout(k, v, r), "x"),
-    "feature_alpha_dropout": (lambda k, v, r: jdrop.feature_alpha_dropout(k, v, r), "x"),
-    "gaussian_dropout": (lambda k, v, r: jdrop.gaussian_dropout(k, v, r), "x"),
-    "dropconnect": (lambda k, v, r: jdrop.dropconnect(k, _matrix(v), r), "w"),
-    "dropblock": (lambda k, v, r: jdrop.dropblock(k, v, r, 3), "x"),
+    "dropout": (lambda k, v, r, **o: jdrop.dropout(k, v, r, **o), "x"),
+    "feature_dropout": (lambda k, v, r, **o: jdrop.feature_dropout(k, v, r, **o), "x"),
+    "drop_path": (lambda k, v, r, **o: jdrop.drop_path(k, v, r, **o), "x"),
+    "locked_dropout": (lambda k, v, r, **o: jdrop.locked_dropout(k, v, r, time_axis=1, **o), "x"),
+    "embedding_dropout": (lambda k, v, r, **o: jdrop.embedding_dropout(k, _matrix(v), r, **o), "table"),
+    "zoneout": (lambda k, v, r, **o: jdrop.zoneout(k, v, v, r, **o), "h_prev"),
+    "attention_dropout": (lambda k, v, r, **o: jdrop.attention_dropout(k, v, r, **o), "probs"),
+    "alpha_dropout": (lambda k, v, r, **o: jdrop.alpha_dropout(k, v, r, **o), "x"),
+    "feature_alpha_dropout": (lambda k, v, r, **o: jdrop.feature_alpha_dropout(k, v, r, **o), "x"),
+    "gaussian_dropout": (lambda k, v, r, **o: jdrop.gaussian_dropout(k, v, r, **o), "x"),
+    "dropconnect": (lambda k, v, r, **o: jdrop.dropconnect(k, _matrix(v), r, **o), "w"),
+    "dropblock": (lambda k, v, r, **o: jdrop.dropblock(k, v, r, 3, **o), "x"),
 }
 MISSING_KEY = r"(?s)needs a PRNG `key` in training mode: pass key=jax\.random\.key\(seed\).*or deterministic=True"
 BAD_RATES = [-0.1, 1.5, float("nan"), float("inf"), -float("inf")]
@@ -128,6 +128,23 @@ def test_no_nan_or_inf_for_extreme_rates(dtype):
         for result in outputs(rate) + traced(jnp.float32(rate)):
             assert result.dtype == dtype
             assert bool(jnp.all(jnp.isfinite(result.astype(jnp.float32)))), rate
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["train", "eval"])
+def test_invalid_traced_rate_gives_nan_outputs_and_gradients_the_same_way_everywhere(deterministic):
+    # One road (jdrop._validation.nan_unless): every output element and every gradient is NaN, never a silently
+    # different rate, whatever the op and in evaluation too (where the rate is otherwise unused).
+    @jax.jit
+    def outputs(rate):
+        out = {}
+        for name, (call, _) in FUNCTIONS.items():
+            y, vjp = jax.vjp(lambda v, call=call: call(KEY, v, rate, deterministic=deterministic), X)
+            out[name] = (y, vjp(jnp.ones_like(y))[0])
+        return out
+
+    for rate in (-0.5, 1.5, float("nan")):
+        for name, (y, grad) in outputs(jnp.float32(rate)).items():
+            assert bool(jnp.all(jnp.isnan(y))) and bool(jnp.all(jnp.isnan(grad))), (name, rate)
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (0, 4, 2)])

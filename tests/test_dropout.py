@@ -17,14 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import FLOAT_DTYPES, mean_tolerance, realised_keep, signed_input
-from absl.testing import parameterized
 
 import jdrop
 from jdrop import masks
+from jdrop._validation import RESIDUALS, SCALES
 
 SHAPE = (13, 5)  # odd sizes
-SCALES = ["inverted", "classic"]
-RESIDUALS = ["key", "bits", "mask"]
 
 
 def naive_dropout(key, x, rate, *, scale="inverted", broadcast_dims=()):
@@ -53,29 +51,26 @@ def _bits(a):
 # --------------------------------------------------------------------------------------- forward
 
 
-class ForwardTest(chex.TestCase):
-    """jdrop.dropout and jdrop.keep_mask with and without jit (chex variants): the same bits either way."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(*SCALES)
-    def test_forward_equals_naive_reference(self, scale):
-        key, x = jax.random.key(0), signed_input(SHAPE)
-        rates = [0.1, 0.5, 0.9]
-        outputs = self.variant(
-            lambda k, x: [(jdrop.dropout(k, x, rate, scale=scale), jdrop.keep_mask(k, SHAPE, rate)) for rate in rates]
-        )(key, x)
-        for rate, (y, mask) in zip(rates, outputs):
-            expected = naive_dropout(key, x, rate, scale=scale)
-            chex.assert_shape(y, x.shape)
-            chex.assert_type(y, x.dtype)
-            # The same result inside and outside jit: each variant against the other's eager call.
-            np.testing.assert_array_equal(y, jdrop.dropout(key, x, rate, scale=scale))
-            np.testing.assert_array_equal(mask, jdrop.keep_mask(key, SHAPE, rate))
-            np.testing.assert_array_equal(y != 0, mask)
-            # jdrop multiplies by 1/keep where the reference divides by keep: at most 1 ulp apart.
-            np.testing.assert_allclose(y, expected, rtol=1e-6, atol=0)
-            if scale == "classic" or rate == 0.5:  # multiplying by 1 or 2 is exact
-                np.testing.assert_array_equal(y, expected)
+@pytest.mark.parametrize("scale", SCALES)
+def test_forward_equals_naive_reference(variant, scale):
+    """jdrop.dropout and jdrop.keep_mask with and without jit: the same bits either way."""
+    key, x = jax.random.key(0), signed_input(SHAPE)
+    rates = [0.1, 0.5, 0.9]
+    outputs = variant(
+        lambda k, x: [(jdrop.dropout(k, x, rate, scale=scale), jdrop.keep_mask(k, SHAPE, rate)) for rate in rates]
+    )(key, x)
+    for rate, (y, mask) in zip(rates, outputs):
+        expected = naive_dropout(key, x, rate, scale=scale)
+        chex.assert_shape(y, x.shape)
+        chex.assert_type(y, x.dtype)
+        # The same result inside and outside jit: each variant against the other's eager call.
+        np.testing.assert_array_equal(y, jdrop.dropout(key, x, rate, scale=scale))
+        np.testing.assert_array_equal(mask, jdrop.keep_mask(key, SHAPE, rate))
+        np.testing.assert_array_equal(y != 0, mask)
+        # jdrop multiplies by 1/keep where the reference divides by keep: at most 1 ulp apart.
+        np.testing.assert_allclose(y, expected, rtol=1e-6, atol=0)
+        if scale == "classic" or rate == 0.5:  # multiplying by 1 or 2 is exact
+            np.testing.assert_array_equal(y, expected)
 
 
 def test_inverted_scale_uses_realised_keep(key):

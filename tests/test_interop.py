@@ -26,12 +26,12 @@ from flax import nnx
 
 import jdrop
 import jdrop.interop
+from jdrop._validation import RESIDUALS
 from jdrop.interop import equinox as jdrop_eqx
 from jdrop.interop import linen as jdrop_linen
 from jdrop.interop import nnx as jdrop_nnx
 
 FRAMEWORKS = ["linen", "nnx", "equinox"]
-RESIDUALS = ["key", "bits", "mask"]
 SHAPE = (8, 16)
 ROOT = Path(__file__).resolve().parents[1]
 

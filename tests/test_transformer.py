@@ -59,5 +59,5 @@ def test_equinox_multihead_attention_gives_equinox_outputs_masks_and_gradients()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jdrop_eqx.multihead_attention(mha, x, x, x, inference=True),
                                mha(x, x, x, inference=True), rtol=1e-5, atol=1e-6)
-    with pytest.raises(RuntimeError, match="requires a key"):
+    with pytest.raises(RuntimeError, match="needs a PRNG `key` in training mode"):  # jdrop's wording, equinox's type
         jdrop_eqx.multihead_attention(mha, x, x, x)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import FLOAT_DTYPES, positive_input
+from _util import FLOAT_DTYPES, positive_input, realised_keep
 
 from jdrop import variants
 
@@ -52,6 +52,34 @@ def test_all_variants_compile_once_for_traced_rates(key):
     for rate in (0.2, 0.6):  # traced: one compilation serves every rate
         for name, y in fn(key, x, jnp.float32(rate)).items():
             assert np.all(np.isfinite(y)), name
+
+
+# The variants that are a Bernoulli mask and a scale: ``scale=`` means there what it means in jdrop.dropout.
+BERNOULLI = {
+    "feature_dropout": lambda k, x, r, **o: variants.feature_dropout(k, x, r, **o),
+    "drop_path": lambda k, x, r, **o: variants.drop_path(k, x, r, **o),
+    "locked_dropout": lambda k, x, r, **o: variants.locked_dropout(k, x, r, time_axis=1, **o),
+    "embedding_dropout": lambda k, x, r, **o: variants.embedding_dropout(k, x, r, **o),
+    "attention_dropout": lambda k, x, r, **o: variants.attention_dropout(k, x, r, **o),
+    "dropconnect": lambda k, x, r, **o: variants.dropconnect(k, x, r, **o),
+}
+
+
+def test_scale_is_one_option_for_every_bernoulli_variant(key):
+    # classic = inverted * keep in training (the same mask), keep * x at evaluation, inverted's identity.
+    x, rate = positive_input((2, 6, 6, 4)), 0.3
+
+    @jax.jit
+    def run(key, x):
+        return {name: (fn(key, x, rate), fn(key, x, rate, scale="classic"),
+                       fn(None, x, rate, scale="classic", deterministic=True))
+                for name, fn in BERNOULLI.items()}
+
+    keep = float(realised_keep(rate))
+    for name, (inverted, classic, evaluation) in run(key, x).items():
+        np.testing.assert_allclose(classic, inverted * keep, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(evaluation, x * keep, rtol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(BERNOULLI[name](None, x, rate, deterministic=True), x)
 
 
 def test_public_names_are_documented():

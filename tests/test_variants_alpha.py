@@ -5,7 +5,6 @@ mean, unit variance), PyTorch's semantics, low precision, rate 1 and errors.
 
 from functools import partial
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,19 +33,16 @@ def alpha_reference(x, mask, rate):
     return a * jnp.where(mask, x, SATURATION) + b
 
 
-class AlphaDropoutFormulaTest(chex.TestCase):
-    """The affine formula and its gradient, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_alpha_dropout_formula_and_gradient(self):
-        key = jax.random.key(0)
-        rate, shape = 0.2, (40, 30)
-        x = normal_input(shape)
-        mask = keep_mask(key, shape, rate)
-        reference = partial(alpha_reference, mask=mask, rate=rate)
-        assert_variant_matches_reference(
-            variants.alpha_dropout, key, x, rate, reference, rtol=1e-5, atol=1e-6, transform=self.variant
-        )
+def test_alpha_dropout_formula_and_gradient(variant):
+    """The affine formula and its gradient, with and without jit."""
+    key = jax.random.key(0)
+    rate, shape = 0.2, (40, 30)
+    x = normal_input(shape)
+    mask = keep_mask(key, shape, rate)
+    reference = partial(alpha_reference, mask=mask, rate=rate)
+    assert_variant_matches_reference(
+        variants.alpha_dropout, key, x, rate, reference, rtol=1e-5, atol=1e-6, transform=variant
+    )
 
 
 def test_alpha_dropout_keeps_zero_mean_unit_variance(key):

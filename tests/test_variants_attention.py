@@ -4,7 +4,6 @@
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,20 +13,17 @@ from _util import keep_mask, normal_input, realised_keep
 from jdrop import variants
 
 
-class AttentionDropoutFormulaTest(chex.TestCase):
-    """The formula, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_attention_dropout_formula(self):
-        key = jax.random.key(0)
-        rate = 0.1
-        probs = jax.nn.softmax(normal_input((2, 3, 8, 8)), axis=-1)
-        y = self.variant(lambda k, p: variants.attention_dropout(k, p, rate))(key, probs)
-        mask = keep_mask(key, probs.shape, rate)  # = jax.random.bernoulli(key, 1 - rate, shape) (tests/test_masks.py)
-        np.testing.assert_allclose(y, jnp.where(mask, probs / realised_keep(rate), 0.0), rtol=1e-6)
-        broadcast = self.variant(lambda k, p: variants.attention_dropout(k, p, rate, broadcast_dims=(0, 1)))(key, probs)
-        kept = np.asarray(broadcast != 0)
-        assert np.all(kept == kept[:1, :1])
+def test_attention_dropout_formula(variant):
+    """The formula, with and without jit."""
+    key = jax.random.key(0)
+    rate = 0.1
+    probs = jax.nn.softmax(normal_input((2, 3, 8, 8)), axis=-1)
+    y = variant(lambda k, p: variants.attention_dropout(k, p, rate))(key, probs)
+    mask = keep_mask(key, probs.shape, rate)  # = jax.random.bernoulli(key, 1 - rate, shape) (tests/test_masks.py)
+    np.testing.assert_allclose(y, jnp.where(mask, probs / realised_keep(rate), 0.0), rtol=1e-6)
+    broadcast = variant(lambda k, p: variants.attention_dropout(k, p, rate, broadcast_dims=(0, 1)))(key, probs)
+    kept = np.asarray(broadcast != 0)
+    assert np.all(kept == kept[:1, :1])
 
 
 def test_attention_dropout_temp_memory_below_flax(key):

@@ -3,13 +3,11 @@ that loops over the dropped block centres (the TF reference's valid-centre clip)
 edge cases and errors.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import grad_of, keep_mask, mean_tolerance, positive_input
-from absl.testing import parameterized
 
 import jdrop
 from jdrop import variants
@@ -35,37 +33,37 @@ def dropblock_gamma(rate, block, height, width):
     return rate * height * width / (bh * bw) / ((height - bh + 1) * (width - bw + 1))
 
 
-class DropBlockFormulaTest(chex.TestCase):
-    """DropBlock against the naive reference, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(
+@pytest.mark.parametrize(
+    "block, couple, shape, channel_axis",
+    [
         (3, True, (4, 9, 8, 3), -1),
         (4, True, (4, 9, 8, 3), -1),  # even block: SAME padding, centre at offset block // 2
         (3, False, (4, 3, 9, 8), 1),  # per-channel masks (the TF reference), PyTorch layout
         (20, True, (2, 6, 5, 2), -1),  # block clipped to the map
+    ],
+)
+def test_dropblock_matches_naive_reference(variant, block, couple, shape, channel_axis):
+    """DropBlock against the naive reference, with and without jit."""
+    key = jax.random.key(0)
+    rate = 0.3
+    x = positive_input(shape)
+    fn = variant(
+        lambda k, v: variants.dropblock(k, v, rate, block, channel_axis=channel_axis, couple_channels=couple)
     )
-    def test_dropblock_matches_naive_reference(self, block, couple, shape, channel_axis):
-        key = jax.random.key(0)
-        rate = 0.3
-        x = positive_input(shape)
-        fn = self.variant(
-            lambda k, v: variants.dropblock(k, v, rate, block, channel_axis=channel_axis, couple_channels=couple)
-        )
-        y = fn(key, x)
-        height, width = [size for axis, size in enumerate(shape) if axis not in (0, channel_axis % 4)]
-        gamma = min(dropblock_gamma(rate, block, height, width), 1.0)
-        mask_shape = tuple(1 if couple and axis == channel_axis % 4 else s for axis, s in enumerate(shape))
-        centres_kept = np.broadcast_to(keep_mask(key, mask_shape, gamma), mask_shape)
-        reference = dropblock_reference(x, centres_kept, block, channel_axis)
-        np.testing.assert_allclose(y, reference, rtol=1e-5)
-        assert np.any(reference == 0) and np.any(reference != 0)
-        if couple:
-            kept = np.asarray(y != 0)
-            assert np.all(kept == np.take(kept, [0], axis=channel_axis))
-        if block == 4:  # the gradient (autodiff through the checkpointed mask), once
-            scale = jnp.asarray(reference / np.asarray(x), jnp.float32)
-            np.testing.assert_allclose(grad_of(lambda v: fn(key, v), x), grad_of(lambda v: v * scale, x), rtol=1e-5)
+    y = fn(key, x)
+    height, width = [size for axis, size in enumerate(shape) if axis not in (0, channel_axis % 4)]
+    gamma = min(dropblock_gamma(rate, block, height, width), 1.0)
+    mask_shape = tuple(1 if couple and axis == channel_axis % 4 else s for axis, s in enumerate(shape))
+    centres_kept = np.broadcast_to(keep_mask(key, mask_shape, gamma), mask_shape)
+    reference = dropblock_reference(x, centres_kept, block, channel_axis)
+    np.testing.assert_allclose(y, reference, rtol=1e-5)
+    assert np.any(reference == 0) and np.any(reference != 0)
+    if couple:
+        kept = np.asarray(y != 0)
+        assert np.all(kept == np.take(kept, [0], axis=channel_axis))
+    if block == 4:  # the gradient (autodiff through the checkpointed mask), once
+        scale = jnp.asarray(reference / np.asarray(x), jnp.float32)
+        np.testing.assert_allclose(grad_of(lambda v: fn(key, v), x), grad_of(lambda v: v * scale, x), rtol=1e-5)
 
 
 def test_dropblock_statistics(key):

@@ -5,7 +5,6 @@ learning the rate in the right direction, and errors.
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,35 +22,32 @@ def concrete_reference(x, u, rate_logit, temperature, eps=1e-7):
     return x * (1 - jax.nn.sigmoid(logit / temperature)) / (1 - p)
 
 
-class ConcreteDropoutFormulaTest(chex.TestCase):
-    """The relaxed mask and its gradients, with and without jit (chex variants)."""
+def test_concrete_dropout_formula_and_gradients(variant):
+    """The relaxed mask and its gradients, with and without jit."""
+    key = jax.random.key(0)
+    x, logit, temperature = normal_input((30, 20)), jnp.float32(-1.0), 0.1
+    per_feature = jnp.linspace(-2.0, 2.0, 20)  # one learnable rate per feature
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_concrete_dropout_formula_and_gradients(self):
-        key = jax.random.key(0)
-        x, logit, temperature = normal_input((30, 20)), jnp.float32(-1.0), 0.1
-        per_feature = jnp.linspace(-2.0, 2.0, 20)  # one learnable rate per feature
+    def ours(v, l):
+        return variants.concrete_dropout(key, v, l, temperature=temperature)
 
-        def ours(v, l):
-            return variants.concrete_dropout(key, v, l, temperature=temperature)
+    @jax.jit  # the reference, jitted either way
+    def reference(x, logit):
+        u = masks.uniform_from_bits(masks.random_bits(key, x.shape))
 
-        @jax.jit  # the reference, jitted either way
-        def reference(x, logit):
-            u = masks.uniform_from_bits(masks.random_bits(key, x.shape))
+        def naive(v, l):
+            return concrete_reference(v, u, l, temperature)
 
-            def naive(v, l):
-                return concrete_reference(v, u, l, temperature)
+        return [naive(x, l) for l in (logit, per_feature)], grad_of(naive, x, logit, argnums=(0, 1))
 
-            return [naive(x, l) for l in (logit, per_feature)], grad_of(naive, x, logit, argnums=(0, 1))
-
-        outputs = self.variant(lambda x, logit: [ours(x, l) for l in (logit, per_feature)])(x, logit)
-        grads = grad_of(self.variant(ours), x, logit, argnums=(0, 1))
-        expected_outputs, naive_grads = reference(x, logit)
-        for got, expected in zip(outputs, expected_outputs):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        for got, expected in zip(grads, naive_grads):
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-        np.testing.assert_array_equal(variants.concrete_dropout(None, x, logit, deterministic=True), x)
+    outputs = variant(lambda x, logit: [ours(x, l) for l in (logit, per_feature)])(x, logit)
+    grads = grad_of(variant(ours), x, logit, argnums=(0, 1))
+    expected_outputs, naive_grads = reference(x, logit)
+    for got, expected in zip(outputs, expected_outputs):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, naive_grads):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(variants.concrete_dropout(None, x, logit, deterministic=True), x)
 
 
 def test_concrete_dropout_cold_limit_is_dropout(key):

@@ -3,47 +3,45 @@
 PyTorch's ``dropout2d`` semantics, per-example keys under ``vmap``, eval mode and argument errors.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import bernoulli_mean_tolerance, grad_of, keep_mask, mean_tolerance, positive_input, realised_keep
-from absl.testing import parameterized
 
 import jdrop
 from jdrop import variants
 
 
-class FeatureDropoutFormulaTest(chex.TestCase):
-    """The formula and mask structure, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(
+@pytest.mark.parametrize(
+    "shape, channel_axis, batch_axis, shared",
+    [
         ((6, 9, 5), -1, 0, (1,)),  # (B, L, C): Dropout1d / SpatialDropout1D channels-last
         ((6, 4, 3, 5), -1, 0, (1, 2)),  # (B, H, W, C): Dropout2d / SpatialDropout2D
         ((6, 5, 4, 3, 2), 1, 0, (2, 3, 4)),  # (B, C, D, H, W): PyTorch's Dropout3d layout
         ((4, 3, 5), -1, None, (0, 1)),  # one example (inside vmap)
         ((6, 5), -1, 0, ()),  # no spatial axes: ordinary dropout
+    ],
+)
+def test_feature_dropout_formula(variant, shape, channel_axis, batch_axis, shared):
+    """The formula and mask structure, with and without jit."""
+    key = jax.random.key(0)
+    rate = 0.3
+    x = positive_input(shape)
+    fn = variant(
+        lambda k, v: variants.feature_dropout(k, v, rate, channel_axis=channel_axis, batch_axis=batch_axis)
     )
-    def test_feature_dropout_formula(self, shape, channel_axis, batch_axis, shared):
-        key = jax.random.key(0)
-        rate = 0.3
-        x = positive_input(shape)
-        fn = self.variant(
-            lambda k, v: variants.feature_dropout(k, v, rate, channel_axis=channel_axis, batch_axis=batch_axis)
-        )
-        y = fn(key, x)
-        mask = keep_mask(key, shape, rate, broadcast_dims=shared)
-        np.testing.assert_allclose(y, np.where(mask, x / realised_keep(rate), 0.0), rtol=1e-6)
-        # Mask structure: constant along the shared (spatial) axes.
-        kept = np.asarray(y != 0)
-        for axis in shared:
-            assert np.all(kept == np.take(kept, [0], axis=axis))
-        if len(shared) == 2:  # the gradient (the core's backward with broadcast dims), once
-            grad = grad_of(lambda v: fn(key, v), x)
-            naive = grad_of(lambda v: jnp.where(mask, v / realised_keep(rate), 0.0), x)
-            np.testing.assert_allclose(grad, naive, rtol=1e-6)
+    y = fn(key, x)
+    mask = keep_mask(key, shape, rate, broadcast_dims=shared)
+    np.testing.assert_allclose(y, np.where(mask, x / realised_keep(rate), 0.0), rtol=1e-6)
+    # Mask structure: constant along the shared (spatial) axes.
+    kept = np.asarray(y != 0)
+    for axis in shared:
+        assert np.all(kept == np.take(kept, [0], axis=axis))
+    if len(shared) == 2:  # the gradient (the core's backward with broadcast dims), once
+        grad = grad_of(lambda v: fn(key, v), x)
+        naive = grad_of(lambda v: jnp.where(mask, v / realised_keep(rate), 0.0), x)
+        np.testing.assert_allclose(grad, naive, rtol=1e-6)
 
 
 def test_feature_dropout_statistics(key):

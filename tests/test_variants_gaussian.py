@@ -6,7 +6,6 @@ residual, and errors. Also checks the test helpers' normals and uniforms against
 import math
 from functools import partial
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,20 +41,17 @@ def test_masks_float_helpers_match_jax_random(key):
     np.testing.assert_array_equal(uniform(key, shape) < realised_keep(0.3), keep_mask(key, shape, 0.3))
 
 
-class GaussianDropoutFormulaTest(chex.TestCase):
-    """Keras's multiplicative noise and its gradient, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_gaussian_dropout_formula_noise_and_gradient(self):
-        key = jax.random.key(0)
-        rate, shape = 0.2, (50, 40)
-        x = normal_input(shape)
-        z = standard_normal(key, shape)  # = jax.random.normal(key, shape), test_masks_float_helpers_match_jax_random
-        stddev = math.sqrt(rate / (1 - rate))
-        noise = 1 + stddev * z
-        assert_variant_matches_reference(
-            variants.gaussian_dropout, key, x, rate, lambda v: v * noise, rtol=1e-6, atol=1e-6, transform=self.variant
-        )
+def test_gaussian_dropout_formula_noise_and_gradient(variant):
+    """Keras's multiplicative noise and its gradient, with and without jit."""
+    key = jax.random.key(0)
+    rate, shape = 0.2, (50, 40)
+    x = normal_input(shape)
+    z = standard_normal(key, shape)  # = jax.random.normal(key, shape), test_masks_float_helpers_match_jax_random
+    stddev = math.sqrt(rate / (1 - rate))
+    noise = 1 + stddev * z
+    assert_variant_matches_reference(
+        variants.gaussian_dropout, key, x, rate, lambda v: v * noise, rtol=1e-6, atol=1e-6, transform=variant
+    )
 
 
 def test_gaussian_dropout_statistics(key):
@@ -81,26 +77,23 @@ def test_gaussian_dropout_keeps_no_noise_residual(key):
         assert all(math.prod(leaf.shape) <= 2 for leaf in jax.tree_util.tree_leaves(vjp))
 
 
-class GaussianNoiseFormulaTest(chex.TestCase):
-    """Keras's additive noise, its statistics and gradient, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_gaussian_noise_formula_and_statistics(self):
-        key = jax.random.key(0)
-        stddev, n = 0.5, 200_000
-        x = normal_input((n,))
-        fn = self.variant(lambda k, v, s: variants.gaussian_noise(k, v, s))
-        y = fn(key, x, stddev)
-        z = standard_normal(key, (n,))
-        np.testing.assert_allclose(y, x + stddev * z, rtol=1e-6, atol=1e-6)
-        added = np.asarray(y - x, np.float64)
-        # n normals with variance stddev^2: 5 standard errors of their mean and of their variance.
-        assert abs(added.mean()) < mean_tolerance(stddev**2, n)
-        assert abs(added.var() - stddev**2) < normal_variance_tolerance(stddev**2, n)
-        np.testing.assert_array_equal(grad_of(lambda v: fn(key, v, stddev), x[:10]), grad_of(lambda v: v, x[:10]))
-        np.testing.assert_array_equal(variants.gaussian_noise(None, x, stddev, deterministic=True), x)
-        # A traced invalid stddev poisons (a concrete one is an error: tests below).
-        assert bool(jnp.all(jnp.isnan(jax.jit(variants.gaussian_noise)(key, x[:3], jnp.float32(-1.0)))))
+def test_gaussian_noise_formula_and_statistics(variant):
+    """Keras's additive noise, its statistics and gradient, with and without jit."""
+    key = jax.random.key(0)
+    stddev, n = 0.5, 200_000
+    x = normal_input((n,))
+    fn = variant(lambda k, v, s: variants.gaussian_noise(k, v, s))
+    y = fn(key, x, stddev)
+    z = standard_normal(key, (n,))
+    np.testing.assert_allclose(y, x + stddev * z, rtol=1e-6, atol=1e-6)
+    added = np.asarray(y - x, np.float64)
+    # n normals with variance stddev^2: 5 standard errors of their mean and of their variance.
+    assert abs(added.mean()) < mean_tolerance(stddev**2, n)
+    assert abs(added.var() - stddev**2) < normal_variance_tolerance(stddev**2, n)
+    np.testing.assert_array_equal(grad_of(lambda v: fn(key, v, stddev), x[:10]), grad_of(lambda v: v, x[:10]))
+    np.testing.assert_array_equal(variants.gaussian_noise(None, x, stddev, deterministic=True), x)
+    # A traced invalid stddev poisons (a concrete one is an error: tests below).
+    assert bool(jnp.all(jnp.isnan(jax.jit(variants.gaussian_noise)(key, x[:3], jnp.float32(-1.0)))))
 
 
 def test_gaussian_variants_errors(key):

@@ -3,7 +3,6 @@
 ``torch.linspace`` depth rule, statistics, rate 1 and argument errors.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,28 +13,25 @@ import jdrop
 from jdrop import variants
 
 
-class DropPathFormulaTest(chex.TestCase):
-    """timm's formula and its gradient, with and without jit (chex variants)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_drop_path_formula_and_gradient(self):
-        key = jax.random.key(0)
-        rate, shape = 0.4, (64, 3, 5)
-        x = positive_input(shape)
-        mask = keep_mask(key, shape, rate, broadcast_dims=(1, 2))
-        for scale_by_keep, factor in [(True, 1 / realised_keep(rate)), (False, 1.0)]:
-            fn = self.variant(lambda k, v, s=scale_by_keep: variants.drop_path(k, v, rate, scale_by_keep=s))
-            y = fn(key, x)
-            np.testing.assert_allclose(y, np.where(mask, x * factor, 0.0), rtol=1e-6)
-            grad = grad_of(lambda v, f=fn: f(key, v), x)
-            np.testing.assert_allclose(grad, grad_of(lambda v, c=factor: jnp.where(mask, v * c, 0.0), x), rtol=1e-6)
-            # timm's evaluation is the identity whatever scale_by_keep.
-            np.testing.assert_array_equal(
-                variants.drop_path(None, x, rate, scale_by_keep=scale_by_keep, deterministic=True), x
-            )
-        # One draw per example: whole examples are kept or dropped.
-        kept = np.asarray(fn(key, x) != 0)
-        assert np.all(kept == kept[:, :1, :1])
+def test_drop_path_formula_and_gradient(variant):
+    """timm's formula and its gradient, with and without jit."""
+    key = jax.random.key(0)
+    rate, shape = 0.4, (64, 3, 5)
+    x = positive_input(shape)
+    mask = keep_mask(key, shape, rate, broadcast_dims=(1, 2))
+    for scale_by_keep, factor in [(True, 1 / realised_keep(rate)), (False, 1.0)]:
+        fn = variant(lambda k, v, s=scale_by_keep: variants.drop_path(k, v, rate, scale_by_keep=s))
+        y = fn(key, x)
+        np.testing.assert_allclose(y, np.where(mask, x * factor, 0.0), rtol=1e-6)
+        grad = grad_of(lambda v, f=fn: f(key, v), x)
+        np.testing.assert_allclose(grad, grad_of(lambda v, c=factor: jnp.where(mask, v * c, 0.0), x), rtol=1e-6)
+        # timm's evaluation is the identity whatever scale_by_keep.
+        np.testing.assert_array_equal(
+            variants.drop_path(None, x, rate, scale_by_keep=scale_by_keep, deterministic=True), x
+        )
+    # One draw per example: whole examples are kept or dropped.
+    kept = np.asarray(fn(key, x) != 0)
+    assert np.all(kept == kept[:, :1, :1])
 
 
 def test_drop_path_statistics_and_rate_one(key):
@@ -69,6 +65,24 @@ def test_drop_path_rates_match_timm_linspace():
         variants.drop_path_rates(1.5, 4)
     with pytest.raises(ValueError, match="depth"):
         variants.drop_path_rates(0.1, -1)
+
+
+def test_drop_path_scale_classic_is_the_papers_rule_and_scale_by_keep_timms_alias(key):
+    rate, x = 0.4, positive_input((64, 3))
+    mask = keep_mask(key, x.shape, rate, broadcast_dims=(1,))
+    keep = float(realised_keep(rate))
+    run = jax.jit(lambda k, v: [variants.drop_path(k, v, rate, scale="classic"),
+                                variants.drop_path(k, v, rate, scale_by_keep=True),
+                                variants.drop_path(k, v, rate)])
+    classic, timm_scaled, inverted = run(key, x)
+    np.testing.assert_allclose(classic, np.where(mask, x, 0.0), rtol=1e-6)
+    np.testing.assert_array_equal(timm_scaled, inverted)
+    # Huang et al. 2016 scale the branch by its survival probability at test time; timm's unscaled branch does not.
+    np.testing.assert_allclose(variants.drop_path(None, x, rate, scale="classic", deterministic=True), x * keep,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(variants.drop_path(None, x, rate, scale_by_keep=False, deterministic=True), x)
+    with pytest.raises(ValueError, match="pass `scale` or its alias `scale_by_keep`, not both"):
+        variants.drop_path(key, x, rate, scale="classic", scale_by_keep=False)
 
 
 def test_drop_path_errors(key):

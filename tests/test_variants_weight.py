@@ -5,7 +5,6 @@ sampled masks, and the Gaussian-average prediction against the closed form of E[
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,41 +15,38 @@ import jdrop
 from jdrop import variants
 
 
-class DropConnectFormulaTest(chex.TestCase):
-    """Per-example weight masks under vmap and their gradients, with and without jit (chex variants)."""
+def test_dropconnect_per_example_masks_under_vmap(variant):
+    """Per-example weight masks under vmap and their gradients, with and without jit."""
+    key = jax.random.key(0)
+    rate, batch, d_in, d_out = 0.5, 5, 6, 4
+    w = normal_input((d_in, d_out))
+    xs = normal_input((batch, d_in), seed=2)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_dropconnect_per_example_masks_under_vmap(self):
-        key = jax.random.key(0)
-        rate, batch, d_in, d_out = 0.5, 5, 6, 4
-        w = normal_input((d_in, d_out))
-        xs = normal_input((batch, d_in), seed=2)
+    def run(w, xs):
+        keys = jdrop.example_keys(key, batch)
+        weight_masks = jax.vmap(lambda k: jdrop.keep_mask(k, (d_in, d_out), rate))(keys)
 
-        def run(w, xs):
-            keys = jdrop.example_keys(key, batch)
-            weight_masks = jax.vmap(lambda k: jdrop.keep_mask(k, (d_in, d_out), rate))(keys)
+        def layer(w, xs):
+            return jax.vmap(lambda k, xi: xi @ variants.dropconnect(k, w, rate))(keys, xs)
 
-            def layer(w, xs):
-                return jax.vmap(lambda k, xi: xi @ variants.dropconnect(k, w, rate))(keys, xs)
+        def naive(w, xs):
+            return jnp.einsum("bi,bio->bo", xs, jnp.where(weight_masks, w / 0.5, 0.0))
 
-            def naive(w, xs):
-                return jnp.einsum("bi,bio->bo", xs, jnp.where(weight_masks, w / 0.5, 0.0))
+        outputs = layer(w, xs), naive(w, xs)
+        grads = grad_of(layer, w, xs, argnums=(0, 1)), grad_of(naive, w, xs, argnums=(0, 1))
+        classic = (
+            variants.dropconnect(key, w, rate, scale="classic"),
+            jnp.where(jdrop.keep_mask(key, w.shape, rate), w, 0.0),
+        )
+        return weight_masks, outputs, grads, classic
 
-            outputs = layer(w, xs), naive(w, xs)
-            grads = grad_of(layer, w, xs, argnums=(0, 1)), grad_of(naive, w, xs, argnums=(0, 1))
-            classic = (
-                variants.dropconnect(key, w, rate, scale="classic"),
-                jnp.where(jdrop.keep_mask(key, w.shape, rate), w, 0.0),
-            )
-            return weight_masks, outputs, grads, classic
-
-        weight_masks, outputs, grads, classic = self.variant(run)(w, xs)
-        np.testing.assert_allclose(*outputs, rtol=1e-5, atol=1e-6)
-        assert not np.array_equal(weight_masks[0], weight_masks[1])  # each example its own mask
-        for ours, reference in zip(*grads):
-            np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(*classic)  # the paper's training rule: M * W
-        np.testing.assert_allclose(variants.dropconnect(None, w, rate, scale="classic", deterministic=True), 0.5 * w)
+    weight_masks, outputs, grads, classic = variant(run)(w, xs)
+    np.testing.assert_allclose(*outputs, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(weight_masks[0], weight_masks[1])  # each example its own mask
+    for ours, reference in zip(*grads):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(*classic)  # the paper's training rule: M * W
+    np.testing.assert_allclose(variants.dropconnect(None, w, rate, scale="classic", deterministic=True), 0.5 * w)
 
 
 def test_dropconnect_moments_match_sampled_masks(key):

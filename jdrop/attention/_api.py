@@ -240,33 +240,45 @@ def dot_product_attention(
     mode = DropoutMode.NONE
     if not deterministic and not (isinstance(rate, float) and rate == 0.0):
         mode = DropoutMode.BROADCAST if broadcast_dropout else DropoutMode.PER_ELEMENT
-    per_element = mode == DropoutMode.PER_ELEMENT
     ring = None
     if axis_name is not None:
         check_not_sequence_parallel(module, name="module", why="sowing the attention weights needs the whole "
                                     "(Tq, Tk) matrix on one device")
         ring = Ring.plan(axis_name, sequence_layout, batch_axis_name, head_axis_name, layout, bias, mask,
                          bool(is_causal))
-        mask_shape = ring.dropout_shape(layout, per_element)
-    else:
-        mask_shape = (layout.batch if per_element else 1, layout.q_heads if per_element else 1, layout.q_length,
-                      layout.k_length)
+    mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
     drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype)
-    if ring is not None and drop is not None:
-        check_shared_key(drop[0], query, sequence_axis=axis_name, declared=(batch_axis_name, head_axis_name),
-                         per_element=per_element)
     if module is not None:
         from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
 
         sow_attention_weights(module, query, key, bias, mask, is_causal)
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
     if ring is not None:
-        chunk = ring.chunk_layout(layout)
-        ops = ring.operands(chunk, query, key, value, bias, mask, drop)
-        cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, bool(is_causal),
-                      precision)
-        return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))
+        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, bool(is_causal),
+                               precision)
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
     cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
     return layout.from_query_tiles(attention(cfg, ops))
+
+
+def _mask_shape(layout: Layout, ring: Ring | None, per_element: bool) -> tuple[int, int, int, int]:
+    """The shape of flax's dropout mask: the call's, or the whole ring's (global sequence, batch and heads)."""
+    if ring is not None:
+        return ring.dropout_shape(layout, per_element)
+    return (layout.batch if per_element else 1, layout.q_heads if per_element else 1, layout.q_length,
+            layout.k_length)
+
+
+def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: tuple[int, int, int, int],
+                    query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
+                    mask: jax.Array | None, drop: Drop | None, causal: bool, precision: Any) -> jax.Array:
+    """The checked, scaled local shards through the ring (:mod:`jdrop.attention._ring`), back in their layout."""
+    if drop is not None:
+        check_shared_key(drop[0], query, sequence_axis=ring.axis_name,
+                         declared=(ring.batch_axis_name, ring.head_axis_name),
+                         per_element=mode == DropoutMode.PER_ELEMENT)
+    chunk = ring.chunk_layout(layout)
+    ops = ring.operands(chunk, query, key, value, bias, mask, drop)
+    cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, causal, precision)
+    return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))

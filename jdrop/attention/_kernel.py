@@ -204,8 +204,7 @@ def _dropout_factors(cfg: Config, drop: Drop, heads: tuple[int, int], row0: Any,
     cols = _shift(col0 + lax.broadcasted_iota(jnp.int32, (1, n_cols), 1), offsets.k).astype(jnp.uint32)
     high, low = _mask_index(cfg, heads, rows, cols, offsets)
     keep = masks.keep_from_bits(masks.bits_at(key_data, high, low), threshold)
-    fill = jnp.where(jnp.isnan(factor), factor, jnp.zeros_like(factor))
-    return jnp.where(keep, factor, fill)
+    return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
 
 
 def _shared_factors(cfg: Config, ops: Operands, row0: Any, n_rows: int, col0: Any, n_cols: int,

@@ -25,6 +25,7 @@ from jdrop._validation import (
     check_choice,
     check_float_input,
     check_mesh_axis,
+    check_mesh_has,
     check_multiple_of,
     check_shard_follows,
     static_bool,
@@ -192,49 +193,27 @@ def sequence_parallel_attention(
     query, key, value = (check_float_input(x, name=n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
     check_attention_shapes(query.shape, key.shape, value.shape)
     balance = static_bool(bool(is_causal) if load_balance is None else load_balance, name="load_balance")
-    axes = {name: tuple(a for a in (axis if isinstance(axis, tuple) else (axis,)))
-            for name, axis in (("axis_name", axis_name), ("batch_axis_name", batch_axis_name),
-                               ("head_axis_name", head_axis_name)) if axis is not None}
-    for name, names in axes.items():
-        missing = [a for a in names if a not in mesh.shape]
-        if missing:
-            raise ValueError(f"`{name}`={names} names axes {missing} that the mesh {dict(mesh.shape)} does not have.")
-    devices = {name: math.prod(mesh.shape[a] for a in names) for name, names in axes.items()}
+    devices = _devices(mesh, axis_name=axis_name, batch_axis_name=batch_axis_name, head_axis_name=head_axis_name)
     balance = balance and devices["axis_name"] > 1  # one device holds the sequence in order
+    _check_global_shapes(query.shape, key.shape, devices, balance, axis_name, batch_axis_name, head_axis_name)
     rank = query.ndim
-    per_seq = 2 * devices["axis_name"] if balance else devices["axis_name"]
-    why = "twice the devices: load_balance splits each shard in two" if balance else "the devices"
-    for x, name in ((query, "query"), (key, "key")):
-        check_multiple_of(x.shape[-3], per_seq, name=f"{name} length", why=f"{why} on {axis_name!r}")
-    if batch_axis_name is not None:
-        check_multiple_of(query.shape[0], devices["batch_axis_name"], name="batch",
-                          why=f"the devices on {batch_axis_name!r}")
-    if head_axis_name is not None:
-        check_multiple_of(key.shape[-2], devices["head_axis_name"], name="kv heads",
-                          why=f"the devices on {head_axis_name!r}")
-    shards = {0: batch_axis_name, rank - 3: axis_name, rank - 2: head_axis_name}
-    qkv_spec = PartitionSpec(*(shards.get(i) for i in range(rank)))
-    extras, extra_specs = [], []
-    for array, name in ((bias, "bias"), (mask, "mask")):
-        if array is not None:
-            array = jnp.asarray(array)
-            array = array.reshape((1,) * (rank - array.ndim) + array.shape)  # (batch..., heads, Tq, Tk)
-            check_shard_follows(array.shape, name=name)
-            extra_specs.append(_spec(array.shape, {0: batch_axis_name, rank - 3: head_axis_name, rank - 2: axis_name,
-                                                   rank - 1: axis_name}))
-        extras.append(array)
-    layout = "zigzag" if balance else "contiguous"
+    qkv_spec = PartitionSpec(*({0: batch_axis_name, rank - 3: axis_name, rank - 2: head_axis_name}.get(i)
+                               for i in range(rank)))
+    extras = [_full_rank(x, rank, name) for x, name in ((bias, "bias"), (mask, "mask"))]
+    extra_specs = [_spec(x.shape, {0: batch_axis_name, rank - 3: head_axis_name, rank - 2: axis_name,
+                                   rank - 1: axis_name}) for x in extras if x is not None]
 
     def local(query: jax.Array, key: jax.Array, value: jax.Array, *extra: jax.Array) -> jax.Array:
-        it = iter(extra)
-        bias, mask = (None if x is None else next(it) for x in extras)
+        given = iter(extra)
+        bias, mask = (None if x is None else next(given) for x in extras)
         if balance:
             query, key, value = (to_zigzag(x, axis_name) for x in (query, key, value))
-            bias, mask = (None if x is None else _zigzag_along_sequence(x, axis_name, to_zigzag) for x in (bias, mask))
+            bias, mask = (None if x is None else _zigzag_along_sequence(x, axis_name) for x in (bias, mask))
         out = dot_product_attention(query, key, value, bias, mask, broadcast_dropout=broadcast_dropout,
                                     dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
                                     dtype=dtype, precision=precision, is_causal=is_causal, block_q=block_q,
-                                    block_k=block_k, axis_name=axis_name, sequence_layout=layout,
+                                    block_k=block_k, axis_name=axis_name,
+                                    sequence_layout="zigzag" if balance else "contiguous",
                                     batch_axis_name=batch_axis_name, head_axis_name=head_axis_name)
         return from_zigzag(out, axis_name) if balance else out
 
@@ -242,6 +221,42 @@ def sequence_parallel_attention(
     sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec)
     args = (query, key, value, *(x for x in extras if x is not None))
     return sharded(*(_placed(x, mesh, spec) for x, spec in zip(args, specs)))  # type: ignore[no-any-return]
+
+
+def _full_rank(array: ArrayLike | None, rank: int, name: str) -> jax.Array | None:
+    """A mask or bias as ``(batch..., heads, Tq, Tk)`` (leading 1s added), checked to be shardable."""
+    if array is None:
+        return None
+    array = jnp.asarray(array)
+    array = array.reshape((1,) * (rank - array.ndim) + array.shape)
+    check_shard_follows(array.shape, name=name)
+    return array
+
+
+def _devices(mesh: Mesh, **axis_names: Any) -> dict[str, int]:
+    """Devices along each given mesh axis (a name or a tuple of names), after checking ``mesh`` has them."""
+    devices = {}
+    for name, axis in axis_names.items():
+        if axis is not None:
+            names = axis if isinstance(axis, tuple) else (axis,)
+            check_mesh_has(dict(mesh.shape), names, name=name)
+            devices[name] = math.prod(mesh.shape[a] for a in names)
+    return devices
+
+
+def _check_global_shapes(q_shape: tuple[int, ...], k_shape: tuple[int, ...], devices: dict[str, int],
+                         balance: bool, axis_name: Any, batch_axis_name: Any, head_axis_name: Any) -> None:
+    """``ValueError`` unless the lengths, the batch and the heads split evenly over their mesh axes."""
+    per_shard = 2 * devices["axis_name"] if balance else devices["axis_name"]
+    why = "twice the devices: load_balance splits each shard in two" if balance else "the devices"
+    for shape, name in ((q_shape, "query"), (k_shape, "key")):
+        check_multiple_of(shape[-3], per_shard, name=f"{name} length", why=f"{why} on {axis_name!r}")
+    if batch_axis_name is not None:
+        check_multiple_of(q_shape[0], devices["batch_axis_name"], name="batch",
+                          why=f"the devices on {batch_axis_name!r}")
+    if head_axis_name is not None:
+        check_multiple_of(k_shape[-2], devices["head_axis_name"], name="kv heads",
+                          why=f"the devices on {head_axis_name!r}")
 
 
 def _placed(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
@@ -258,9 +273,9 @@ def _placed(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
     return jax.reshard(x, NamedSharding(mesh, spec))
 
 
-def _zigzag_along_sequence(x: jax.Array, axis_name: Any, move: Any) -> jax.Array:
-    """A mask's or bias's local shard moved by ``move`` along whichever of its last two axes is sharded."""
+def _zigzag_along_sequence(x: jax.Array, axis_name: Any) -> jax.Array:
+    """A mask's or bias's local shard in the zigzag layout along whichever of its last two axes is sharded."""
     for axis in (x.ndim - 1, x.ndim - 2):
         if x.shape[axis] > 1:
-            return move(x, axis_name, axis=axis)  # type: ignore[no-any-return]
+            return to_zigzag(x, axis_name, axis=axis)
     return x

@@ -8,7 +8,7 @@ import jax
 from jax.typing import ArrayLike
 
 from jdrop._dropout import dropout
-from jdrop._typing import KeyLike, Residual
+from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import check_float_input
 
 __all__ = ["attention_dropout"]
@@ -21,13 +21,15 @@ def attention_dropout(
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool = False,
+    scale: Scale = "inverted",
     residual: Residual = "key",
 ) -> jax.Array:
     """Dropout on attention weights (Vaswani et al. 2017) whose backward pass keeps no mask.
 
     With ``m ~ Bernoulli(keep)`` per attention weight (shared along ``broadcast_dims``)::
 
-        train  P' = m * P / keep      eval  P' = P
+        scale="inverted":  train  P' = m * P / keep      eval  P' = P
+        scale="classic":   train  P' = m * P             eval  P' = keep * P
 
     as ``flax.linen.MultiHeadDotProductAttention`` (``dropout_rate``), ``torch.nn.MultiheadAttention``
     and ``F.scaled_dot_product_attention(dropout_p=...)`` do. It is :func:`jdrop.dropout`; with the
@@ -47,11 +49,13 @@ def attention_dropout(
       probs: attention probabilities, e.g. ``(B, H, L_q, L_k)``, floating.
       rate: drop probability in [0, 1]; may be traced.
       broadcast_dims: dims along which one mask value is shared.
-      deterministic: evaluation mode (identity).
+      deterministic: evaluation mode.
+      scale: ``"inverted"`` (default) or ``"classic"``, as in :func:`jdrop.dropout`.
       residual: the core's residual policy (``"key"`` keeps nothing per element).
 
     Returns:
       Array of ``probs``'s shape and dtype.
     """
     probs = check_float_input(probs, name="probs")
-    return dropout(key, probs, rate, deterministic=deterministic, broadcast_dims=broadcast_dims, residual=residual)
+    return dropout(key, probs, rate, deterministic=deterministic, broadcast_dims=broadcast_dims, scale=scale,
+                   residual=residual)

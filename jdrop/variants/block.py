@@ -12,6 +12,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._dropout import dropout
 from jdrop._typing import KeyLike
 from jdrop._validation import (
     check_channel_and_batch_axes,
@@ -108,7 +109,7 @@ def dropblock(
     if isinstance(rate, float) and (deterministic or rate == 0.0):
         return x
     if deterministic:
-        return x * nan_unless_valid(rate, x.dtype)
+        return dropout(None, x, rate, deterministic=True)  # the core's evaluation: x (NaN for an invalid rate)
     key = require_key(key, what="dropblock")
     mask_shape = tuple(1 if couple_channels and axis == channel else size for axis, size in enumerate(x.shape))
     block_h, block_w = min(block_size, x.shape[height]), min(block_size, x.shape[width])

@@ -8,7 +8,7 @@ import jax
 from jax.typing import ArrayLike
 
 from jdrop._dropout import dropout
-from jdrop._typing import KeyLike, Residual
+from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import check_channel_and_batch_axes, check_float_input, check_rank_at_least
 
 __all__ = ["feature_dropout"]
@@ -32,13 +32,15 @@ def feature_dropout(
     channel_axis: int = -1,
     batch_axis: int | None = 0,
     deterministic: bool = False,
+    scale: Scale = "inverted",
     residual: Residual = "key",
 ) -> jax.Array:
     """Drops whole channels (feature maps) of each example (Tompson et al. 2015, "spatial dropout").
 
     One ``m ~ Bernoulli(keep)`` per (example, channel), shared along every other axis::
 
-        train  y[b, ..., c] = m[b, c] * x[b, ..., c] / keep        eval  y = x
+        scale="inverted":  train  y[b, ..., c] = m[b, c] * x[b, ..., c] / keep      eval  y = x
+        scale="classic":   train  y[b, ..., c] = m[b, c] * x[b, ..., c]             eval  y = keep * x
 
     The mask is ``jdrop.keep_mask(key, x.shape, rate, broadcast_dims=<all other axes>)`` and the
     op is :func:`jdrop.dropout` with those ``broadcast_dims``, so keys, residual policies, traced
@@ -55,7 +57,8 @@ def feature_dropout(
       rate: probability of dropping a channel, in [0, 1]; may be traced.
       channel_axis: the channel axis.
       batch_axis: the example axis, or None for a single example.
-      deterministic: evaluation mode (identity).
+      deterministic: evaluation mode.
+      scale: ``"inverted"`` (default) or ``"classic"``, as in :func:`jdrop.dropout`.
       residual: the core's residual policy (``"key"``, ``"bits"`` or ``"mask"``).
 
     Returns:
@@ -67,4 +70,4 @@ def feature_dropout(
     """
     x = check_float_input(x)
     dims = _feature_broadcast_dims(x, channel_axis=channel_axis, batch_axis=batch_axis)
-    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, residual=residual)
+    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, scale=scale, residual=residual)

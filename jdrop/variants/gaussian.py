@@ -18,7 +18,10 @@ from jdrop._validation import (
     check_float_input,
     check_nonnegative,
     check_rate,
+    nan_unless,
     nonnegative_is_valid,
+    poison_invalid,
+    rate_is_valid,
     require_key,
 )
 
@@ -42,7 +45,7 @@ def _noisy(key: KeyLike | None, x: jax.Array, multiplier: Any, addend: Any, vali
     multiplier, addend = (lax.stop_gradient(jnp.asarray(v, dtype)) for v in (multiplier, addend))
     y = _perturb(key, x.astype(dtype), multiplier, addend)
     if valid is not True:
-        y = y * jnp.where(valid, dtype.type(1), dtype.type(jnp.nan))  # a scalar factor: no per-element residual
+        y = y * nan_unless(valid, dtype)  # a scalar factor: no per-element residual
     return y.astype(x.dtype)
 
 
@@ -84,9 +87,9 @@ def gaussian_dropout(key: KeyLike | None, x: ArrayLike, rate: ArrayLike, *, dete
         if deterministic or rate == 0.0:
             return x
         return _noisy(key, x, math.sqrt(rate / (1.0 - rate)), 0.0, True, "gaussian_dropout")
-    valid = (rate >= 0.0) & (rate < 1.0)
+    valid = rate_is_valid(rate, closed=False)
     if deterministic:
-        return jnp.where(valid, x, jnp.nan).astype(x.dtype)
+        return poison_invalid(x, valid)
     safe = jnp.where(valid, rate, 0.0)
     return _noisy(key, x, jnp.sqrt(safe / (1.0 - safe)), 0.0, valid, "gaussian_dropout")
 
@@ -120,5 +123,5 @@ def gaussian_noise(key: KeyLike | None, x: ArrayLike, stddev: ArrayLike, *, dete
         return _noisy(key, x, 0.0, stddev, True, "gaussian_noise")
     valid = nonnegative_is_valid(stddev)
     if deterministic:
-        return jnp.where(valid, x, jnp.nan).astype(x.dtype)
+        return poison_invalid(x, valid)
     return _noisy(key, x, 0.0, jnp.where(valid, stddev, 0.0), valid, "gaussian_noise")

@@ -6,7 +6,7 @@ import jax
 from jax.typing import ArrayLike
 
 from jdrop._dropout import dropout
-from jdrop._typing import KeyLike, Residual
+from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import canonical_axis, check_float_input, check_rank_at_least
 
 __all__ = ["embedding_dropout", "locked_dropout", "zoneout"]
@@ -19,6 +19,7 @@ def locked_dropout(
     *,
     time_axis: int | None,
     deterministic: bool = False,
+    scale: Scale = "inverted",
     residual: Residual = "key",
 ) -> jax.Array:
     """Locked ("variational") dropout: the same mask at every time step (Gal & Ghahramani 2016).
@@ -26,7 +27,8 @@ def locked_dropout(
     "A Theoretically Grounded Application of Dropout in Recurrent Neural Networks": each sequence
     draws one mask and applies it to its inputs (or hidden states, or outputs) at every step::
 
-        train  y[..., t, ...] = m * x[..., t, ...] / keep     eval  y = x
+        scale="inverted":  train  y[..., t, ...] = m * x[..., t, ...] / keep     eval  y = x
+        scale="classic":   train  y[..., t, ...] = m * x[..., t, ...]            eval  y = keep * x
 
     i.e. :func:`jdrop.dropout` with ``broadcast_dims=(time_axis,)`` (the ``LockedDropout`` of
     AWD-LSTM, Merity et al. 2017, for ``time_axis=0``).
@@ -47,7 +49,8 @@ def locked_dropout(
       x: floating array.
       rate: drop probability in [0, 1]; may be traced.
       time_axis: the axis along which the mask is shared, or None for one time step.
-      deterministic: evaluation mode (identity).
+      deterministic: evaluation mode.
+      scale: ``"inverted"`` (default) or ``"classic"``, as in :func:`jdrop.dropout`.
       residual: the core's residual policy.
 
     Returns:
@@ -55,18 +58,25 @@ def locked_dropout(
     """
     x = check_float_input(x)
     dims = () if time_axis is None else (canonical_axis(time_axis, x.ndim, name="time_axis"),)
-    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, residual=residual)
+    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, scale=scale, residual=residual)
 
 
 def embedding_dropout(
-    key: KeyLike, table: ArrayLike, rate: ArrayLike, *, deterministic: bool = False, residual: Residual = "key"
+    key: KeyLike | None,
+    table: ArrayLike,
+    rate: ArrayLike,
+    *,
+    deterministic: bool = False,
+    scale: Scale = "inverted",
+    residual: Residual = "key",
 ) -> jax.Array:
     """Embedding dropout: whole word types dropped (Gal & Ghahramani 2016, sec. 4; Merity et al. 2017).
 
     Rows of the ``(vocab, ...)`` table are dropped, so every occurrence of a dropped word in the
     batch embeds to zero::
 
-        train  E'[w] = m[w] * E[w] / keep      eval  E' = E
+        scale="inverted":  train  E'[w] = m[w] * E[w] / keep      eval  E' = E
+        scale="classic":   train  E'[w] = m[w] * E[w]             eval  E' = keep * E
 
     then look up ``E'[tokens]``. Same as AWD-LSTM's ``embedded_dropout``: :func:`jdrop.dropout` on
     the table with the mask shared along every axis but the first; gradients reach only the kept rows.
@@ -75,7 +85,8 @@ def embedding_dropout(
       key: PRNG key (may be None when ``deterministic``).
       table: floating array ``(vocab, ...)``.
       rate: probability of dropping a word type, in [0, 1]; may be traced.
-      deterministic: evaluation mode (identity).
+      deterministic: evaluation mode.
+      scale: ``"inverted"`` (default) or ``"classic"``, as in :func:`jdrop.dropout`.
       residual: the core's residual policy.
 
     Returns:
@@ -84,7 +95,7 @@ def embedding_dropout(
     table = check_float_input(table, name="table")
     check_rank_at_least(table, 1, name="table", why="a leading vocabulary axis")
     dims = tuple(range(1, table.ndim))
-    return dropout(key, table, rate, deterministic=deterministic, broadcast_dims=dims, residual=residual)
+    return dropout(key, table, rate, deterministic=deterministic, broadcast_dims=dims, scale=scale, residual=residual)
 
 
 def zoneout(

@@ -8,7 +8,16 @@ from jax.typing import ArrayLike
 
 from jdrop._dropout import dropout
 from jdrop._typing import KeyLike, Residual, Scale
-from jdrop._validation import canonical_axis, check_float_input, check_rate, int_at_least, static_bool
+from jdrop._validation import (
+    canonical_axis,
+    check_alias,
+    check_deterministic,
+    check_float_input,
+    check_rate,
+    check_scale,
+    int_at_least,
+    static_bool,
+)
 
 __all__ = ["drop_path", "drop_path_rates"]
 
@@ -18,7 +27,8 @@ def drop_path(
     x: ArrayLike,
     rate: ArrayLike,
     *,
-    scale_by_keep: bool = True,
+    scale: Scale = "inverted",
+    scale_by_keep: bool | None = None,
     batch_axis: int | None = 0,
     deterministic: bool = False,
     residual: Residual = "key",
@@ -28,37 +38,44 @@ def drop_path(
     Apply it to a residual branch, ``h + drop_path(key, f(h), rate)``. One ``m ~ Bernoulli(keep)``
     per example, shared by all of its elements::
 
-        scale_by_keep=True:   train  y[b] = m[b] * x[b] / keep     eval  y = x
-        scale_by_keep=False:  train  y[b] = m[b] * x[b]            eval  y = x
+        scale="inverted" (default):   train  y[b] = m[b] * x[b] / keep     eval  y = x
+        scale="classic":              train  y[b] = m[b] * x[b]            eval  y = keep * x
+        scale_by_keep=False (timm):   train  y[b] = m[b] * x[b]            eval  y = x
 
-    These are exactly ``timm.layers.drop_path`` (and ``torchvision.ops.stochastic_depth(mode="row")``
-    for ``scale_by_keep=True``); like timm, ``scale_by_keep=False`` leaves the evaluation output
-    unscaled (the branch is then biased by ``keep``, as in timm; the original paper instead scales the
-    branch by ``keep`` at test time, which is :func:`jdrop.dropout` with ``scale="classic"`` and
-    ``broadcast_dims`` all but the batch axis). Runs through the core :func:`jdrop.dropout`.
+    ``scale="inverted"`` is ``timm.layers.drop_path`` with its default ``scale_by_keep=True`` (and
+    ``torchvision.ops.stochastic_depth(mode="row")``); ``scale="classic"`` is the original paper's
+    rule, the branch scaled by its survival probability at test time. ``scale_by_keep`` is timm's
+    spelling, accepted as is for code ported from timm: ``True`` is ``scale="inverted"``, and
+    ``False`` is timm's unscaled branch, whose evaluation output stays unscaled (biased by ``keep``,
+    as in timm). Runs through the core :func:`jdrop.dropout`.
 
     Args:
       key: PRNG key (may be None when ``deterministic``).
       x: floating array, examples along ``batch_axis``.
       rate: probability of dropping an example's branch, in [0, 1]; may be traced.
-      scale_by_keep: divide kept branches by ``keep`` (timm's default).
+      scale: ``"inverted"`` or ``"classic"``, as in :func:`jdrop.dropout`.
+      scale_by_keep: timm's alias (a Python bool), instead of ``scale``; None (default) defers to ``scale``.
       batch_axis: the example axis, or None for one example (inside ``jax.vmap``): one draw for all of ``x``.
-      deterministic: evaluation mode (identity).
+      deterministic: evaluation mode.
       residual: the core's residual policy.
 
     Returns:
       Array of ``x``'s shape and dtype.
     """
     x = check_float_input(x)
+    chosen: Scale = check_scale(scale)
     if batch_axis is None:
         dims = tuple(range(x.ndim))
     else:
         batch = canonical_axis(batch_axis, x.ndim, name="batch_axis")
         dims = tuple(axis for axis in range(x.ndim) if axis != batch)
-    scale_by_keep = static_bool(scale_by_keep, name="scale_by_keep")
-    # timm's evaluation is the identity with either scaling, hence "inverted" for deterministic.
-    scale: Scale = "inverted" if scale_by_keep or deterministic else "classic"
-    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, scale=scale, residual=residual)
+    if scale_by_keep is not None:
+        check_alias("scale", chosen, "inverted", alias="scale_by_keep", alias_value=scale_by_keep)
+        if not static_bool(scale_by_keep, name="scale_by_keep") and check_deterministic(deterministic):
+            return dropout(None, x, rate, deterministic=True, residual=residual)
+        if not scale_by_keep:
+            chosen = "classic"  # timm's unscaled branch: classic training, but the identity at evaluation
+    return dropout(key, x, rate, deterministic=deterministic, broadcast_dims=dims, scale=chosen, residual=residual)
 
 
 def drop_path_rates(max_rate: ArrayLike, depth: int) -> jax.Array:
