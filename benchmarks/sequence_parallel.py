@@ -56,9 +56,9 @@ def schedule_work(layout: str, devices: int, length: int, block_q: int = BLOCK_Q
     from jdrop.attention import _kernel, _ring
 
     layout = layout if devices > 1 else "contiguous"
-    chunks = 2 if layout == "zigzag" else 1
+    chunks = _ring.chunks_of(layout, devices, length // devices, length // devices, True)
     chunk = length // devices // chunks
-    ring = _ring.Ring("seq", devices, layout, chunk, chunk, None, None, None, None, 1, 1)
+    ring = _ring.Ring("seq", devices, layout, chunks, chunk, chunk, None, None, None, None, 1, 1)
     bq, bk = min(block_q, chunk), min(block_k, chunk)
     cfg = _kernel.Config(block_q=bq, block_k=bk, k_length=chunk, group=1, causal=True, skip_causal=True,
                          dropout=_kernel.DropoutMode.NONE, dropout_shape=(1, 1, length, length), bias_full=(),
@@ -73,8 +73,8 @@ def schedule_work(layout: str, devices: int, length: int, block_q: int = BLOCK_Q
             step_cfg = diagonal_cfg if step == 0 else off_cfg
             q_index, k_index, visible = _ring._schedule(ring, cfg, step == 0, me, src)
             visible = [True] * len(q_index) if visible is None else [bool(v) for v in visible]
-            q_starts = [int(s) for s in _ring.chunk_starts(layout, devices, me, chunk)]
-            k_starts = [int(s) for s in _ring.chunk_starts(layout, devices, src, chunk)]
+            q_starts = [int(s) for s in _ring.chunk_starts(layout, devices, me, chunk, chunks)]
+            k_starts = [int(s) for s in _ring.chunk_starts(layout, devices, src, chunk, chunks)]
             tiles = 0
             for a, b, seen in zip(q_index, k_index, visible):
                 if seen:

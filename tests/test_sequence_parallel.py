@@ -9,6 +9,7 @@ it, plus a few float32 roundings of the largest value. A few checks need no seco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -30,15 +31,39 @@ CHECKS = Path(__file__).with_name("sequence_parallel_checks.py")
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Holds an exclusive lock on the file ``lock`` (POSIX ``flock``; no lock where there is none)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: xdist workers may then each run the checks
+        yield
+        return
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
 def measured(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sequence_parallel") / "results.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(CHECKS), str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # One run for the whole session, even when pytest-xdist spreads this file's tests over several workers: they
+    # share the parent of their base temporary directories, and the first one to take the lock runs the checks.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "sequence_parallel_checks.json"
+    with _exclusive(shared / "sequence_parallel_checks.lock"):
+        if not out.exists():
+            env = dict(os.environ, JAX_PLATFORMS="cpu")
+            env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+            partial_out = out.with_suffix(".partial")
+            proc = subprocess.run([sys.executable, str(CHECKS), str(partial_out)], env=env, capture_output=True,
+                                  text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            partial_out.rename(out)
     return json.loads(out.read_text())
 
 

@@ -106,7 +106,7 @@ def sequence_positions(length: int, axis_name: Any, sequence_layout: str = "cont
     n = check_mesh_axis(axis_name)
     chunks = 2 if layout == "zigzag" else 1
     chunk = check_multiple_of(length, chunks, name="length", why=f"sequence_layout={layout!r}") // chunks
-    starts = chunk_starts(layout, n, lax.axis_index(axis_name), chunk)
+    starts = chunk_starts(layout, n, lax.axis_index(axis_name), chunk, chunks)
     return (starts[:, None] + jnp.arange(chunk, dtype=jnp.int32)).reshape(-1)
 
 
