@@ -462,9 +462,10 @@ def check_mesh_axis(axis_name: Any, *, name: str = "axis_name") -> int:
         return int(jax.lax.axis_size(axis_name))
     except NameError:
         raise ValueError(
-            f"`{name}`={axis_name!r} is not a bound mesh axis: call jdrop.dot_product_attention(..., "
-            f"{name}={axis_name!r}) inside jax.shard_map over a mesh with that axis (local shards in, local "
-            "shards out), or use jdrop.sequence_parallel_attention(..., mesh=mesh) on global arrays."
+            f"`{name}`={axis_name!r} is not a bound mesh axis: call this function (e.g. "
+            f"jdrop.dot_product_attention(..., {name}={axis_name!r})) inside jax.shard_map over a mesh with that "
+            "axis (local shards in, local shards out), or use jdrop.sequence_parallel_attention(..., mesh=mesh) "
+            "on global arrays."
         ) from None
 
 
