@@ -191,6 +191,25 @@ def check_meshes(results: dict[str, Any]) -> None:
         compare(f"meshes/{name}", ring, (q, k, v, bias), refs, pattern, results)
 
 
+def check_data_parallel(results: dict[str, Any]) -> None:
+    """The single-device call (no axis_name) inside a data-parallel shard_map, with a bias replicated over it."""
+    q, k, v = inputs()
+    bias = jnp.asarray(np.random.default_rng(6).standard_normal((1, H, T, T)), jnp.float32)  # shared by the batch
+    mesh = sequence_mesh(0, ("data", 2))
+    options = {"dropout_rng": RNG, "dropout_rate": RATE, "is_causal": True, **BLOCKS}
+
+    def sharded(q, k, v, b):
+        return jax.shard_map(lambda q, k, v, b: jdrop.dot_product_attention(q, k, v, b, **options), mesh=mesh,
+                             in_specs=(P("data"), P("data"), P("data"), P()), out_specs=P("data"))(q, k, v, b)
+
+    out, grads = value_and_grads(sharded, q, k, v, bias)
+    ref, ref_grads = value_and_grads(lambda q, k, v, b: jdrop.dot_product_attention(q, k, v, b, **options),
+                                     q, k, v, bias)
+    # The bias's gradient sums both devices' contributions (shard_map's psum of a replicated input's cotangent).
+    results["data_parallel"] = {"error_vs_jdrop": max_error([out, *grads], [ref, *ref_grads]),
+                                "scale": max(float(np.max(np.abs(x))) for x in [ref, *ref_grads])}
+
+
 def check_rates_and_dtypes(results: dict[str, Any]) -> None:
     """A traced rate (one compilation for 0, 0.3, 1 and an invalid 1.5) and bfloat16, on 4 devices."""
     q, k, v = inputs()
@@ -372,8 +391,8 @@ def check_readme_recipe(results: dict[str, Any]) -> None:
     }
 
 
-CHECKS = (check_matrix, check_meshes, check_rates_and_dtypes, check_flax_recipe, check_memory, check_errors,
-          check_layouts, check_readme_recipe)
+CHECKS = (check_matrix, check_meshes, check_data_parallel, check_rates_and_dtypes, check_flax_recipe, check_memory,
+          check_errors, check_layouts, check_readme_recipe)
 
 
 def main(out: str) -> None:

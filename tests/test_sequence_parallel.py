@@ -99,6 +99,14 @@ def test_batch_and_head_sharding_compose_with_the_ring(measured, mesh):
     _assert_matches_references(measured[f"meshes/{mesh}"], measured["meshes/single_error_vs_float64"], mesh)
 
 
+def test_single_device_attention_inside_a_data_parallel_shard_map(measured):
+    # Without axis_name, inside shard_map over the batch: the loop carries take the operands' mesh axes, and a
+    # bias replicated over the devices gets the sum of their gradients. Same order of terms per example as
+    # unsharded, except the bias gradient's sum over the batch (float32 tolerance on the largest value).
+    record = measured["data_parallel"]
+    assert record["error_vs_jdrop"] <= 16 * EPS32 * record["scale"]
+
+
 def test_traced_rate_rate_zero_and_rate_one(measured):
     # One executable for every rate; rate 0 and 0.3 equal the single-device call (float tolerance: same order of
     # terms within a tile, another across shards), rate 1 gives zeros and zero gradients, 1.5 NaN.
