@@ -8,6 +8,7 @@ Examples::
     PYTHONPATH=. python -m benchmarks --only memory --framework jdrop --framework none
     PYTHONPATH=. python -m benchmarks --only attention        # attention with dropout, ~15 minutes
     PYTHONPATH=. python -m benchmarks --only transformer      # a transformer with flax's / jdrop's dropout
+    PYTHONPATH=. python -m benchmarks --only sequence_parallel   # ring attention on 1, 2, 4, 8 simulated devices
 
 The tables (Markdown) go to stdout, progress to stderr.
 """
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, memory, models, ops, step, transformer
+from benchmarks import attention, memory, models, ops, sequence_parallel, step, transformer
 from benchmarks._common import log, machine_description, run_worker
 
 SUITES = {
@@ -31,6 +32,7 @@ SUITES = {
     "step": (step, (step.ALL,)),
     "attention": (attention, attention.FRAMEWORKS),
     "transformer": (transformer, transformer.FRAMEWORKS),
+    "sequence_parallel": (sequence_parallel, sequence_parallel.FRAMEWORKS),
 }
 """Each suite: its module (``measure``, ``summarize``, ``table``, ``title``) and its worker frameworks."""
 

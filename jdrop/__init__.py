@@ -2,7 +2,8 @@
 
 The package face re-exports the public names; the code lives in one module per concept:
 ``jdrop.masks`` (keys to masks), ``jdrop.dropout`` and friends (the custom_vjp core),
-``jdrop.dot_product_attention`` (fused blockwise attention with dropout), ``jdrop.mlp``
+``jdrop.dot_product_attention`` (fused blockwise attention with dropout, sequence-parallel with
+``axis_name=``; ``jdrop.sequence_parallel_attention`` on global arrays), ``jdrop.mlp``
 (the seed's network), ``jdrop.train`` (the per-example convention, the training loop, losses, MC prediction),
 ``jdrop.variants`` (every other dropout, on the same core), ``jdrop.distributed``, ``jdrop.checkpoint`` and
 ``jdrop.interop`` (flax and equinox modules, imported on demand).
@@ -53,6 +54,7 @@ from jdrop._dropout import dropout as dropout
 from jdrop._dropout import dropout_bwd as dropout_bwd
 from jdrop._dropout import dropout_fwd as dropout_fwd
 from jdrop.attention import dot_product_attention as dot_product_attention
+from jdrop.attention import sequence_parallel_attention as sequence_parallel_attention
 from jdrop.masks import example_keys as example_keys
 from jdrop.masks import keep_mask as keep_mask
 from jdrop.train import ClassificationPrediction as ClassificationPrediction

@@ -19,6 +19,12 @@ On N hosts (one process per host, or per GPU)::
 
 The demo takes the same settings: ``python -m jdrop --coordinator host0:1234 --num-processes N
 --process-id i``. On CPU the processes talk through gloo collectives.
+
+Sequence parallelism runs the same way: a mesh with a sequence axis over the devices of all processes
+(``jax.make_mesh((hosts, devices_per_host), ("data", "seq"))``, or ``data_mesh("seq")``), token arrays
+placed with :func:`shard_sequence`, and ``jdrop.dot_product_attention(..., axis_name="seq")`` inside the
+model's ``shard_map`` (or ``jdrop.sequence_parallel_attention``): the ring's ``ppermute`` crosses
+process boundaries like any collective.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["data_mesh", "initialize", "replicate", "shard_batch"]
+__all__ = ["data_mesh", "initialize", "replicate", "shard_batch", "shard_sequence"]
 
 
 def initialize(
@@ -73,6 +79,17 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis: str = "data") -> dic
             continue
         out[name] = _global_array(np.asarray(value), sharding)
     return out
+
+
+def shard_sequence(batch: Mapping[str, Any], mesh: Mesh, axis: str = "seq", batch_axis: str | None = None
+                   ) -> dict[str, jax.Array]:
+    """Global ``(batch, T, ...)`` arrays sharded along the sequence (dim 1) over ``mesh``'s ``axis``.
+
+    The batch dim is sharded over ``batch_axis`` too when given (a 2-D mesh), replicated otherwise.
+    As in :func:`shard_batch`, only the elements this process's devices hold are read.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axis, axis))
+    return {name: _global_array(np.asarray(value), sharding) for name, value in batch.items()}
 
 
 def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:

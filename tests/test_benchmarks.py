@@ -103,3 +103,22 @@ def test_gpu_script_smoke_run_records_every_fused_attention_row(tmp_path, capsys
     # A spent budget skips the rows still to come, recording them.
     assert gpu.main(["--smoke", "--sections", "attention", "--budget-s", "0", "--out", str(out)]) == 0
     assert json.loads(out.read_text()).get("skipped_sections") == ["attention"]
+
+
+def test_sequence_parallel_suite_reports_memory_and_balance():
+    # One device in this process (the suite's worker starts JAX with 8): the N=1 row, compiled, and the schedule's
+    # balance for N=8 (counted, not compiled).
+    from benchmarks import sequence_parallel
+
+    mesh = sequence_parallel._mesh(1)
+    step = sequence_parallel._step(mesh, "zigzag")
+    analysis = step.lower(*sequence_parallel._specs(mesh, 64)).compile().memory_analysis()
+    records = [
+        {"kind": "memory", "layout": "zigzag", "devices": devices, "length": 64, "temp_bytes": temp,
+         **sequence_parallel.balance(sequence_parallel.schedule_work("zigzag", devices, 64))}
+        for devices, temp in ((1, analysis.temp_size_in_bytes), (8, analysis.temp_size_in_bytes // 8))
+    ]
+    rows = {row["devices"]: row for row in sequence_parallel.summarize(records)}
+    assert rows[1]["temp_vs_one_device"] == 1.0 and rows[1]["temp_mib"] > 0
+    assert rows[8]["balance"] == 1.0 and rows[8]["median_s"] is None
+    assert "critical path" in sequence_parallel.table(list(rows.values()))

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jdrop"
 MAX_FUNCTION_LINES = 60
 
 LAYERS = (
-    ("jdrop._typing", "jdrop._validation", "jdrop._batching"),  # the foundation: no jdrop imports but these
+    ("jdrop._typing", "jdrop._validation", "jdrop._batching", "jdrop._shard_map"),  # the foundation
     ("jdrop.masks",),
     ("jdrop._dropout",),
     ("jdrop.variants",),

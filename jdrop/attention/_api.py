@@ -6,6 +6,7 @@ the computation :mod:`jdrop.attention._kernel`'s.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -21,7 +22,9 @@ from jdrop._validation import (
     check_float_input,
     check_mask_rows,
     check_no_custom_products,
+    check_not_sequence_parallel,
     check_rate,
+    check_shared_key,
     check_threefry_key,
     positive_int,
     require_key,
@@ -29,6 +32,8 @@ from jdrop._validation import (
 from jdrop.attention import _dropout_mask
 from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
 from jdrop.attention._layout import Layout
+from jdrop.attention._ring import Ring
+from jdrop.attention._ring import attention as ring_attention
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "IMPLEMENTATIONS", "dot_product_attention"]
 
@@ -62,13 +67,12 @@ def _checked_bias_and_mask(layout: Layout, bias: Any, mask: Any) -> tuple[jax.Ar
     return bias, None if mask is None else mask.astype(bool)
 
 
-def _dropout(layout: Layout, mode: DropoutMode, dropout_rng: Any, rate: float | jax.Array, dtype: Any,
+def _dropout(mask_shape: tuple[int, ...], dropout_rng: Any, rate: float | jax.Array, dtype: Any,
              dropout_mask: str) -> Drop:
-    """The kernel's dropout operands for a training pass, after checking the key and the mask's size."""
+    """The kernel's dropout operands for a training pass, after checking the key and the (global) mask's size."""
     rng = require_key(dropout_rng, what="jdrop.dot_product_attention", name="dropout_rng")
     check_threefry_key(rng, name="dropout_rng")
-    check_mask_rows(layout.batch * layout.q_heads * layout.q_length if mode == DropoutMode.PER_ELEMENT
-                    else layout.q_length)
+    check_mask_rows(math.prod(mask_shape[:-1]))
     if dropout_mask != "exact":
         return _dropout_mask.operands(rng, rate, dtype, dropout_mask)
     return dropout_operands(rng, rate, dtype)
@@ -118,6 +122,10 @@ def dot_product_attention(
     block_k: int | None = None,
     implementation: str | None = None,
     dropout_mask: str = "exact",
+    axis_name: Any = None,
+    sequence_layout: str = "contiguous",
+    batch_axis_name: Any = None,
+    head_axis_name: Any = None,
 ) -> jax.Array:
     """Dot-product attention (Vaswani et al. 2017) with dropout, blockwise, in O(T) memory.
 
@@ -156,6 +164,26 @@ def dot_product_attention(
     (only when that gradient is used). It is checked on CPU only (Pallas's interpreter, and lowering
     for ``tpu`` and ``cuda``), not yet run on a GPU or TPU: the default, None, is ``"xla"``
     everywhere until it is measured there (``python -m benchmarks.gpu``).
+
+    Sequence parallelism (ring attention, Liu et al. 2023): with ``axis_name``, called inside
+    ``jax.shard_map`` on local shards, the sequence is taken to be sharded over that mesh axis (N
+    devices: this device holds ``L`` of the ``N L`` queries and keys, placed by
+    ``sequence_layout``). The key/value shards then travel around the devices (``lax.ppermute``),
+    the partial outputs combine by their logsumexp, and the backward pass sends the key/value
+    gradients around after them; each device draws exactly its part of the global mask
+    ``bernoulli(dropout_rng, 1 - rate, (B, H, N L, N L))`` by global index, so outputs and
+    gradients are the single-device call's on any number of devices, in O(L) memory per device.
+    An argument, not a separate function, because a model runs on local shards inside one
+    ``shard_map``: ``attention_fn=functools.partial(jdrop.dot_product_attention, axis_name="seq")``
+    makes any flax attention module sequence-parallel (:func:`jdrop.sequence_parallel_attention` is
+    the wrapper for global arrays). ``sequence_layout="zigzag"`` (device ``d`` holds chunks ``d``
+    and ``2N - 1 - d`` of ``2N``; :func:`jdrop.attention.to_zigzag`) gives every device the same
+    work at every step of causal attention; with ``"contiguous"`` shards the steps above the
+    diagonal are skipped but devices idle (``N - 1/2`` block-times instead of ``N / 2``). Masks and
+    biases may vary along the queries or along the keys (a key-padding mask ``(B, 1, 1, L)``
+    travels with the keys), not both; causal attention needs equal query and key lengths.
+    ``broadcast_dropout=False`` with the batch or heads sharded too (a 2-D mesh) needs
+    ``batch_axis_name``/``head_axis_name``, so that each shard draws its rows of the mask.
 
     ``dropout_mask="fast16"`` or ``"fast8"`` (either implementation) opts into a cheaper mask that
     is *not* flax's: one threefry call per 4 or 8 attention weights, its 64 output bits split into
@@ -204,6 +232,15 @@ def dot_product_attention(
         ``"pallas"`` (the TPU or GPU kernels; ``ValueError`` on a CPU, or for float64 or tiles the
         backend refuses), as in ``jax.nn.dot_product_attention``.
       dropout_mask: ``"exact"`` (flax's mask, the default), ``"fast16"`` or ``"fast8"`` (see above).
+      axis_name: a mesh axis name (or tuple of names) bound by an enclosing ``jax.shard_map``: the
+        arrays are this device's shards of a sequence sharded over that axis (see above). None: the
+        arrays are the whole sequence. Runs the ``"xla"`` kernel with the exact mask.
+      sequence_layout: ``"contiguous"`` (device ``d`` holds positions ``[d L, (d + 1) L)``) or
+        ``"zigzag"`` (chunks ``d`` and ``2N - 1 - d`` of ``L / 2`` each; ``L`` even). With
+        ``axis_name`` only.
+      batch_axis_name: mesh axes that shard the leading batch dim (with ``axis_name``): the
+        global batch row of this device's first row for ``broadcast_dropout=False``.
+      head_axis_name: mesh axes that shard the query and key/value heads alike (with ``axis_name``).
 
     Returns:
       ``(batch..., Tq, heads, Dv)`` in ``dtype``.
@@ -211,7 +248,11 @@ def dot_product_attention(
     Raises:
       ValueError: for a bad ``dropout_rate``, a missing, non-single or non-threefry ``dropout_rng`` in
         training, mismatched shapes, custom einsums, block sizes below 1, an unknown
-        ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take.
+        ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take; with
+        ``axis_name``: an unbound axis, a mask or bias that varies along both queries and keys,
+        ``module``, ``implementation="pallas"``, a fast ``dropout_mask``, shard lengths the layout or
+        causal masking cannot take, or a ``dropout_rng`` that differs along the sequence axis (or along
+        an undeclared batch or head axis with ``broadcast_dropout=False``).
       TypeError: for integer inputs, a non-floating ``dtype``, a non-bool ``deterministic``, or
         non-int block sizes.
 
@@ -221,44 +262,114 @@ def dot_product_attention(
       >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1)
       >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1,
       ...                                   implementation="pallas", dropout_mask="fast16")  # on a GPU/TPU
+      >>> ring = functools.partial(jdrop.dot_product_attention, axis_name="seq", is_causal=True)
+      >>> out = jax.shard_map(lambda q, k, v: ring(q, k, v, dropout_rng=key, dropout_rate=0.1),
+      ...                     mesh=jax.make_mesh((8,), ("seq",)), in_specs=P(None, "seq"),
+      ...                     out_specs=P(None, "seq"))(q, k, v)   # the sequence over 8 devices
       >>> layer = flax.linen.MultiHeadDotProductAttention(8, dropout_rate=0.1,
       ...                                                 attention_fn=jdrop.dot_product_attention)
     """
     del force_fp32_for_softmax  # the softmax always runs in (at least) float32 here
     check_no_custom_products(einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,
                              attn_weights_value_einsum=attn_weights_value_einsum)
-    block_q, block_k = (None if b is None else positive_int(b, name=name) for b, name in
-                        ((block_q, "block_q"), (block_k, "block_k")))
-    implementation = "xla" if implementation is None else check_choice(implementation, IMPLEMENTATIONS,
-                                                                         name="implementation")
-    dropout_mask = check_choice(dropout_mask, _dropout_mask.MODES, name="dropout_mask")
+    block_q, block_k, implementation, dropout_mask = _checked_options(block_q, block_k, implementation, dropout_mask)
     deterministic = check_deterministic(deterministic)
     query, key, value = _checked_inputs(query, key, value, dtype)
-    layout = Layout.of(query, key, DEFAULT_BLOCK_Q if block_q is None else block_q,
-                       DEFAULT_BLOCK_K if block_k is None else block_k)
-    if dropout_mask != "exact":  # whole groups of rows per tile (see _dropout_mask)
-        span = _dropout_mask.group_rows(dropout_mask)
-        layout = layout._replace(block_q=-(-layout.block_q // span) * span)
+    layout = _tiling(query, key, block_q, block_k, dropout_mask)
     bias, mask = _checked_bias_and_mask(layout, bias, mask)
     rate = check_rate(dropout_rate, name="dropout_rate")
-    mode = DropoutMode.NONE
-    if not deterministic and not (isinstance(rate, float) and rate == 0.0):
-        mode = DropoutMode.BROADCAST if broadcast_dropout else DropoutMode.PER_ELEMENT
-    if implementation == "pallas":
-        from jdrop.attention import _pallas  # imports jax.experimental.pallas: only when asked for
-
-        backend, interpret = _pallas.resolve_backend()
-    drop = None if mode == DropoutMode.NONE else _dropout(layout, mode, dropout_rng, rate, query.dtype, dropout_mask)
+    mode = _dropout_mode(deterministic, rate, broadcast_dropout)
+    ring = None if axis_name is None else _ring_plan(axis_name, sequence_layout, batch_axis_name, head_axis_name,
+                                                     layout, bias, mask, bool(is_causal), module, implementation,
+                                                     dropout_mask)
+    pallas = _pallas_backend() if implementation == "pallas" else None
+    mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
+    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype, dropout_mask)
     if module is not None:
         from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
 
         sow_attention_weights(module, query, key, bias, mask, is_causal)
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
-    if implementation == "pallas":
-        return _pallas.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
+    if ring is not None:
+        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, bool(is_causal),
+                               precision)
+    if pallas is not None:
+        kernels, backend, interpret = pallas
+        return kernels.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
                                  precision=precision, is_causal=bool(is_causal), block_q=block_q, block_k=block_k,
                                  backend=backend, interpret=interpret)
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
     cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision, dropout_mask)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
     return layout.from_query_tiles(attention(cfg, ops))
+
+
+def _checked_options(block_q: Any, block_k: Any, implementation: Any, dropout_mask: Any
+                     ) -> tuple[int | None, int | None, str, str]:
+    """Tiles (None: the implementation's default), the implementation (None: ``"xla"``) and the mask, checked."""
+    block_q, block_k = (None if b is None else positive_int(b, name=name) for b, name in
+                        ((block_q, "block_q"), (block_k, "block_k")))
+    implementation = "xla" if implementation is None else check_choice(implementation, IMPLEMENTATIONS,
+                                                                         name="implementation")
+    return block_q, block_k, implementation, check_choice(dropout_mask, _dropout_mask.MODES, name="dropout_mask")
+
+
+def _pallas_backend() -> tuple[Any, str, bool]:
+    """The Pallas kernels' module, backend and interpret flag (``ValueError`` where they cannot run)."""
+    from jdrop.attention import _pallas  # imports jax.experimental.pallas: only when asked for
+
+    backend, interpret = _pallas.resolve_backend()
+    return _pallas, backend, interpret
+
+
+def _tiling(query: jax.Array, key: jax.Array, block_q: int | None, block_k: int | None, dropout_mask: str) -> Layout:
+    """The xla path's tiling: the given tiles or the defaults; a fast mask's rows in whole groups per tile."""
+    layout = Layout.of(query, key, DEFAULT_BLOCK_Q if block_q is None else block_q,
+                       DEFAULT_BLOCK_K if block_k is None else block_k)
+    if dropout_mask != "exact":  # whole groups of rows per tile (see _dropout_mask)
+        span = _dropout_mask.group_rows(dropout_mask)
+        layout = layout._replace(block_q=-(-layout.block_q // span) * span)
+    return layout
+
+
+def _dropout_mode(deterministic: bool, rate: float | jax.Array, broadcast_dropout: bool) -> DropoutMode:
+    """No dropout when deterministic or at a static rate 0; else one mask for all rows and heads, or one each."""
+    if deterministic or (isinstance(rate, float) and rate == 0.0):
+        return DropoutMode.NONE
+    return DropoutMode.BROADCAST if broadcast_dropout else DropoutMode.PER_ELEMENT
+
+
+def _mask_shape(layout: Layout, ring: Ring | None, per_element: bool) -> tuple[int, int, int, int]:
+    """The shape of flax's dropout mask: the call's, or the whole ring's (global sequence, batch and heads)."""
+    if ring is not None:
+        return ring.dropout_shape(layout, per_element)
+    return (layout.batch if per_element else 1, layout.q_heads if per_element else 1, layout.q_length,
+            layout.k_length)
+
+
+def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: tuple[int, int, int, int],
+                    query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
+                    mask: jax.Array | None, drop: Drop | None, causal: bool, precision: Any) -> jax.Array:
+    """The checked, scaled local shards through the ring (:mod:`jdrop.attention._ring`), back in their layout."""
+    if drop is not None:
+        check_shared_key(drop[0], query, sequence_axis=ring.axis_name,
+                         declared=(ring.batch_axis_name, ring.head_axis_name),
+                         per_element=mode == DropoutMode.PER_ELEMENT)
+    chunk = ring.chunk_layout(layout)
+    ops = ring.operands(chunk, query, key, value, bias, mask, drop)
+    cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, causal, precision,
+                  "exact")
+    return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))
+
+
+def _ring_plan(axis_name: Any, sequence_layout: str, batch_axis_name: Any, head_axis_name: Any, layout: Layout,
+               bias: jax.Array | None, mask: jax.Array | None, causal: bool, module: Any, implementation: str,
+               dropout_mask: str) -> Ring:
+    """The ring of a sequence-parallel call, after rejecting what it cannot honour."""
+    check_not_sequence_parallel(module, name="module", why="sowing the attention weights needs the whole "
+                                "(Tq, Tk) matrix on one device")
+    check_not_sequence_parallel(None if implementation == "xla" else implementation, name="implementation",
+                                why="the ring composes the xla kernel's block pairs (Pallas block pairs are not wired)")
+    check_not_sequence_parallel(None if dropout_mask == "exact" else dropout_mask, name="dropout_mask",
+                                why="the fast masks group rows by single-device tiles, which the ring's chunks split")
+    return Ring.plan(axis_name, sequence_layout, batch_axis_name, head_axis_name, layout, bias, mask, causal)

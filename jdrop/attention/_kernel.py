@@ -24,6 +24,7 @@ from jax import lax
 
 from jdrop import masks
 from jdrop._dropout import keep_and_factor
+from jdrop._shard_map import cotangent_like, vary_like, varying_axes
 from jdrop._validation import keep_probability
 from jdrop.attention import _dropout_mask
 
@@ -267,29 +268,33 @@ def _forward_step(cfg: Config, ops: Operands, i: Any, q_i: jax.Array, j: Any, sh
     return new_max, row_sum, acc
 
 
-def forward(cfg: Config, ops: Operands, offsets: Offsets = ORIGIN) -> tuple[jax.Array, LogSumExp]:
+def forward(cfg: Config, ops: Operands, offsets: Offsets = ORIGIN, *,
+            out_dtype: Any = None) -> tuple[jax.Array, LogSumExp]:
     """Blockwise forward of one block pair: ``(out, logsumexp)``, tile-major.
 
-    Returns ``out`` ``(nq, B, Hk, G, bq, Dv)`` in ``q``'s dtype (normalised over this key block) and
-    each row's :class:`LogSumExp` over this key block, from which outputs over several key blocks
-    combine (online softmax across blocks).
+    Returns ``out`` ``(nq, B, Hk, G, bq, Dv)`` in ``out_dtype`` (default ``q``'s dtype; a caller
+    that combines several key blocks asks for the float32 accumulator so that it rounds once),
+    normalised over this key block, and each row's :class:`LogSumExp` over this key block, from
+    which outputs over several key blocks combine (online softmax across blocks).
     """
+    out_dtype = ops.q.dtype if out_dtype is None else out_dtype
     n_k = ops.k.shape[0]
     batch, kv_heads, group, bq, _ = ops.q.shape[1:]
     acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
+    axes = varying_axes(ops, offsets)  # inside shard_map, the loop carries vary as the operands do
 
     def row_block(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         i, q_i = args
         shared = _shared_factors(cfg, ops, i * cfg.block_q, cfg.block_q, 0, n_k * cfg.block_k, offsets)
-        init = (
+        init = vary_like((
             jnp.full((batch, kv_heads, group, bq), -jnp.inf, acc_dtype),
             jnp.zeros((batch, kv_heads, group, bq), acc_dtype),
             jnp.zeros((batch, kv_heads, group, bq, ops.v.shape[-1]), acc_dtype),
-        )
+        ), axes)
         step = partial(_forward_step, cfg, ops, i, q_i, shared=shared, offsets=offsets)
         row_max, row_sum, acc = lax.fori_loop(0, _visible_k_blocks(cfg, i, n_k, offsets),
                                               lambda j, carry: step(j, carry=carry), init)
-        out = (acc / row_sum[..., None]).astype(ops.q.dtype)
+        out = (acc / row_sum[..., None]).astype(out_dtype)
         return out, (row_max, jnp.log(row_sum))
 
     out, (row_max, log_row_sum) = lax.map(row_block, (jnp.arange(ops.q.shape[0]), ops.q))
@@ -363,8 +368,12 @@ def _backward_step(cfg: Config, ops: Operands, cot: _Cotangents, i: Any, column:
 
 
 def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp, delta: jax.Array,
-             offsets: Offsets = ORIGIN) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+             offsets: Offsets = ORIGIN, *,
+             grad_dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """FlashAttention-2 backward of one block pair: ``(dq, dk, dv, dbias)`` in the operands' dtypes.
+
+    ``grad_dtype`` (default: each operand's dtype) is the dtype of all four instead: a caller that
+    sums the gradients of several block pairs asks for the float32 accumulators.
 
     One pass over key tiles, each visiting its query tiles. Each tile's probabilities are recomputed
     from the rows' ``logsumexp`` (over all key blocks, from :func:`forward`) and its dropout factors
@@ -375,23 +384,25 @@ def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp,
     n_q, bq = ops.q.shape[0], cfg.block_q
     acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
     cot = _Cotangents(d_out.astype(ops.q.dtype), logsumexp, delta)
+    k_dtype, v_dtype = (ops.k.dtype, ops.v.dtype) if grad_dtype is None else (grad_dtype, grad_dtype)
+    axes = varying_axes(ops, offsets, d_out, logsumexp, delta)  # inside shard_map, the carries vary as these do
 
     def column_block(carry: tuple[Any, Any], column: tuple[Any, jax.Array, jax.Array]) -> tuple[Any, Any]:
         d_q, d_bias = carry
         j, k_j, v_j = column
         shared = _shared_factors(cfg, ops, 0, n_q * bq, j * cfg.block_k, cfg.block_k, offsets)
         step = partial(_backward_step, cfg, ops, cot, column=column, shared=shared, offsets=offsets)
-        init = (jnp.zeros(k_j.shape, acc_dtype), jnp.zeros(v_j.shape, acc_dtype), d_q, d_bias)
+        init = (*vary_like((jnp.zeros(k_j.shape, acc_dtype), jnp.zeros(v_j.shape, acc_dtype)), axes), d_q, d_bias)
         d_k, d_v, d_q, d_bias = lax.fori_loop(_first_q_block(cfg, j, offsets), n_q,
                                               lambda i, inner: step(i, carry=inner), init)
-        return (d_q, d_bias), (d_k.astype(ops.k.dtype), d_v.astype(ops.v.dtype))
+        return (d_q, d_bias), (d_k.astype(k_dtype), d_v.astype(v_dtype))
 
-    d_bias = None if ops.bias is None else jnp.zeros(ops.bias.shape, acc_dtype)
-    d_q = jnp.zeros(ops.q.shape, acc_dtype)
+    d_bias = None if ops.bias is None else vary_like(jnp.zeros(ops.bias.shape, acc_dtype), axes)
+    d_q = vary_like(jnp.zeros(ops.q.shape, acc_dtype), axes)
     (d_q, d_bias), (d_k, d_v) = lax.scan(column_block, (d_q, d_bias), (jnp.arange(ops.k.shape[0]), ops.k, ops.v))
     if d_bias is not None:
-        d_bias = d_bias.astype(ops.bias.dtype)  # type: ignore[union-attr]
-    return d_q.astype(ops.q.dtype), d_k, d_v, d_bias
+        d_bias = d_bias.astype(ops.bias.dtype if grad_dtype is None else grad_dtype)  # type: ignore[union-attr]
+    return d_q.astype(ops.q.dtype if grad_dtype is None else grad_dtype), d_k, d_v, d_bias
 
 
 # ----------------------------------------------------------------------------------- custom_vjp
@@ -411,7 +422,7 @@ def _attention_fwd(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ..
 def _attention_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
     ops, out, logsumexp = residuals
     d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out))
-    return (Operands(d_q, d_k, d_v, d_bias, None, None),)
+    return (cotangent_like(Operands(d_q, d_k, d_v, d_bias, None, None), ops),)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
