@@ -192,11 +192,55 @@ def _apply(static: _Static, threshold: jax.Array, valid: jax.Array, mask: jax.Ar
     return out.astype(values.dtype)
 
 
-def _mask_from_key(key_data: jax.Array, static: _Static, threshold: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The keep mask at ``static.mask_shape``, for a consumer of ``shape`` (broadcast along ``broadcast_dims``)."""
-    key = jax.random.wrap_key_data(key_data, impl=static.impl)
-    bits = masks.random_bits(key, static.mask_shape, broadcast_to=shape)
-    return masks.keep_from_bits(bits, threshold)
+def _mask_from_key(key_data: jax.Array, static: _Static, threshold: jax.Array, shape: tuple[int, ...],
+                   tie: jax.Array | None = None) -> jax.Array:
+    """The keep mask at ``static.mask_shape``, for a consumer of ``shape`` (broadcast along ``broadcast_dims``).
+
+    A regeneration (``tie``: the backward pass's cotangent) is drawn on CPU in a kernel of its own
+    (:func:`_staged_on_cpu`); the forward pass's draw, and every draw on other platforms, fuses into its consumer.
+    """
+
+    def draw(key_data: jax.Array, threshold: jax.Array) -> jax.Array:
+        key = jax.random.wrap_key_data(key_data, impl=static.impl)
+        return masks.keep_from_bits(masks.random_bits(key, static.mask_shape, broadcast_to=shape), threshold)
+
+    if tie is None or tie.size == 0:
+        return draw(key_data, threshold)
+    return _staged_on_cpu(draw, key_data, threshold, tie)
+
+
+def _staged_on_cpu(draw: Callable[[jax.Array, jax.Array], jax.Array], key_data: jax.Array, threshold: jax.Array,
+                   tie: jax.Array) -> jax.Array:
+    """``draw(key_data, threshold)``, the same mask, computed on CPU in a kernel of its own and passed on as bytes.
+
+    Why: fused into its consumer (``dy * factor``, 4-byte floats), XLA:CPU's loop holds 8 elements per iteration,
+    one 20-round threefry chain, and the loop alternates between computing and waiting for memory; alone, with a
+    1-byte result, LLVM vectorizes the draw 32 elements wide (independent chains: 2 x 512 bits on AVX-512, 4 x 256
+    on AVX2), and the consumer is a plain memory-bound pass. Measured on a 2-core AVX-512 CPU (``benchmarks/
+    vag_isa.py``, BENCHMARKS.md): ``value_and_grad`` of dropout on 4096 x 4096 47 vs 61 ms (AVX2 code: 53 vs 67).
+
+    The byte mask is a temporary between two kernels of the backward pass, never a residual: a conditional
+    whose two branches are the same computation marks the kernel boundary (XLA:CPU fuses across
+    ``optimization_barrier``), and its predicate, which changes nothing, reads an element of ``tie``, the
+    cotangent, so no other draw of the same key is the same instruction for XLA to merge with. The forward pass
+    is not staged for that reason: its draw equals other forward draws of the key (``jdrop.mlp`` regenerates
+    masks through ``dropout_fwd``), and a merged, materialised draw would live from the forward pass to the
+    backward pass. Under ``jax.vmap`` (per-example keys) the predicate is batched, JAX turns the conditional
+    into a select of its two equal branches, and XLA fuses the draw as before. Other platforms fuse it as well.
+    """
+
+    def staged(key_data: jax.Array, threshold: jax.Array, tie: jax.Array) -> jax.Array:
+        def as_bytes() -> jax.Array:
+            return draw(key_data, threshold).astype(jnp.uint8)
+
+        first = tie.reshape(-1)[0]  # first == first is False only for NaN: the branches are the same either way
+        return lax.cond((key_data.reshape(-1)[0] == 0) & (first == first), as_bytes, as_bytes) != 0
+
+    def fused(key_data: jax.Array, threshold: jax.Array, tie: jax.Array) -> jax.Array:
+        del tie
+        return draw(key_data, threshold)
+
+    return lax.platform_dependent(key_data, threshold, tie, cpu=staged, default=fused)
 
 
 # What a training pass keeps, per policy: (key_data, mask) -> saved.
@@ -230,7 +274,7 @@ _train_dropout.defvjp(_train_forward, _train_dropout_bwd)
 
 def _regenerated_mask(res: DropoutResidual, dy: jax.Array) -> tuple[jax.Array | None, jax.Array]:
     key_data, dy = lax.optimization_barrier((res.saved, dy))
-    return _mask_from_key(key_data, res._static, res._threshold, dy.shape), dy
+    return _mask_from_key(key_data, res._static, res._threshold, dy.shape, tie=dy), dy
 
 
 # The mask the backward pass applies, per policy: (res, dy) -> (mask or None, dy).

@@ -575,6 +575,52 @@ def test_vjp_residual_sizes(key, residual):
         assert not any(leaf.dtype == x.dtype and leaf.size > HANDFUL for leaf in leaves)  # no float copy
 
 
+def _tanh_network_temp_bytes(depth: int, drop) -> int:
+    """Temporary memory of ``grad`` of a ``depth``-layer tanh network (512 x 256) with ``drop(layer, h)`` after
+    each layer; masks, when ``drop`` takes them, are inputs of the program."""
+    batch, width = 512, 256
+
+    def loss(ws, x, extra):
+        h = x
+        for layer, w in enumerate(ws):
+            h = drop(layer, jnp.tanh(h @ w), extra)
+        return jnp.sum(h)
+
+    ws = [jax.ShapeDtypeStruct((width, width), jnp.float32)] * depth
+    extra = [jax.ShapeDtypeStruct((batch, width), jnp.bool_)] * depth
+    compiled = jax.jit(jax.grad(loss)).lower(ws, jax.ShapeDtypeStruct((batch, width), jnp.float32), extra).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_key_policy_adds_nothing_to_a_step_beyond_a_given_mask(key):
+    """A network with ``residual="key"`` dropout needs what the same network multiplying by masks it is given
+    needs: nothing per element of its own, also with the backward pass's regeneration drawn in a kernel of its
+    own on CPU (a byte mask between two kernels, which must not live from the forward pass to the backward)."""
+    keyed = lambda layer, h, _: jdrop.dropout(jax.random.fold_in(key, layer), h, 0.5)  # noqa: E731
+    given = lambda layer, h, masks_: jnp.where(masks_[layer], h * 2.0, 0.0)  # noqa: E731
+    for depth in (2, 6):
+        # 0.05 bytes per element of slack (a kept byte mask would add 1, a packed one 0.125).
+        slack = 0.05 * depth * 512 * 256
+        assert _tanh_network_temp_bytes(depth, keyed) <= _tanh_network_temp_bytes(depth, given) + slack
+
+
+def test_backward_regeneration_is_its_own_kernel_on_cpu(key):
+    """On CPU the backward pass draws its mask in a conditional of two equal branches (a kernel boundary,
+    see ``jdrop._dropout._staged_on_cpu``); the forward pass and per-example (vmapped) draws fuse."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the staging is XLA:CPU's")
+    x = signed_input((64, 128))
+    vag = jax.jit(jax.value_and_grad(lambda x, c: jnp.vdot(jdrop.dropout(key, x, 0.5), c)))
+    assert vag.lower(x, x).compile().as_text().count("conditional(") == 1
+    assert "conditional(" not in jax.jit(lambda x: jdrop.dropout(key, x, 0.5)).lower(x).compile().as_text()
+    keys = jax.random.split(key, 64)
+    vmapped = jax.jit(jax.grad(lambda x: jax.vmap(lambda k, r: jdrop.dropout(k, r, 0.5))(keys, x).sum()))
+    want = jax.vmap(lambda k: jnp.where(jdrop.keep_mask(k, (128,), 0.5), 2.0, 0.0))(keys)
+    np.testing.assert_array_equal(vmapped(x), want)
+    grad = jax.grad(lambda x: jnp.vdot(jdrop.dropout(key, x, 0.5), x))(x)
+    np.testing.assert_allclose(grad, np.where(jdrop.keep_mask(key, x.shape, 0.5), 4.0 * np.asarray(x), 0.0), rtol=1e-6)
+
+
 def test_eval_vjp_keeps_nothing_per_element():
     x = signed_input(RESIDUAL_SHAPE)
     for scale in SCALES:

@@ -463,11 +463,18 @@ def _manual_grads(params, x, masks_, c):
 
 
 def _threefry_calls(jaxpr):
-    """How many times a (closed) jaxpr draws bits with jdrop's unrolled threefry, nested jaxprs included."""
+    """How many times a (closed) jaxpr draws bits with jdrop's unrolled threefry, nested jaxprs included.
+
+    A conditional runs one branch: it counts as its most drawing branch (the core's per-platform choice of
+    program, and the CPU program's kernel boundary, are conditionals whose branches draw the same bits).
+    """
     count = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "_threefry_bits":
             count += 1
+            continue
+        if eqn.primitive.name == "cond":
+            count += max(_threefry_calls(branch.jaxpr) for branch in eqn.params["branches"])
             continue
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             count += _threefry_calls(sub)
