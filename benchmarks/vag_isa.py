@@ -9,8 +9,8 @@ minute of a shared machine falls on both. Reported per mode: the median wall tim
 XLA's threads) per call, and each candidate's speed-up over flax.linen in that mode.
 
 It also dumps the compiled program of each mode (``--xla_dump_to``) and counts, with ``objdump``, the instructions of
-jdrop's dropout kernel and of its vector loop (the unrolled threefry: 20 rounds of add, rotate, xor per element):
-the deterministic part of the comparison.
+jdrop's kernels (:data:`KERNELS`) and of their vector loops (the unrolled threefry: 20 rounds of add, rotate, xor
+per element): the deterministic part of the comparison.
 """
 
 from __future__ import annotations
@@ -86,26 +86,14 @@ def worker(rounds: int) -> dict[str, Any]:
     return {name: {"wall_ms": [1e3 * t for t in wall[name]], "cpu_ms": cpu_ms[name]} for name in runners}
 
 
-def kernel_instructions(mode: str) -> dict[str, Any]:
-    """Instructions of jdrop's vag dropout kernel as ``mode`` compiles it (objdump of XLA's dump), total and in loops.
+KERNELS = {"forward (fused)": "broadcast_select_fusion", "backward draw (staged)": "compare_convert_fusion",
+           "backward apply": "multiply_select_fusion"}
+"""jdrop's vag kernels by XLA's fusion names: the forward pass draws the mask inside ``x * factor``; on CPU the
+backward pass draws it in a kernel of its own (bytes out) and applies it in another."""
 
-    The loop is the code between a backward jump's target and the jump. Returns ``{}`` without objdump.
-    """
-    if shutil.which("objdump") is None:
-        return {}
-    with tempfile.TemporaryDirectory() as dump:
-        flags = f"{os.environ.get('XLA_FLAGS', '')} {MODES[mode]} --xla_dump_to={dump} --xla_dump_emitter_re=.*"
-        code = ("import jax, jax.numpy as jnp, jdrop\n"
-                f"x = jnp.ones({SHAPE}); key = jax.random.key(0)\n"
-                f"f = jax.jit(jax.value_and_grad(lambda x, c: jnp.vdot(jdrop.dropout(key, x, {RATE}), c)))\n"
-                "jax.block_until_ready(f(x, x))\n")
-        env = dict(os.environ, XLA_FLAGS=flags.strip(), PYTHONPATH=str(ROOT))
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
-        objects = sorted(Path(dump).glob("*select_fusion*.o"))
-        if not objects:
-            return {}
-        text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(objects[0])], capture_output=True,
-                              text=True, check=True).stdout
+
+def _loop(text: str) -> dict[str, Any]:
+    """Instructions of one object file's ``objdump``, in all and in its longest loop (a backward jump's span)."""
     lines = [line for line in text.splitlines() if re.match(r"^\s+[0-9a-f]+:\s", line)]
     address = [int(line.split(":")[0], 16) for line in lines]
     ops = [line.split(":", 1)[1].split()[0] for line in lines]
@@ -119,9 +107,30 @@ def kernel_instructions(mode: str) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for op in loop:
         counts[op] = counts.get(op, 0) + 1
-    vector_width = 512 if any("zmm" in line for line in lines) else 256 if any("ymm" in line for line in lines) else 128
-    return {"kernel": len(lines), "loop": len(loop), "vector_bits": vector_width,
-            "loop_ops": dict(sorted(counts.items(), key=lambda item: -item[1])[:8])}
+    vector_bits = 512 if any("zmm" in line for line in lines) else 256 if any("ymm" in line for line in lines) else 128
+    return {"kernel": len(lines), "loop": len(loop), "vector_bits": vector_bits,
+            "loop_ops": dict(sorted(counts.items(), key=lambda item: -item[1])[:6])}
+
+
+def kernel_instructions(mode: str) -> dict[str, Any]:
+    """Instructions of jdrop's vag kernels (:data:`KERNELS`) as ``mode`` compiles them; ``{}`` without objdump."""
+    if shutil.which("objdump") is None:
+        return {}
+    found = {}
+    with tempfile.TemporaryDirectory() as dump:
+        flags = f"{os.environ.get('XLA_FLAGS', '')} {MODES[mode]} --xla_dump_to={dump} --xla_dump_emitter_re=.*"
+        code = ("import jax, jax.numpy as jnp, jdrop\n"
+                f"x = jnp.ones({SHAPE}); key = jax.random.key(0)\n"
+                f"f = jax.jit(jax.value_and_grad(lambda x, c: jnp.vdot(jdrop.dropout(key, x, {RATE}), c)))\n"
+                "jax.block_until_ready(f(x, x))\n")
+        env = dict(os.environ, XLA_FLAGS=flags.strip(), PYTHONPATH=str(ROOT))
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        for label, fusion in KERNELS.items():
+            objects = sorted(Path(dump).glob(f"*.{fusion}_kernel_module.o"))
+            if objects:
+                found[label] = _loop(subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(objects[0])],
+                                                    capture_output=True, text=True, check=True).stdout)
+    return found
 
 
 def run(repeats: int, rounds: int) -> dict[str, Any]:
@@ -155,10 +164,10 @@ def table(result: dict[str, Any]) -> str:
     rows.sort(key=lambda r: (r[1] != "vag", r[0], CANDIDATES.index(r[2])))
     headers = ("mode", "program", "implementation", "wall ms", "CPU ms", "vs flax (wall)", "vs flax (CPU)", "runs")
     lines = [markdown_table(headers, rows), ""]
-    for mode, counts in result["instructions"].items():
-        if counts:
-            lines.append(f"- {mode}: jdrop's dropout kernel {counts['kernel']} instructions, its loop "
-                         f"{counts['loop']} ({counts['vector_bits']}-bit vectors): {counts['loop_ops']}")
+    for mode, kernels in result["instructions"].items():
+        for label, counts in kernels.items():
+            lines.append(f"- {mode}, {label}: {counts['kernel']} instructions, loop {counts['loop']} "
+                         f"({counts['vector_bits']}-bit registers): {counts['loop_ops']}")
     return "\n".join(lines)
 
 
