@@ -31,10 +31,13 @@ def python_blocks() -> list[str]:
 
 def test_every_python_block_runs_in_order_as_written():
     """One namespace, as a reader pasting the blocks into one notebook would have; a subprocess, because blocks
-    may change process-wide settings (``jdrop.masks.set_bits_lowering``)."""
+    may change process-wide settings (``jdrop.masks.set_bits_lowering``), with the 8 CPU devices that the
+    sequence-parallel recipe asks a CPU reader to simulate (``--xla_force_host_platform_device_count=8``)."""
     blocks = python_blocks()
     assert len(blocks) >= 4, "README.md lost python blocks"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
     done = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(blocks), capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=600)
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
