@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Container, Iterable
 from typing import Any, cast
 
 import jax
@@ -38,6 +39,7 @@ __all__ = [
     "check_float_dtype",
     "deterministic_or_train",
     "check_float_input",
+    "check_keywords",
     "check_index_offset",
     "check_mask_rows",
     "check_mesh_axis",
@@ -215,6 +217,13 @@ def check_float_input(x: Any, *, name: str = "x") -> jax.Array:
             f"got dtype {x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."
         )
     return x
+
+
+def check_keywords(given: Iterable[str], known: Container[str], *, where: str) -> None:
+    """``TypeError``, in Python's words, for a name in ``given`` (a ``**kwargs`` dict) that is not in ``known``."""
+    for name in given:
+        if name not in known:
+            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
 
 
 def check_choice(value: Any, choices: tuple[str, ...], *, name: str) -> str:

@@ -131,6 +131,16 @@ def normal_input(shape, seed=1, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
+def qkv_input(batch=2, q_length=37, k_length=45, heads=4, depth=8, kv_heads=None, dtype=jnp.float32, seed=0):
+    """Attention inputs ``(query, key, value)``: ``(batch, Tq, heads, depth)`` and twice ``(batch, Tk, kv_heads,
+    depth)``, standard normal from numpy (every eager jax.random call compiles a program, and compiling dominates)."""
+    rng = np.random.default_rng(seed)
+    kv_heads = heads if kv_heads is None else kv_heads
+    q = rng.standard_normal((batch, q_length, heads, depth))
+    k, v = rng.standard_normal((2, batch, k_length, kv_heads, depth))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
 def mc_model(params, x, *, key, train):
     """A one-hidden-layer network with dropout, in the jdrop convention (one example or a batch)."""
     hidden = jdrop.dropout(key, jnp.tanh(x @ params["w1"]), params["rate"], deterministic=not train)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import normal_input, value_and_grads
+from _util import normal_input, qkv_input, value_and_grads
 from flax import nnx
 
 import jdrop
@@ -23,15 +23,6 @@ from jdrop.attention import _layout as attention_layout
 
 RNG = jax.random.key(7)
 BLOCKS = {"block_q": 8, "block_k": 16}  # small tiles: every test crosses tile and padding boundaries
-
-
-def _qkv(batch=2, q_length=37, k_length=45, heads=4, depth=8, kv_heads=None, dtype=jnp.float32, seed=0):
-    # numpy, not jax.random: every eager jax.random call compiles a program, and compiling dominates here.
-    rng = np.random.default_rng(seed)
-    kv_heads = heads if kv_heads is None else kv_heads
-    q = rng.standard_normal((batch, q_length, heads, depth))
-    k, v = rng.standard_normal((2, batch, k_length, kv_heads, depth))
-    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
 def _jdrop(**options):
@@ -79,7 +70,7 @@ def test_mask_index_past_two_to_the_32_matches_uint64_arithmetic():
 
 
 def test_outputs_and_gradients_equal_flax():
-    q, k, v = _qkv()
+    q, k, v = qkv_input()
     options = {"dropout_rng": RNG, "dropout_rate": 0.3}  # flax's default: one mask for all rows and heads
     out, grads = value_and_grads(_jdrop(**options), q, k, v)
     ref, ref_grads = value_and_grads(partial(nn.dot_product_attention, **options), q, k, v)
@@ -88,7 +79,7 @@ def test_outputs_and_gradients_equal_flax():
 
 
 def test_mask_bias_causal_and_per_element_dropout_equal_flax():
-    q, k, v = _qkv(q_length=45)
+    q, k, v = qkv_input(q_length=45)
     lengths = jnp.asarray([45, 20])
     mask = (jnp.arange(45) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, Tk) padding mask
     mask = mask & jnp.ones((45, 1), bool).at[3].set(False)  # and a fully masked row: uniform, as in flax
@@ -107,7 +98,7 @@ def test_mask_bias_causal_and_per_element_dropout_equal_flax():
 def test_odd_lengths_draw_flax_mask_exactly_and_equal_flax():
     # value = identity: the output row of query t is its dropped probabilities, so zeros = dropped entries.
     q_length, k_length, heads = 1000, 999, 1
-    q, k, _ = _qkv(batch=1, q_length=q_length, k_length=k_length, heads=heads, depth=4)
+    q, k, _ = qkv_input(batch=1, q_length=q_length, k_length=k_length, heads=heads, depth=4)
     v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (1, k_length, heads, k_length))
     options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": False}
     out, grads = value_and_grads(partial(jdrop.dot_product_attention, **options), q, k, v)
@@ -119,7 +110,7 @@ def test_odd_lengths_draw_flax_mask_exactly_and_equal_flax():
 
 
 def test_float64_equals_naive_attention_tightly(x64):
-    q, k, v = _qkv(dtype=jnp.float64)
+    q, k, v = qkv_input(dtype=jnp.float64)
     bias = normal_input((1, 1, 37, 45), seed=3, dtype=jnp.float64)
     rate = 0.3
     keep_mask = jax.random.bernoulli(RNG, np.float32(1 - rate), (1, 1, 37, 45))
@@ -141,7 +132,7 @@ def test_float64_equals_naive_attention_tightly(x64):
 
 
 def test_block_sizes_do_not_change_results():
-    q, k, v = _qkv()
+    q, k, v = qkv_input()
     options = {"dropout_rng": RNG, "dropout_rate": 0.4, "broadcast_dropout": False}
     results = [
         value_and_grads(partial(jdrop.dot_product_attention, block_q=bq, block_k=bk, **options), q, k, v)
@@ -161,17 +152,17 @@ def test_grouped_query_causal_attention_equals_flax_with_repeated_kv_heads():
         group = q.shape[2] // k.shape[2]
         return nnx.dot_product_attention(q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2), **options)
 
-    q, k, v = _qkv(q_length=45, kv_heads=2)
+    q, k, v = qkv_input(q_length=45, kv_heads=2)
     out, grads = value_and_grads(_jdrop(**options), q, k, v)
     ref, ref_grads = value_and_grads(repeated, q, k, v)
     _assert_close(out, ref)
     _assert_close(grads, ref_grads)
-    q, k, v = _qkv(kv_heads=1)  # multi-query
+    q, k, v = qkv_input(kv_heads=1)  # multi-query
     _assert_close(jax.jit(_jdrop(**options))(q, k, v), jax.jit(repeated)(q, k, v))
 
 
 def test_traced_rate_compiles_once_rate_zero_is_no_dropout_rate_one_gives_zeros():
-    q, k, v = _qkv()
+    q, k, v = qkv_input()
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -189,7 +180,7 @@ def test_traced_rate_compiles_once_rate_zero_is_no_dropout_rate_one_gives_zeros(
 
 
 def test_deterministic_ignores_rng_and_equals_flax():
-    q, k, v = _qkv()
+    q, k, v = qkv_input()
     evaluation = jax.jit(_jdrop(dropout_rate=0.5, deterministic=True))(q, k, v)
     with_rng = jax.jit(_jdrop(dropout_rng=RNG, dropout_rate=0.5, deterministic=True))(q, k, v)
     np.testing.assert_array_equal(evaluation, with_rng)
@@ -197,7 +188,7 @@ def test_deterministic_ignores_rng_and_equals_flax():
 
 
 def test_vmap_over_keys_equals_one_call_per_example():
-    q, k, v = _qkv()
+    q, k, v = qkv_input()
     keys = jax.random.split(RNG, 2)
     attend = _jdrop(dropout_rate=0.3, broadcast_dropout=False)
     batched = jax.jit(jax.vmap(lambda q, k, v, r: attend(q, k, v, dropout_rng=r)))(q, k, v, keys)
@@ -206,7 +197,7 @@ def test_vmap_over_keys_equals_one_call_per_example():
 
 
 def test_low_precision_returns_input_dtype():
-    q, k, v = _qkv()
+    q, k, v = qkv_input()
     options = {"dropout_rng": RNG, "dropout_rate": 0.2}
     ref = jax.jit(_jdrop(**options))(q, k, v)
     out, grads = value_and_grads(_jdrop(**options), q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
@@ -219,7 +210,7 @@ def test_low_precision_returns_input_dtype():
 
 
 def test_bad_arguments_raise_clear_errors():
-    q, k, v = _qkv(batch=1, q_length=4, k_length=4)
+    q, k, v = qkv_input(batch=1, q_length=4, k_length=4)
     with pytest.raises(ValueError, match="dropout_rate"):
         jdrop.dot_product_attention(q, k, v, dropout_rng=RNG, dropout_rate=1.5)
     with pytest.raises(ValueError, match="dropout_rng"):
@@ -327,7 +318,7 @@ def _combine(partials):
 def test_block_pairs_at_global_offsets_compose_into_the_whole_attention():
     # Queries in 2 shards, keys in 2 blocks (odd lengths, causal, per-element dropout): each pair draws its part of
     # flax's (B, H, Tq, Tk) mask and masks causally by global position; dQ sums over key blocks, dK/dV over shards.
-    q, k, v = _qkv(q_length=42, k_length=38)
+    q, k, v = qkv_input(q_length=42, k_length=38)
     rate, q_split, k_split = 0.3, 19, 21
     shape = (2, 4, 42, 38)
     d_out = normal_input((2, 42, 4, 8), seed=3)
@@ -364,7 +355,7 @@ def test_block_pairs_at_global_offsets_compose_into_the_whole_attention():
 
 def test_batch_and_head_offsets_draw_their_part_of_the_per_element_mask():
     # Batch rows and heads in 2 shards each (as on a 2-D mesh): the shards' outputs are the whole call's.
-    q, k, v = _qkv(q_length=21, k_length=19)
+    q, k, v = qkv_input(q_length=21, k_length=19)
     shape = (2, 4, 21, 19)
 
     @jax.jit

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import value_and_grads
+from _util import qkv_input, value_and_grads
 
 import jdrop
 from jdrop import masks
@@ -24,14 +24,6 @@ from jdrop.attention import _dropout_mask, _pallas
 RNG = jax.random.key(7)
 BACKENDS = _pallas.BACKENDS
 XLA_BLOCKS = {"block_q": 8, "block_k": 16}
-
-
-def _qkv(batch=2, q_length=37, k_length=45, heads=4, depth=8, kv_heads=None, dtype=jnp.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    kv_heads = heads if kv_heads is None else kv_heads
-    q = rng.standard_normal((batch, q_length, heads, depth))
-    k, v = rng.standard_normal((2, batch, k_length, kv_heads, depth))
-    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
 def _pallas_fn(backend, **options):
@@ -63,7 +55,7 @@ def _errors(actual, reference):
 def test_kernels_draw_flax_mask_exactly(backend):
     # value = identity: query t's output row is its dropped probabilities, so zeros = dropped entries.
     q_length, k_length, heads, kv_heads = 45, 33, 4, 2  # odd lengths, grouped queries
-    q, k, _ = _qkv(batch=2, q_length=q_length, k_length=k_length, heads=heads, kv_heads=kv_heads)
+    q, k, _ = qkv_input(batch=2, q_length=q_length, k_length=k_length, heads=heads, kv_heads=kv_heads)
     v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (2, k_length, kv_heads, k_length))
     for broadcast in (False, True):
         options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": broadcast}
@@ -120,7 +112,7 @@ def test_fast_masks_are_the_same_for_every_tiling_in_both_paths(backend):
     # value = identity, per-head dropout, odd lengths: the kernels' fast mask, the xla path's (other tiles) and
     # the mask drawn as one tile per head are one mask.
     q_length, k_length, heads = 70, 33, 2
-    q, k, _ = _qkv(batch=1, q_length=q_length, k_length=k_length, heads=heads)
+    q, k, _ = qkv_input(batch=1, q_length=q_length, k_length=k_length, heads=heads)
     v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (1, k_length, heads, k_length))
     for mode in ("fast16", "fast8"):
         options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": False, "dropout_mask": mode}
@@ -164,7 +156,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_and_gradients_match_float64_reference(backend, case):
     shapes, options, with_bias, with_mask = CASES[case]
-    q, k, v = _qkv(**shapes)
+    q, k, v = qkv_input(**shapes)
     batch, q_length, heads = q.shape[:3]
     k_length = k.shape[1]
     rng = np.random.default_rng(3)
@@ -212,7 +204,7 @@ def test_outputs_and_gradients_match_float64_reference(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_traced_rate_compiles_once_rate_zero_is_no_dropout_rate_one_gives_zeros(backend):
-    q, k, v = _qkv(q_length=21, k_length=19, heads=2)
+    q, k, v = qkv_input(q_length=21, k_length=19, heads=2)
     chex.clear_trace_counter()  # parametrized: the same function once per backend
 
     @jax.jit
@@ -296,7 +288,7 @@ def test_bias_gradient_kernel_is_dead_code_when_unused(platform):
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_vmapped_kernels_lower(platform):
     # Per-example keys under vmap: the batched dropout scalars keep block shapes Mosaic accepts.
-    q, k, v = _qkv(q_length=64, k_length=64, heads=2, depth=64)
+    q, k, v = qkv_input(q_length=64, k_length=64, heads=2, depth=64)
     keys = jax.random.split(RNG, 2)
 
     def loss(q, k, v, rng):
@@ -309,7 +301,7 @@ def test_vmapped_kernels_lower(platform):
 
 
 def test_vmap_over_keys_equals_one_call_per_example():
-    q, k, v = _qkv(q_length=21, k_length=19, heads=2)
+    q, k, v = qkv_input(q_length=21, k_length=19, heads=2)
     keys = jax.random.split(RNG, 2)
     attend = _pallas_fn("gpu", dropout_rate=0.3, broadcast_dropout=False)
     batched = jax.jit(jax.vmap(lambda q, k, v, r: attend(q, k, v, dropout_rng=r)))(q, k, v, keys)
@@ -322,7 +314,7 @@ def test_vmap_over_keys_equals_one_call_per_example():
 
 
 def test_bad_implementation_mask_mode_and_tiles_raise_clear_errors(x64):
-    q, k, v = _qkv(batch=1, q_length=4, k_length=4, heads=1)
+    q, k, v = qkv_input(batch=1, q_length=4, k_length=4, heads=1)
     with pytest.raises(ValueError, match="`implementation` must be one of"):
         jdrop.dot_product_attention(q, k, v, implementation="cudnn")
     with pytest.raises(ValueError, match="`dropout_mask` must be one of"):

@@ -59,23 +59,29 @@ def _env():
     return env
 
 
-def test_two_processes_match_single_process(tmp_path):
+def _run_workers(script, tmp_path):
+    """Runs ``script`` in 2 processes joined by ``jax.distributed`` and in 1 alone (each writes JSON to the path in
+    its last argument); returns the lone run's JSON and the list of the 2 processes'."""
     port = _free_port()
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(port), "2", str(i), str(tmp_path / f"p{i}.json")],
+        subprocess.Popen([sys.executable, "-c", script, str(port), "2", str(i), str(tmp_path / f"p{i}.json")],
                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
-    single = subprocess.run([sys.executable, "-c", WORKER, "0", "1", "0", str(tmp_path / "single.json")],
+    single = subprocess.run([sys.executable, "-c", script, "0", "1", "0", str(tmp_path / "single.json")],
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     reference = json.loads((tmp_path / "single.json").read_text())
+    return reference, [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+
+
+def test_two_processes_match_single_process(tmp_path):
+    reference, parts = _run_workers(WORKER, tmp_path)
     rows = {}
-    for i in range(2):
-        result = json.loads((tmp_path / f"p{i}.json").read_text())
+    for result in parts:
         for a, b in zip(result["params"], reference["params"]):
             # Float tolerance: the gradient all-reduce sums the two halves in another order.
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -125,20 +131,7 @@ RING_WORKER = textwrap.dedent(
 
 def test_ring_attention_across_two_processes_equals_one_process(tmp_path):
     # The ring's ppermute crosses the process boundary (gloo): each process holds half of the sequence.
-    port = _free_port()
-    procs = [
-        subprocess.Popen([sys.executable, "-c", RING_WORKER, str(port), "2", str(i), str(tmp_path / f"p{i}.json")],
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    single = subprocess.run([sys.executable, "-c", RING_WORKER, "0", "1", "0", str(tmp_path / "single.json")],
-                            env=_env(), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    reference = json.loads((tmp_path / "single.json").read_text())
-    parts = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    reference, parts = _run_workers(RING_WORKER, tmp_path)
 
     def whole(pieces):
         return np.concatenate([np.asarray(pieces[start]) for start in sorted(pieces, key=int)], axis=1)

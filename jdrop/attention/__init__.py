@@ -31,12 +31,14 @@ from jdrop.attention._api import DEFAULT_BLOCK_K as DEFAULT_BLOCK_K
 from jdrop.attention._api import DEFAULT_BLOCK_Q as DEFAULT_BLOCK_Q
 from jdrop.attention._api import dot_product_attention as dot_product_attention
 from jdrop.attention._ring import SEQUENCE_LAYOUTS as SEQUENCE_LAYOUTS
+from jdrop.attention._sequence_parallel import AttentionOptions as AttentionOptions
 from jdrop.attention._sequence_parallel import from_zigzag as from_zigzag
 from jdrop.attention._sequence_parallel import sequence_parallel_attention as sequence_parallel_attention
 from jdrop.attention._sequence_parallel import sequence_positions as sequence_positions
 from jdrop.attention._sequence_parallel import to_zigzag as to_zigzag
 
 __all__ = [
+    "AttentionOptions",
     "DEFAULT_BLOCK_K",
     "DEFAULT_BLOCK_Q",
     "SEQUENCE_LAYOUTS",

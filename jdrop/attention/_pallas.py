@@ -287,23 +287,35 @@ def _member_rows(ref, full: tuple[bool, ...], g: Any, i: Any, size: int) -> jax.
     return ref[g if full[2] else 0, rows, :]
 
 
+def _key_tiles_gpu(spec: _Spec, q: jax.Array, k_ref, v_ref, inputs: _Inputs) -> tuple[Any, Callable[[Any], tuple]]:
+    """For a GPU shell's program over query tile ``i`` (its loop over key tiles): ``(i, key_tile)``, where
+    ``key_tile(j)`` is key tile ``j``'s keys, values, logits, allowed entries and dropout factors."""
+    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    drop = _drop(inputs)
+    bk = spec.block_k
+
+    def key_tile(j: Any) -> tuple:
+        start = pl.multiple_of(j * bk, bk)
+        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+        bias = None if inputs.bias is None else _column_slice(inputs.bias, spec.bias_full[4], j, bk)
+        mask = None if inputs.mask is None else _column_slice(inputs.mask, spec.mask_full[4], j, bk)
+        s, allowed = _logits(spec, q, k, bias, mask, i, j)
+        return k, v, s, allowed, _factors(spec, drop, b * spec.q_heads + h, i, j)
+
+    return i, key_tile
+
+
 # ----------------------------------------------------------------------------------- forward
 
 
 def _forward_kernel_gpu(spec: _Spec, n_k: int, *refs):
     (q_ref, k_ref, v_ref), inputs, (o_ref, max_ref, lse_ref) = _split_refs(spec, refs, 3)
-    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    drop = _drop(inputs)
     q = q_ref[...]
-    bk = spec.block_k
+    i, key_tile = _key_tiles_gpu(spec, q, k_ref, v_ref, inputs)
 
     def body(j, carry):
-        start = pl.multiple_of(j * bk, bk)
-        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-        bias = None if inputs.bias is None else _column_slice(inputs.bias, spec.bias_full[4], j, bk)
-        mask = None if inputs.mask is None else _column_slice(inputs.mask, spec.mask_full[4], j, bk)
-        s, _ = _logits(spec, q, k, bias, mask, i, j)
-        return _forward_tile(spec, carry, s, v, _factors(spec, drop, b * spec.q_heads + h, i, j))
+        _, v, s, _, factors = key_tile(j)
+        return _forward_tile(spec, carry, s, v, factors)
 
     bq = spec.block_q
     init = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
@@ -513,18 +525,11 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
 
 def _dq_kernel_gpu(spec: _Spec, n_k: int, *refs):
     (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, (dq_ref,) = _split_refs(spec, refs, 7)
-    i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    drop = _drop(inputs)
     q, do, row_max, log_row_sum, delta = q_ref[...], do_ref[...], max_ref[...], lse_ref[...], delta_ref[...]
-    bk = spec.block_k
+    i, key_tile = _key_tiles_gpu(spec, q, k_ref, v_ref, inputs)
 
     def body(j, d_q):
-        start = pl.multiple_of(j * bk, bk)
-        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-        bias = None if inputs.bias is None else _column_slice(inputs.bias, spec.bias_full[4], j, bk)
-        mask = None if inputs.mask is None else _column_slice(inputs.mask, spec.mask_full[4], j, bk)
-        s, allowed = _logits(spec, q, k, bias, mask, i, j)
-        factors = _factors(spec, drop, b * spec.q_heads + h, i, j)
+        k, v, s, allowed, factors = key_tile(j)
         _, ds = _backward_tile(spec, s, allowed, do, v, row_max, log_row_sum, delta, factors)
         return d_q + _dot(spec, ds.astype(k.dtype), k, (1, 0))
 

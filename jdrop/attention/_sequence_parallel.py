@@ -11,7 +11,7 @@ layouts and give a shard's global positions (for position embeddings).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -24,16 +24,37 @@ from jdrop._validation import (
     check_attention_shapes,
     check_choice,
     check_float_input,
+    check_keywords,
     check_mesh_axis,
     check_mesh_has,
     check_multiple_of,
     check_shard_follows,
     static_bool,
 )
-from jdrop.attention._api import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, dot_product_attention
+from jdrop.attention._api import dot_product_attention
 from jdrop.attention._ring import SEQUENCE_LAYOUTS, chunk_starts
 
-__all__ = ["from_zigzag", "sequence_parallel_attention", "sequence_positions", "to_zigzag"]
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11's
+    from typing_extensions import Unpack
+
+__all__ = ["AttentionOptions", "from_zigzag", "sequence_parallel_attention", "sequence_positions", "to_zigzag"]
+
+
+class AttentionOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`jdrop.dot_product_attention` that :func:`sequence_parallel_attention`
+    takes and passes on: their meaning and defaults are that function's. The others do not apply to a ring over
+    global arrays (the sequence-parallel ones are the wrapper's own; ``module``, ``implementation="pallas"`` and
+    the fast masks are what the ring rejects)."""
+
+    broadcast_dropout: bool
+    dropout_rng: Any
+    dropout_rate: Any
+    deterministic: bool
+    dtype: DTypeLike | None
+    precision: Any
+    is_causal: bool
+    block_q: int
+    block_k: int
 
 
 def _owner(half: int, devices: int) -> int:
@@ -44,6 +65,28 @@ def _owner(half: int, devices: int) -> int:
 def _halves(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     length = check_multiple_of(x.shape[axis], 2, name="x", why="the zigzag layout holds two chunks per device")
     return lax.slice_in_dim(x, 0, length // 2, axis=axis), lax.slice_in_dim(x, length // 2, length, axis=axis)
+
+
+def _exchange_halves(x: ArrayLike, axis_name: Any, axis: int, *, inverse: bool) -> jax.Array:
+    """The local shard moved from the contiguous layout to the zigzag one (or back, ``inverse``): its two halves
+    sent by one ``lax.ppermute`` each."""
+    x = jnp.asarray(x)
+    axis = canonical_axis(axis, x.ndim, name="axis")
+    n = check_mesh_axis(axis_name)
+    first, second = _halves(x, axis)
+    if n == 1:
+        return x
+    # Device d's zigzag chunks are d and 2N - 1 - d: one even, one odd; the even one first on an even device.
+    me_even = lax.axis_index(axis_name) % 2 == 0
+
+    def even_first(a: jax.Array, b: jax.Array) -> list[jax.Array]:  # this device's order <-> (even, odd)
+        return [jnp.where(me_even, a, b), jnp.where(me_even, b, a)]
+
+    moved = []  # contiguous chunk 2d + parity is on device d, zigzag chunk c on device _owner(c)
+    for parity, half in enumerate(even_first(first, second) if inverse else [first, second]):
+        pairs = [(d, _owner(2 * d + parity, n)) for d in range(n)]
+        moved.append(lax.ppermute(half, axis_name, [(b, a) for a, b in pairs] if inverse else pairs))
+    return jnp.concatenate(moved if inverse else even_first(*moved), axis=axis)
 
 
 def to_zigzag(x: ArrayLike, axis_name: Any, *, axis: int = -3) -> jax.Array:
@@ -68,32 +111,12 @@ def to_zigzag(x: ArrayLike, axis_name: Any, *, axis: int = -3) -> jax.Array:
       >>> x = jdrop.attention.to_zigzag(embeddings, "seq", axis=1)   # once, at the model's input
       >>> positions = jdrop.attention.sequence_positions(x.shape[1], "seq", "zigzag")
     """
-    x = jnp.asarray(x)
-    axis = canonical_axis(axis, x.ndim, name="axis")
-    n = check_mesh_axis(axis_name)
-    first, second = _halves(x, axis)
-    if n == 1:
-        return x
-    even = lax.ppermute(first, axis_name, [(d, _owner(2 * d, n)) for d in range(n)])
-    odd = lax.ppermute(second, axis_name, [(d, _owner(2 * d + 1, n)) for d in range(n)])
-    # Device d's first chunk is chunk d, its second 2N - 1 - d: one even, one odd.
-    me_even = lax.axis_index(axis_name) % 2 == 0
-    return jnp.concatenate([jnp.where(me_even, even, odd), jnp.where(me_even, odd, even)], axis=axis)
+    return _exchange_halves(x, axis_name, axis, inverse=False)
 
 
 def from_zigzag(x: ArrayLike, axis_name: Any, *, axis: int = -3) -> jax.Array:
     """Inverse of :func:`to_zigzag`: this device's contiguous shard from its zigzag shard (inside ``shard_map``)."""
-    x = jnp.asarray(x)
-    axis = canonical_axis(axis, x.ndim, name="axis")
-    n = check_mesh_axis(axis_name)
-    first, second = _halves(x, axis)
-    if n == 1:
-        return x
-    me_even = lax.axis_index(axis_name) % 2 == 0
-    even, odd = jnp.where(me_even, first, second), jnp.where(me_even, second, first)
-    start = lax.ppermute(even, axis_name, [(_owner(2 * d, n), d) for d in range(n)])
-    end = lax.ppermute(odd, axis_name, [(_owner(2 * d + 1, n), d) for d in range(n)])
-    return jnp.concatenate([start, end], axis=axis)
+    return _exchange_halves(x, axis_name, axis, inverse=True)
 
 
 def sequence_positions(length: int, axis_name: Any, sequence_layout: str = "contiguous") -> jax.Array:
@@ -127,15 +150,7 @@ def sequence_parallel_attention(
     batch_axis_name: Any = None,
     head_axis_name: Any = None,
     load_balance: bool | None = None,
-    broadcast_dropout: bool = True,
-    dropout_rng: Any = None,
-    dropout_rate: Any = 0.0,
-    deterministic: bool = False,
-    dtype: DTypeLike | None = None,
-    precision: Any = None,
-    is_causal: bool = False,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_k: int = DEFAULT_BLOCK_K,
+    **options: Unpack[AttentionOptions],
 ) -> jax.Array:
     """:func:`jdrop.dot_product_attention` on global arrays, the sequence sharded over ``mesh``'s ``axis_name``.
 
@@ -165,15 +180,11 @@ def sequence_parallel_attention(
       load_balance: reorder the sequence into the zigzag layout inside (:func:`to_zigzag`: two
         half-shard transfers per array), so that causal attention gives every device the same
         work at every step. Default: ``is_causal``.
-      broadcast_dropout: one dropout mask for all batch rows and heads (flax's default).
-      dropout_rng: a threefry key, the same for the whole call.
-      dropout_rate: in [0, 1], a Python float or a traced scalar.
-      deterministic: evaluation mode (no dropout).
-      dtype: the inputs' and output's dtype (default: promoted).
-      precision: ``lax.Precision`` of the products.
-      is_causal: attend only to keys ``k <= q`` (by global position).
-      block_q: query rows per tile on each device.
-      block_k: key columns per tile.
+      **options: the keyword arguments of :func:`jdrop.dot_product_attention` that apply here
+        (:class:`AttentionOptions`), passed on with that function's meaning and defaults:
+        ``broadcast_dropout``, ``dropout_rng`` (a threefry key, the same for the whole call),
+        ``dropout_rate``, ``deterministic``, ``dtype``, ``precision``, ``is_causal`` (by global
+        position), ``block_q`` and ``block_k`` (the tiles on each device).
 
     Returns:
       ``(batch..., Tq, heads, Dv)``, sharded as ``query``.
@@ -182,6 +193,8 @@ def sequence_parallel_attention(
       ValueError: for lengths, batch or heads that do not split over their mesh axes, a mask or
         bias that varies along both queries and keys, or anything ``jdrop.dot_product_attention``
         rejects.
+      TypeError: for a keyword argument not named above, or what ``jdrop.dot_product_attention``
+        rejects with one.
 
     Example::
 
@@ -190,9 +203,11 @@ def sequence_parallel_attention(
       ...                                         dropout_rng=jax.random.key(0), dropout_rate=0.1,
       ...                                         is_causal=True)
     """
+    check_keywords(options, AttentionOptions.__optional_keys__, where="sequence_parallel_attention")
     query, key, value = (check_float_input(x, name=n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
     check_attention_shapes(query.shape, key.shape, value.shape)
-    balance = static_bool(bool(is_causal) if load_balance is None else load_balance, name="load_balance")
+    causal = options.get("is_causal", False)
+    balance = static_bool(bool(causal) if load_balance is None else load_balance, name="load_balance")
     devices = _devices(mesh, axis_name=axis_name, batch_axis_name=batch_axis_name, head_axis_name=head_axis_name)
     balance = balance and devices["axis_name"] > 1  # one device holds the sequence in order
     _check_global_shapes(query.shape, key.shape, devices, balance, axis_name, batch_axis_name, head_axis_name)
@@ -209,12 +224,9 @@ def sequence_parallel_attention(
         if balance:
             query, key, value = (to_zigzag(x, axis_name) for x in (query, key, value))
             bias, mask = (None if x is None else _zigzag_along_sequence(x, axis_name) for x in (bias, mask))
-        out = dot_product_attention(query, key, value, bias, mask, broadcast_dropout=broadcast_dropout,
-                                    dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
-                                    dtype=dtype, precision=precision, is_causal=is_causal, block_q=block_q,
-                                    block_k=block_k, axis_name=axis_name,
+        out = dot_product_attention(query, key, value, bias, mask, axis_name=axis_name,
                                     sequence_layout="zigzag" if balance else "contiguous",
-                                    batch_axis_name=batch_axis_name, head_axis_name=head_axis_name)
+                                    batch_axis_name=batch_axis_name, head_axis_name=head_axis_name, **options)
         return from_zigzag(out, axis_name) if balance else out
 
     specs = (qkv_spec, qkv_spec, qkv_spec, *extra_specs)
