@@ -26,3 +26,26 @@ def on_page_context(context, page, config, nav):
         for entry, heading_id in zip(entries, ids):
             entry.id = heading_id
     return context
+
+
+# The docstrings are Google style with a few reST habits (``Example::``, ``:func:`name```); the API pages render
+# them as Markdown, where ``Example::`` followed by ``>>>`` lines would become nested block quotes. This griffe
+# extension (``extensions:`` in mkdocs.yml's mkdocstrings options) rewrites those habits as the Google style that
+# mkdocstrings renders: an ``Examples:`` section (doctest lines become code), plain code for roles, one colon.
+
+import griffe  # noqa: E402
+
+ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc):`~?([^`]+)`")
+LITERAL_MARKER = re.compile(r"(\S)::$", re.MULTILINE)
+EXAMPLE_HEADING = re.compile(r"^(\s*)Examples?::\s*$", re.MULTILINE)
+
+
+class GoogleStyleDocstrings(griffe.Extension):
+    """Rewrites reST roles and literal markers in docstrings into what the Google-style parser understands."""
+
+    def on_instance(self, *, obj, **kwargs):
+        if obj.docstring is None:
+            return
+        text = EXAMPLE_HEADING.sub(r"\1Examples:", obj.docstring.value)
+        text = ROLE.sub(r"`\1`", text)
+        obj.docstring.value = LITERAL_MARKER.sub(r"\1:", text)
