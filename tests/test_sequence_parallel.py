@@ -135,8 +135,9 @@ def test_flax_attention_fn_inside_shard_map(measured):
 
 
 def test_readme_recipe_runs_and_equals_one_device(measured):
-    # The README's flax language model, batch over 2 devices and sequence over 4 (zigzag), one SGD step: the loss
-    # and the updated parameters of the same step on one device (a mean over 8 x 128 tokens: float32 tolerance).
+    # The sequence-parallel guide's flax language model, batch over 2 devices and sequence over 4 (zigzag), one SGD
+    # step: the loss and the updated parameters of the same step on one device (a mean over 8 x 128 tokens: float32
+    # tolerance).
     record = measured["readme_recipe"]
     assert record["loss_error"] <= 1e-5 * abs(record["loss"])
     assert record["params_error"] <= 1e-5

@@ -10,7 +10,7 @@ as users compile it (no XLA option). For the same parameters and rngs:
   That is the only sense in which float32 gradients of the two can be compared: they sum in different orders
   (blockwise online softmax), and some exact gradients are 0 (the key projection's bias: softmax is invariant to a
   per-row shift), where float32 returns rounding noise whose elements no relative tolerance can match
-  (benchmarks/transformer_precision.py measures the issue-17 model; README "Transformers").
+  (benchmarks/transformer_precision.py measures the issue-17 model; docs/guides/transformers.md).
 """
 
 from __future__ import annotations

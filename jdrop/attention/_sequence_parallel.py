@@ -163,7 +163,7 @@ def sequence_parallel_attention(
 
     This is a ``jax.shard_map`` around ``jdrop.dot_product_attention(..., axis_name=axis_name)``,
     the form to use inside a model that runs on local shards (flax's ``attention_fn``: see the
-    README); use this one where the arrays are global.
+    sequence-parallelism guide); use this one where the arrays are global.
 
     Args:
       query: ``(batch..., Tq, heads, D)``; ``Tq`` a multiple of the devices on ``axis_name`` (of
