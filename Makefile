@@ -1,4 +1,5 @@
 # Every target does its own set-up on a fresh machine: it creates .venv and installs what it needs.
+# NO_MKDOCS_2_WARNING=1: mkdocs-material's banner about its own end of life, printed on every build, silenced.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,14 +21,14 @@ demo: $(VENV)/.installed-data
 test: $(VENV)/.installed-dev
 	$(PY) -m ruff check jdrop tests benchmarks
 	$(PY) -m mypy
-	$(PY) -m mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
 	$(PY) -m pytest -q -n auto
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks
 
 docs: $(VENV)/.installed-dev
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # Build an sdist and a wheel, install the wheel into a clean venv with only the runtime dependencies,
 # and run a one-step train_step there.
