@@ -173,3 +173,15 @@ def test_the_built_site_has_no_broken_internal_link(tmp_path):
                 broken.append(f"{where} (no id {fragment!r} in {target.name})")
     print(f"{len(external)} external links, not fetched:", *sorted(external), sep="\n  ")
     assert not broken, "\n".join(broken)
+
+
+PRIVATE_HISTORY = re.compile(r"\b[Ii]ssues? \d+|\bthe seed\b|\bseed's\b|\bthe issue's\b")
+
+
+def test_user_facing_pages_speak_without_private_history():
+    """The README and the site's own pages describe the library, not the project's history (issue numbers, "the
+    seed"). BENCHMARKS.md, a lab notebook included as it is, is not checked."""
+    pages = [ROOT / "README.md", *sorted(p for p in DOCS.rglob("*.md") if p.name != "benchmarks.md")]
+    found = [f"{page.relative_to(ROOT)}:{number}: {line.strip()}" for page in pages
+             for number, line in enumerate(page.read_text().splitlines(), 1) if PRIVATE_HISTORY.search(line)]
+    assert not found, "\n".join(found)
