@@ -156,5 +156,6 @@ def restore(path: str | os.PathLike[str], template: T) -> T:
                 f"{path}: leaf {i} has dtype {array.dtype} and shape {array.shape}, the template expects "
                 f"{expected.dtype} and {expected.shape}."
             )
-        restored.append(jax.random.wrap_key_data(jax.numpy.asarray(array), impl=impl) if impl else jax.numpy.asarray(array))
+        value = jax.numpy.asarray(array)
+        restored.append(jax.random.wrap_key_data(value, impl=impl) if impl else value)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), restored)
