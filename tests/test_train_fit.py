@@ -179,3 +179,27 @@ def test_evaluate_returns_float32_digits_as_python_floats(data):
     parts = [jdrop.eval_step(state, {k: v[s : s + 8] for k, v in data.items()}) for s in (0, 8, 16)]
     expected = (8 * float(parts[0]["loss"]) + 8 * float(parts[1]["loss"]) + 4 * float(parts[2]["loss"])) / 20
     assert chunked["loss"] == float(str(np.float32(expected)))
+
+
+def test_a_missing_key_raises_the_ops_missing_key_error(data):
+    """train_step(state, batch, None) and the other training entry points raise what the ops raise for a
+    missing key: MissingKeyError, a ValueError that says what to pass."""
+    from jdrop._validation import MissingKeyError
+
+    state, batch = _state(), {"x": data["x"][:4], "y": data["y"][:4]}
+    with pytest.raises(MissingKeyError) as op_error:
+        jdrop.dropout(None, data["x"], 0.5)
+    calls = {
+        "jdrop.train_step": lambda: jdrop.train_step(state, batch, None),
+        "jdrop.train_epoch": lambda: jdrop.train_epoch(state, data, None, batch_size=BATCH),
+        "jdrop.fit": lambda: jdrop.fit(state, data, key=None, epochs=1, batch_size=BATCH, progress=False),
+        "jdrop.mc_predict": lambda: jdrop.mc_predict(state.apply_fn, state.params, data["x"], None, 4),
+        "jdrop.rdrop_loss": lambda: jdrop.rdrop_loss(state.apply_fn, state.params, data["x"], data["y"], None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(MissingKeyError, match=rf"^{name} needs a PRNG `key` in training mode: pass key=") as error:
+            call()
+        assert isinstance(error.value, ValueError)
+        # One wording: the op's message with the caller's name and its evaluation alternative.
+        assert str(error.value).split(": pass")[1].split(", or ")[0] == str(op_error.value).split(": pass")[1].split(
+            ", or ")[0]

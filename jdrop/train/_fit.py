@@ -188,7 +188,8 @@ def fit(
     if log is not None and not callable(log):
         raise TypeError(f"`log` must be a function taking one record (a dict), got {log!r}.")
     run = _Run(
-        key=masks.canonical_key(key), steps=n // batch_size,
+        key=masks.require_key(key, what="jdrop.fit", eval_hint="jdrop.evaluate(state, data)"),
+        steps=n // batch_size,
         every=positive_int(checkpoint_every, name="checkpoint_every"),
         unit=check_choice(checkpoint_unit, ("epochs", "steps"), name="checkpoint_unit"),
         directory=None if checkpoint_dir is None else Path(checkpoint_dir),

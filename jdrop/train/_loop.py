@@ -144,6 +144,10 @@ def train_step(
       ``(new_state, metrics)``; metrics hold ``loss``, for integer labels in the ``"xy"`` format
       ``accuracy`` (of the dropped-out training outputs), and the metrics ``loss_fn`` returns.
 
+    Raises:
+      MissingKeyError: (a ``ValueError``, the ops' error) if ``key`` is None: pass the step's key, or use
+        :func:`jdrop.eval_step` for evaluation.
+
     Example::
 
       >>> state, metrics = jdrop.train_step(state, {"x": x, "y": y}, jax.random.fold_in(run_key, step))
@@ -153,7 +157,8 @@ def train_step(
     if size % microbatches:
         raise ValueError(f"`microbatches` ({microbatches}) must divide the batch size ({size}).")
     step = _train_step_donating if donate else _train_step_jit
-    return step(state, batch, masks.canonical_key(key), offset, microbatches=int(microbatches))
+    key = masks.require_key(key, what="jdrop.train_step", eval_hint="jdrop.eval_step(state, batch)")
+    return step(state, batch, key, offset, microbatches=int(microbatches))
 
 
 @jax.jit
@@ -245,7 +250,8 @@ def train_epoch(
     n = count_examples(data, state.batch_format)
     batch_size = check_batch_size(batch_size, n)
     state, data, batch_sharding = place(state, data, mesh)
-    state, metrics = train_steps(state, data, masks.canonical_key(key), 0, count=n // batch_size,
+    key = masks.require_key(key, what="jdrop.train_epoch", eval_hint="jdrop.evaluate(state, data)")
+    state, metrics = train_steps(state, data, key, 0, count=n // batch_size,
                                  batch_size=batch_size, shuffle=bool(shuffle), batch_sharding=batch_sharding)
     return state, jax.tree_util.tree_map(jnp.mean, metrics)
 

@@ -104,7 +104,7 @@ def mc_predict(
     check_choice(task, ("regression", "classification"), name="task")
     num_samples = positive_int(num_samples, name="num_samples")
     chunk = num_samples if chunk_size is None else min(positive_int(chunk_size, name="chunk_size"), num_samples)
-    key = masks.canonical_key(key)
+    key = masks.require_key(key, what="jdrop.mc_predict", eval_hint="apply_fn(..., deterministic=True)")
     axis = None if batch_axis is None else canonical_axis(batch_axis, jnp.ndim(x), name="batch_axis")
     return _mc_predict(apply_fn, params, x, key, dict(hparams or {}), num_samples, task, chunk, axis)
 
