@@ -119,5 +119,5 @@ def drop_path_rates(max_rate: ArrayLike, depth: int) -> tuple[Any, ...]:
     depth = int_at_least(depth, 0, name="depth")
     steps = max(depth - 1, 1)
     if isinstance(max_rate, float):
-        return tuple(max_rate * layer / steps for layer in range(depth))
+        return tuple(max_rate * (layer / steps) for layer in range(depth))
     return tuple(max_rate * jnp.float32(layer / steps) for layer in range(depth))
