@@ -281,7 +281,8 @@ def _():
     def f(p, x, k):
         y = jdrop.dropout(k, x, 0.3)
         y = jax.vmap(lambda yi: jdrop.dropout(k, yi, 0.2, broadcast_dims=(0,)))(y)
-        return jnp.sum(jnp.sin(y) ** 2) + jnp.sum(jdrop.mlp.apply(p, y[:, :24], key=k, rates=0.5, deterministic=False) ** 2)
+        logits = jdrop.mlp.apply(p, y[:, :24], key=k, rates=0.5, deterministic=False)
+        return jnp.sum(jnp.sin(y) ** 2) + jnp.sum(logits**2)
 
     def grad_of_grad_norm(p, x, k):
         return jax.grad(lambda x: jnp.sum(jax.grad(f, argnums=1)(p, x, k) ** 2))(x)
