@@ -3,8 +3,8 @@
 - :func:`per_example`: ``apply_fn`` (written for one example) vmapped over a batch with example keys,
   the vmap named :data:`BATCH_AXIS` for batch statistics; :func:`takes_batch` marks functions that take
   the batch with its example keys directly;
-- the loop: :class:`TrainState` (also from flax nnx and equinox models: :meth:`TrainState.from_nnx`,
-  :meth:`TrainState.from_equinox`), :func:`train_step`, :func:`eval_step`, :func:`evaluate`,
+- the loop: :class:`TrainState` (also from flax linen, nnx and equinox models: :meth:`TrainState.from_linen`,
+  :meth:`TrainState.from_nnx`, :meth:`TrainState.from_equinox`), :func:`train_step`, :func:`eval_step`, :func:`evaluate`,
   :func:`train_epoch`, :func:`fit` (resumable checkpoints, logging to :class:`CSVLogger` /
   :class:`JSONLinesLogger` or any function);
 - losses: :func:`softmax_cross_entropy`, :func:`rdrop_loss` (R-Drop) and its :func:`symmetric_kl`;
