@@ -30,7 +30,6 @@ __all__ = [
     "canonical_axis",
     "canonical_key",
     "check_alias",
-    "check_apply_fn",
     "check_attention_shapes",
     "check_broadcastable",
     "check_callable",
@@ -307,15 +306,6 @@ def deterministic_or_train(deterministic: Any, train: Any, *, default: bool, whe
         stacklevel=3,
     )
     return not train
-
-
-def check_apply_fn(apply_fn: Any) -> Any:
-    """``apply_fn`` if it is callable, else ``TypeError`` with the convention it must follow."""
-    if not callable(apply_fn):
-        raise TypeError(
-            f"`apply_fn` must be callable as apply_fn(params, x, *, key, deterministic), got {apply_fn!r}."
-        )
-    return apply_fn
 
 
 def canonical_axis(axis: Any, ndim: int, *, name: str) -> int:

@@ -4,8 +4,8 @@
   the vmap named :data:`BATCH_AXIS` for batch statistics; :func:`takes_batch` marks functions that take
   the batch with its example keys directly;
 - the loop: :class:`TrainState` (also from flax linen, nnx and equinox models: :meth:`TrainState.from_linen`,
-  :meth:`TrainState.from_nnx`, :meth:`TrainState.from_equinox`), :func:`train_step`, :func:`eval_step`, :func:`evaluate`,
-  :func:`train_epoch`, :func:`fit` (resumable checkpoints, logging to :class:`CSVLogger` /
+  :meth:`TrainState.from_nnx`, :meth:`TrainState.from_equinox`), :func:`train_step`, :func:`eval_step`,
+  :func:`evaluate`, :func:`train_epoch`, :func:`fit` (resumable checkpoints, logging to :class:`CSVLogger` /
   :class:`JSONLinesLogger` or any function);
 - losses: :func:`softmax_cross_entropy`, :func:`rdrop_loss` (R-Drop) and its :func:`symmetric_kl`;
 - prediction: :func:`mc_predict` (Monte-Carlo dropout);

@@ -13,8 +13,8 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_apply_fn, check_choice, positive_int
-from jdrop.train._per_example import call_apply, per_example
+from jdrop._validation import canonical_axis, check_choice, positive_int
+from jdrop.train._per_example import call_apply, check_apply_fn, per_example
 
 __all__ = ["ClassificationPrediction", "RegressionPrediction", "mc_predict"]
 

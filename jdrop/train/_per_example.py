@@ -38,10 +38,19 @@ from jdrop._batching import is_batched, one_example
 from jdrop._typing import KeyLike
 from jdrop._validation import deterministic_or_train
 
-__all__ = ["BATCH_AXIS", "call_apply", "per_example"]
+__all__ = ["BATCH_AXIS", "call_apply", "check_apply_fn", "per_example"]
 
 BATCH_AXIS = "batch"
 """The name of the vmap over examples: give it to BatchNorm layers as ``axis_name``."""
+
+
+def check_apply_fn(apply_fn: Any) -> Any:
+    """``apply_fn`` if it is callable, else ``TypeError`` with the convention it must follow."""
+    if not callable(apply_fn):
+        raise TypeError(
+            f"`apply_fn` must be callable as apply_fn(params, x, *, key, deterministic), got {apply_fn!r}."
+        )
+    return apply_fn
 
 
 def _takes_deterministic(apply_fn: Callable[..., Any]) -> bool:

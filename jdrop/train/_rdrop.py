@@ -13,8 +13,8 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_apply_fn, check_float_input, check_rate
-from jdrop.train._per_example import per_example
+from jdrop._validation import canonical_axis, check_float_input, check_rate
+from jdrop.train._per_example import check_apply_fn, per_example
 
 __all__ = ["rdrop_loss", "symmetric_kl"]
 

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdrop._validation import check_apply_fn, check_choice
+from jdrop._validation import check_choice
 from jdrop.train._losses import softmax_cross_entropy
-from jdrop.train._per_example import BATCH_AXIS
+from jdrop.train._per_example import BATCH_AXIS, check_apply_fn
 
 __all__ = [
     "BATCH_FORMATS", "Batch", "BatchFormat", "LossFn", "TrainState", "batch_parts", "count_examples",
