@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple, cast
@@ -27,6 +26,7 @@ from jdrop._validation import (
     nan_unless,
     rate_is_valid,
     require_key,
+    warn_deprecated,
 )
 
 __all__ = ["DropoutResidual", "Residual", "Scale", "dropout", "dropout_bwd", "dropout_fwd", "keep_and_factor"]
@@ -116,8 +116,7 @@ class DropoutResidual:
         # names that are not attributes, so the dataclass and pytree machinery never come here.
         if name in _DEPRECATED_FIELDS:
             replacement, read = _DEPRECATED_FIELDS[name]
-            warnings.warn(f"DropoutResidual.{name} is deprecated; use {replacement}.", DeprecationWarning,
-                          stacklevel=2)
+            warn_deprecated(f"DropoutResidual.{name} is deprecated; use {replacement}.", stacklevel=2)
             return read(self)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

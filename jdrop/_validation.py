@@ -25,11 +25,11 @@ from jdrop._typing import Scale
 __all__ = [
     "RESIDUALS",
     "SCALES",
+    "JdropDeprecationWarning",
     "MissingKeyError",
     "canonical_axis",
     "canonical_key",
     "check_alias",
-    "check_apply_fn",
     "check_attention_shapes",
     "check_broadcastable",
     "check_callable",
@@ -67,12 +67,27 @@ __all__ = [
     "rate_is_valid",
     "require_key",
     "static_bool",
+    "warn_deprecated",
 ]
 
 SCALES = ("inverted", "classic")
 """Dropout's two scalings: ``"inverted"`` (1/keep in training) and ``"classic"`` (keep at evaluation)."""
 RESIDUALS = ("key", "bits", "mask")
 """The residual policies of :func:`jdrop.dropout`: what its backward pass reads the mask from."""
+
+
+class JdropDeprecationWarning(DeprecationWarning):
+    """A spelling jdrop still accepts but will remove (``train=``, the first ``DropoutResidual`` fields).
+
+    Its own class, so that a test suite or a notebook can turn jdrop's deprecations into errors without
+    touching other libraries': ``warnings.filterwarnings("error", category=JdropDeprecationWarning)``, or in
+    pytest's configuration ``"error::jdrop._validation.JdropDeprecationWarning"``.
+    """
+
+
+def warn_deprecated(message: str, *, stacklevel: int) -> None:
+    """Warns ``message`` as a :class:`JdropDeprecationWarning`, attributed ``stacklevel`` frames up (the caller)."""
+    warnings.warn(message, JdropDeprecationWarning, stacklevel=stacklevel + 1)
 
 
 class MissingKeyError(ValueError, RuntimeError):
@@ -286,21 +301,11 @@ def deterministic_or_train(deterministic: Any, train: Any, *, default: bool, whe
     if deterministic is not None:
         raise TypeError(f"{where} got both `deterministic` and the deprecated `train`: pass only `deterministic`.")
     train = static_bool(train, name="train", hint=" Choose train or eval outside jit, or mark it static.")
-    warnings.warn(
+    warn_deprecated(
         f"{where}(train=...) is deprecated: use deterministic={not train} (flax's name, used across jdrop).",
-        DeprecationWarning,
         stacklevel=3,
     )
     return not train
-
-
-def check_apply_fn(apply_fn: Any) -> Any:
-    """``apply_fn`` if it is callable, else ``TypeError`` with the convention it must follow."""
-    if not callable(apply_fn):
-        raise TypeError(
-            f"`apply_fn` must be callable as apply_fn(params, x, *, key, deterministic), got {apply_fn!r}."
-        )
-    return apply_fn
 
 
 def canonical_axis(axis: Any, ndim: int, *, name: str) -> int:

@@ -2,8 +2,9 @@
 
 Format: a NumPy ``.npz`` archive with one array per leaf (``leaf_00000``, ... in
 ``jax.tree_util`` order) and ``__meta__``, a JSON string holding the format version, every
-leaf's key path, every leaf's dtype and shape, and a SHA-256 of all leaf bytes. PRNG key leaves are stored
-as their key data plus the key implementation's name.
+leaf's key path, every leaf's dtype and shape, optional user ``metadata`` (JSON, e.g. a training loop's
+counters) and a SHA-256 of all leaf bytes and the metadata. PRNG key leaves are stored as their key data
+plus the key implementation's name.
 
 Atomicity: the archive is written to a temporary file in the destination directory, flushed and
 fsynced, then moved over the destination with ``os.replace`` (atomic on POSIX and Windows), and the
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-__all__ = ["restore", "save"]
+__all__ = ["metadata", "restore", "save"]
 
 FORMAT_VERSION = 1
 T = TypeVar("T")
@@ -44,21 +45,34 @@ def _paths_and_leaves(tree: Any) -> tuple[list[str], list[Any]]:
     return [jax.tree_util.keystr(p) for p, _ in flat], [leaf for _, leaf in flat]
 
 
-def _digest(arrays: list[np.ndarray]) -> str:
+def _digest(arrays: list[np.ndarray], user: Any = None) -> str:
     sha = hashlib.sha256()
     for array in arrays:
         sha.update(str((array.dtype.str, array.shape)).encode())
         sha.update(np.ascontiguousarray(array).tobytes())
+    if user is not None:  # checkpoints without metadata keep the digest they always had
+        sha.update(json.dumps(user, sort_keys=True).encode())
     return sha.hexdigest()
 
 
-def save(path: str | os.PathLike[str], tree: Any) -> Path:
+def save(path: str | os.PathLike[str], tree: Any, *, metadata: dict[str, Any] | None = None) -> Path:
     """Writes ``tree`` (e.g. a :class:`jdrop.TrainState`) to ``path`` atomically.
 
     Static fields (``apply_fn``, ``tx``) are not stored: :func:`restore` takes them from a
-    template. Returns the path written.
+    template. ``metadata`` (a JSON-serialisable dict) is stored beside the arrays and read back by
+    :func:`metadata`. Returns the path written.
+
+    Raises:
+      TypeError: if ``metadata`` is not a dict or not JSON-serialisable.
     """
     path = Path(path)
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"`metadata` must be a dict, got {type(metadata).__name__}.")
+        try:
+            metadata = json.loads(json.dumps(metadata))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"`metadata` must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from err
     paths, leaves = _paths_and_leaves(tree)
     converted = [_leaf_to_numpy(leaf) for leaf in leaves]
     arrays = [array for array, _ in converted]
@@ -67,8 +81,10 @@ def save(path: str | os.PathLike[str], tree: Any) -> Path:
         "version": FORMAT_VERSION,
         "paths": paths,
         "leaves": [{"dtype": a.dtype.str, "shape": list(a.shape), "key_impl": impl} for a, impl in converted],
-        "sha256": _digest(arrays),
+        "sha256": _digest(arrays, metadata),
     }
+    if metadata is not None:
+        meta["metadata"] = metadata
     buffer = io.BytesIO()
     entries: dict[str, Any] = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
     entries["__meta__"] = np.array(json.dumps(meta))
@@ -93,6 +109,30 @@ def save(path: str | os.PathLike[str], tree: Any) -> Path:
     return path
 
 
+def _read(path: Path) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The checked ``__meta__`` and arrays of a checkpoint, or ``ValueError`` saying what is wrong with it."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["__meta__"]))
+            arrays = [archive[f"leaf_{i:05d}"] for i in range(len(meta["leaves"]))]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable jdrop checkpoint: {err}") from err
+    if meta.get("format") != "jdrop-checkpoint" or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a jdrop checkpoint of format version {FORMAT_VERSION}.")
+    if _digest(arrays, meta.get("metadata")) != meta["sha256"]:
+        raise ValueError(f"{path} is corrupt: its contents do not match the stored SHA-256.")
+    return meta, arrays
+
+
+def metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``metadata`` dict saved with the checkpoint at ``path`` (empty if none was given).
+
+    Raises:
+      ValueError: if the file is not a jdrop checkpoint or is corrupt.
+    """
+    return dict(_read(Path(path))[0].get("metadata") or {})
+
+
 def restore(path: str | os.PathLike[str], template: T) -> T:
     """Reads a checkpoint written by :func:`save` into the structure of ``template``.
 
@@ -104,16 +144,7 @@ def restore(path: str | os.PathLike[str], template: T) -> T:
         match the template's structure, shapes or dtypes.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["__meta__"]))
-            arrays = [archive[f"leaf_{i:05d}"] for i in range(len(meta["leaves"]))]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable jdrop checkpoint: {err}") from err
-    if meta.get("format") != "jdrop-checkpoint" or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a jdrop checkpoint of format version {FORMAT_VERSION}.")
-    if _digest(arrays) != meta["sha256"]:
-        raise ValueError(f"{path} is corrupt: its arrays do not match the stored SHA-256.")
+    meta, arrays = _read(path)
     paths, leaves = _paths_and_leaves(template)
     if paths != meta["paths"]:
         raise ValueError(f"{path} holds a different tree than the template: leaves {meta['paths']} vs {paths}.")
@@ -125,5 +156,6 @@ def restore(path: str | os.PathLike[str], template: T) -> T:
                 f"{path}: leaf {i} has dtype {array.dtype} and shape {array.shape}, the template expects "
                 f"{expected.dtype} and {expected.shape}."
             )
-        restored.append(jax.random.wrap_key_data(array, impl=impl) if impl else jax.numpy.asarray(array))
+        value = jax.numpy.asarray(array)
+        restored.append(jax.random.wrap_key_data(value, impl=impl) if impl else value)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), restored)

@@ -65,7 +65,7 @@ def _mlp_program(keys: str, activation: str, layers: int, batch: int) -> Program
         x = jnp.ones((batch, 24))
 
         def one(p, xi, k):
-            return jdrop.mlp.apply(p, xi, key=k, rates=rates, train=True)
+            return jdrop.mlp.apply(p, xi, key=k, rates=rates, deterministic=False)
 
         if keys == "per_example":
 
@@ -262,7 +262,7 @@ def _():
     @jax.checkpoint
     def block(p, x, k):
         h = jdrop.dropout(k, x, 0.2)
-        return jax.vmap(lambda xi, ki: jdrop.mlp.apply(p, xi, key=ki, rates=0.5, train=True))(
+        return jax.vmap(lambda xi, ki: jdrop.mlp.apply(p, xi, key=ki, rates=0.5, deterministic=False))(
             h, jdrop.example_keys(k, x.shape[0])
         )
 
@@ -281,7 +281,8 @@ def _():
     def f(p, x, k):
         y = jdrop.dropout(k, x, 0.3)
         y = jax.vmap(lambda yi: jdrop.dropout(k, yi, 0.2, broadcast_dims=(0,)))(y)
-        return jnp.sum(jnp.sin(y) ** 2) + jnp.sum(jdrop.mlp.apply(p, y[:, :24], key=k, rates=0.5, train=True) ** 2)
+        logits = jdrop.mlp.apply(p, y[:, :24], key=k, rates=0.5, deterministic=False)
+        return jnp.sum(jnp.sin(y) ** 2) + jnp.sum(logits**2)
 
     def grad_of_grad_norm(p, x, k):
         return jax.grad(lambda x: jnp.sum(jax.grad(f, argnums=1)(p, x, k) ** 2))(x)

@@ -1,5 +1,6 @@
 """Checkpoint and resume: atomic writes, corruption detection, bit-identical resume in a fresh process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,20 @@ def test_template_mismatch_is_rejected(tmp_path):
         checkpoint.restore(path, other)
     with pytest.raises(ValueError, match="different tree"):
         checkpoint.restore(path, {"x": jnp.zeros(3)})
+
+
+def test_metadata_round_trip_and_checksum(tmp_path):
+    path = checkpoint.save(tmp_path / "ckpt.npz", _state(), metadata={"epoch": 2, "history": {"loss": [0.5, 0.25]}})
+    assert checkpoint.metadata(path) == {"epoch": 2, "history": {"loss": [0.5, 0.25]}}
+    assert checkpoint.metadata(checkpoint.save(tmp_path / "plain.npz", _state())) == {}
+    # Altered metadata fails the checksum, like an altered array.
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    meta = json.loads(str(arrays["__meta__"]))
+    meta["metadata"]["epoch"] = 3
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "altered.npz", **arrays)
+    with pytest.raises(ValueError, match="corrupt"):
+        checkpoint.metadata(tmp_path / "altered.npz")
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        checkpoint.save(tmp_path / "bad.npz", _state(), metadata={"array": np.zeros(2)})

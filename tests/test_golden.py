@@ -47,7 +47,7 @@ def _cases():
         "dropout_bits_residual_packed": jdrop.dropout_fwd(key, x, 0.5, residual="bits")[1].saved,
     }
     params = jdrop.mlp.init(key, [4, 8, 3])
-    cases["mlp_apply_train"] = jdrop.mlp.apply(params, jnp.ones((5, 4)), key=key, rates=(0.2, 0.5), train=True)
+    cases["mlp_apply_train"] = jdrop.mlp.apply(params, jnp.ones((5, 4)), key=key, rates=(0.2, 0.5), deterministic=False)
     residuals = jdrop.mlp.forward(params, jnp.ones((5, 4)), key, (0.2, 0.5))[1]
     cases["mlp_residual_key_data"] = residuals.key_data
     return cases

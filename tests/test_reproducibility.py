@@ -45,7 +45,7 @@ def test_mlp_under_remat_matches():
     params = mlp.init(jax.random.key(0), [33, 16, 4])
 
     def loss(p, wrap):
-        return jnp.sum(wrap(lambda p: mlp.apply(p, X, key=KEY, rates=(0.2, 0.5), train=True))(p) ** 2)
+        return jnp.sum(wrap(lambda p: mlp.apply(p, X, key=KEY, rates=(0.2, 0.5), deterministic=False))(p) ** 2)
 
     plain = jax.jit(jax.grad(loss), static_argnums=1)(params, lambda g: g)
     remat = jax.jit(jax.grad(loss), static_argnums=1)(params, jax.checkpoint)
@@ -87,7 +87,7 @@ def test_vmapped_rate_sweep_with_traced_rates_compiles_once():
 
     def counting_apply(params, x, *, key, train, rates):
         traces.append(1)
-        return mlp.apply(params, x, key=key, train=train, rates=rates)
+        return mlp.apply(params, x, key=key, deterministic=not train, rates=rates)
 
     params = mlp.init(jax.random.key(0), [8, 16, 3])
 

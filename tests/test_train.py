@@ -59,7 +59,7 @@ def _reference(params, x, y, key, offset, rates=RATES):
     keys = jdrop.example_keys(key, x.shape[0], offset=offset)
 
     def loss(p):
-        out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=rates, train=True))(x, keys)
+        out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=rates, deterministic=False))(x, keys)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y)), out
 
     (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -122,7 +122,7 @@ def run():
 
     def apply_fn(params, x, *, key, train):
         traces.append(x.shape)
-        return mlp.apply(params, x, key=key, rates=RATES, train=train)
+        return mlp.apply(params, x, key=key, rates=RATES, deterministic=not train)
 
     def loss_fn(out, y):
         jax.debug.callback(lambda o: outputs.append(np.asarray(o)), out)
@@ -186,7 +186,7 @@ def test_each_example_gets_its_own_mask(run):
     # Identical inputs, different dropout masks, different training outputs ...
     assert not np.allclose(outputs[0], outputs[1], atol=1e-4)
     # ... which differ only through dropout: the deterministic network gives them the same output.
-    evaluated = mlp.apply(run["state0"].params, data["x"][:2], rates=RATES, train=False)
+    evaluated = mlp.apply(run["state0"].params, data["x"][:2], rates=RATES, deterministic=True)
     np.testing.assert_array_equal(evaluated[0], evaluated[1])
     # Two steps with different keys drop differently too.
     assert not np.allclose(outputs, run["again"][1], atol=1e-4)
@@ -252,7 +252,7 @@ def test_user_loss_fn_regression():
 
     @jax.jit
     def reference(p):
-        out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=rates, train=True))(x, keys)
+        out = jax.vmap(lambda xi, ki: mlp.apply(p, xi, key=ki, rates=rates, deterministic=False))(x, keys)
         return jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
 
     value, grads = jax.value_and_grad(reference)(params)
@@ -270,7 +270,7 @@ def test_eval_step_and_evaluate_are_deterministic_and_equal_apply_eval(run):
     assert set(first) == {"loss", "accuracy"}
     for name in first:
         np.testing.assert_array_equal(first[name], second[name])
-    logits = mlp.apply(state.params, data["x"], rates=RATES, train=False)
+    logits = mlp.apply(state.params, data["x"], rates=RATES, deterministic=True)
     np.testing.assert_allclose(float(first["loss"]), _cross_entropy(logits, data["y"]), rtol=1e-5)
     accuracy = np.mean(np.argmax(np.asarray(logits), 1) == np.asarray(data["y"]))
     assert float(first["accuracy"]) == pytest.approx(accuracy)
@@ -427,9 +427,9 @@ def test_batch_errors(run):
 def test_missing_key_in_training_mode():
     params = _params()
     with pytest.raises(ValueError, match="key"):
-        mlp.apply(params, jnp.ones((SIZES[0],)), rates=RATES, train=True)
+        mlp.apply(params, jnp.ones((SIZES[0],)), rates=RATES, deterministic=False)
     with pytest.raises(ValueError, match="key"):
-        mlp.apply(params, jnp.ones((2, SIZES[0])), key=None, rates=RATES, train=True)
+        mlp.apply(params, jnp.ones((2, SIZES[0])), key=None, rates=RATES, deterministic=False)
 
 
 def test_dataclass_replace_keeps_static_fields(run):
@@ -443,7 +443,7 @@ def test_python_float_hparams_do_not_recompile_when_a_schedule_replaces_them():
 
     def counting_apply(params, x, *, key, train, rates):
         traces.append(1)
-        return jdrop.mlp.apply(params, x, key=key, train=train, rates=rates)
+        return jdrop.mlp.apply(params, x, key=key, deterministic=not train, rates=rates)
 
     params = jdrop.mlp.init(jax.random.key(0), [4, 8, 3])
     state = jdrop.TrainState.create(apply_fn=counting_apply, params=params, tx=optax.sgd(0.1),

@@ -28,8 +28,22 @@ from typing import Any
 from jax.typing import ArrayLike
 
 from jdrop._validation import check_rate, check_residual, check_scale
+from jdrop.train._state import register_builder
 
 _SUBMODULES = ("equinox", "linen", "nnx")
+
+
+def _builder(framework: str) -> Any:
+    """``TrainState.from_<framework>``: the submodule's ``train_state``, its framework imported on first use."""
+
+    def build(*args: Any, **options: Any) -> Any:
+        return importlib.import_module(f"{__name__}.{framework}").train_state(*args, **options)
+
+    return build
+
+
+for _framework in _SUBMODULES:
+    register_builder(_framework, _builder(_framework))
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -14,23 +14,28 @@ BatchNorm over the whole batch), :func:`train_state` partitions it into a :class
     state = jdrop.interop.equinox.train_state(model, optax.adam(1e-3))   # = jdrop.TrainState.from_equinox
     state, metrics = jdrop.train_step(state, batch, key)
     model = jdrop.interop.equinox.combine(state)
+
+:class:`DropPath` is stochastic depth (timm's ``DropPath``) as an equinox module.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import equinox as eqx
 import jax
 from jaxtyping import Array, PRNGKeyArray
 
+from jdrop._batching import BatchAxis
 from jdrop._dropout import Residual, Scale, dropout
-from jdrop._validation import require_key
+from jdrop._validation import check_rate, require_key
 from jdrop.attention import dot_product_attention
 from jdrop.interop import _check_fields
-from jdrop.train._equinox import EquinoxApply, combine, train_state
+from jdrop.interop._equinox_train import EquinoxApply, combine, train_state
+from jdrop.variants.stochastic_depth import drop_path
 
-__all__ = ["Dropout", "EquinoxApply", "combine", "multihead_attention", "train_state"]
+__all__ = ["DropPath", "Dropout", "EquinoxApply", "combine", "multihead_attention", "train_state"]
 
 
 class Dropout(eqx.Module):
@@ -90,6 +95,7 @@ class Dropout(eqx.Module):
             inference = deterministic
             warnings.warn("Dropout(deterministic=...) is deprecated in favour of Dropout(inference=...)", stacklevel=2)
         _check_fields(scale, residual)
+        check_rate(p, name="p")
         self.p = p
         self.inference = inference
         self.scale = scale
@@ -127,13 +133,76 @@ class Dropout(eqx.Module):
             )
         if inference is None:
             inference = self.inference
-        if isinstance(self.p, (int, float)) and self.p == 0:
+        p = check_rate(self.p, name="p")  # equinox's name for the rate, also after equinox.tree_at
+        if isinstance(p, float) and p == 0:
             inference = True
         with jax.named_scope("jdrop.interop.equinox.Dropout"):
             if inference:
-                return dropout(None, x, self.p, deterministic=True, scale=self.scale, residual=self.residual)
+                return dropout(None, x, p, deterministic=True, scale=self.scale, residual=self.residual)
             key = require_key(key, what="jdrop.interop.equinox.Dropout", eval_hint="inference=True")
-            return dropout(key, x, self.p, scale=self.scale, residual=self.residual)
+            return dropout(key, x, p, scale=self.scale, residual=self.residual)
+
+
+class DropPath(eqx.Module):
+    """Stochastic depth (Huang et al. 2016) as an ``equinox`` module, computed by :func:`jdrop.drop_path`.
+
+    timm's ``DropPath`` with ``equinox.nn.Dropout``'s conventions (``p``, ``inference``, ``key=``, toggled
+    with ``equinox.nn.inference_mode``): on a residual branch, ``x + drop_path(f(x), key=key)``. With
+    ``m ~ Bernoulli(1 - p)`` drawn once per example and shared by all its elements::
+
+        scale="inverted" (timm's):  train  y = m * x / keep      inference  y = x
+        scale="classic" (paper's):  train  y = m * x             inference  y = keep * x
+
+    An equinox module sees ONE example (``jax.vmap`` makes the batch, as :meth:`jdrop.TrainState.from_equinox`
+    does), so ``batch_axis`` defaults to None: the whole input is one example, one draw. Pass
+    ``batch_axis=0`` to call it on a batch (one draw per sample, as timm).
+
+    Example::
+
+      >>> drop_path = jdrop.interop.equinox.DropPath(0.1)
+      >>> h = x + drop_path(block(x), key=key)                          # x: one example, (T, C)
+      >>> h = x + eqx.nn.inference_mode(drop_path)(block(x))            # inference: identity
+    """
+
+    p: float
+    inference: bool
+    batch_axis: BatchAxis = eqx.field(static=True)
+    scale: Scale = eqx.field(static=True)
+
+    def __init__(self, p: float, inference: bool = False, *, batch_axis: BatchAxis = None, scale: Scale = "inverted"):
+        """**Arguments:**
+
+        - `p`: The probability of dropping an example's branch.
+        - `inference`: Whether to leave the branch as it is. May be toggled with `equinox.nn.inference_mode`
+            or overridden at call time.
+        - `batch_axis`: The example axis; None (default): the input is one example.
+        - `scale`: `"inverted"` (default, timm's) or `"classic"`.
+        """
+        _check_fields(scale, "key")
+        check_rate(p, name="p")
+        self.p = p
+        self.inference = inference
+        self.batch_axis = batch_axis
+        self.scale = scale
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None, inference: bool | None = None) -> Array:
+        """**Arguments:**
+
+        - `x`: A floating JAX array: the residual branch's output.
+        - `key`: A PRNG key providing the randomness of the draw. (Keyword only argument.)
+        - `inference`: If `True` or `False`, takes priority over `self.inference`.
+
+        **Returns:**
+
+        The branch, dropped or rescaled; same shape and dtype as `x`.
+        """
+        inference = self.inference if inference is None else inference
+        p = check_rate(self.p, name="p")
+        options: dict[str, Any] = dict(batch_axis=self.batch_axis, scale=self.scale)
+        if inference or (isinstance(p, float) and p == 0):
+            return drop_path(None, x, p, deterministic=True, **options)
+        key = require_key(key, what="jdrop.interop.equinox.DropPath", eval_hint="inference=True")
+        return drop_path(key, x, p, **options)
 
 
 def multihead_attention(

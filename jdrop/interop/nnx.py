@@ -21,6 +21,8 @@ trained state back into a module::
     state = jdrop.interop.nnx.train_state(model, optax.adam(1e-3))    # = jdrop.TrainState.from_nnx
     state, metrics = jdrop.train_step(state, batch, key)
     model = jdrop.interop.nnx.merge(state)
+
+:class:`DropPath` is stochastic depth (timm's ``DropPath``) as an nnx module.
 """
 
 from __future__ import annotations
@@ -32,20 +34,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdrop._batching import AUTO, BatchAxis
 from jdrop._dropout import Residual, Scale, dropout
 from jdrop._validation import check_float_input
 from jdrop.interop import _check_fields, _concrete_rate
-from jdrop.train._nnx import NnxApply, merge, train_state
+from jdrop.interop._nnx_train import NnxApply, merge, train_state
+from jdrop.variants.stochastic_depth import drop_path
 
-__all__ = ["Dropout", "NnxApply", "merge", "train_state"]
+__all__ = ["DropPath", "Dropout", "NnxApply", "merge", "train_state"]
 
 _NO_DETERMINISTIC = (
-    "No `deterministic` argument was provided to Dropout. Pass it to the constructor "
-    "(Dropout(..., deterministic=True/False)) or to the call (dropout(x, deterministic=True/False)), "
+    "No `deterministic` argument was provided to {layer}. Pass it to the constructor "
+    "({layer}(..., deterministic=True/False)) or to the call (layer(x, deterministic=True/False)), "
     "or set it with model.train() / model.eval() or nnx.view(model, deterministic=True/False)."
 )
 _NO_RNGS = (
-    "`deterministic` is False, but no `rngs` argument was provided to Dropout as either a __call__ "
+    "`deterministic` is False, but no `rngs` argument was provided to {layer} as either a __call__ "
     "argument or a constructor argument: pass rngs=nnx.Rngs(dropout=seed) to one of them."
 )
 
@@ -136,7 +140,7 @@ class Dropout(nnx.Dropout):
         if deterministic is None:
             deterministic = self.deterministic
         if deterministic is None:
-            raise ValueError(_NO_DETERMINISTIC)
+            raise ValueError(_NO_DETERMINISTIC.format(layer="Dropout"))
         rate = _concrete_rate(self.rate)
         options: dict[str, Any] = dict(broadcast_dims=self.broadcast_dims, scale=self.scale, residual=self.residual)
         if rate == 0.0 or deterministic:
@@ -144,16 +148,114 @@ class Dropout(nnx.Dropout):
         if rate == 1.0:
             # flax draws no key at rate 1; neither do we, so the stream stays in step with flax's.
             return jnp.zeros_like(check_float_input(inputs))
-        if rngs is None:
-            rngs = self.rngs
-        if isinstance(rngs, nnx.Rngs):
-            key = rngs[self.rng_collection]()
-        elif isinstance(rngs, nnx.RngStream):
-            key = rngs()
-        elif isinstance(rngs, jax.Array):
-            key = rngs
-        elif rngs is None:
-            raise ValueError(_NO_RNGS)
-        else:
-            raise TypeError(f"rngs must be a Rngs, RngStream or jax.Array, but got {type(rngs)}.")
+        key = _draw_key(self.rngs if rngs is None else rngs, self.rng_collection, "Dropout")
         return dropout(key, inputs, self.rate, **options)
+
+
+def _draw_key(rngs: Any, rng_collection: str, layer: str) -> jax.Array:
+    """The mask's key from the call's (else the module's) ``rngs``, as ``flax.nnx.Dropout`` draws it."""
+    if isinstance(rngs, nnx.Rngs):
+        return rngs[rng_collection]()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs()
+    if isinstance(rngs, jax.Array):
+        return rngs
+    if rngs is None:
+        raise ValueError(_NO_RNGS.format(layer=layer))
+    raise TypeError(f"rngs must be a Rngs, RngStream or jax.Array, but got {type(rngs)}.")
+
+
+def _fork(rngs: nnx.Rngs | nnx.RngStream | None, rng_collection: str) -> Any:
+    """The module's own stream, forked from the constructor's ``rngs`` as ``flax.nnx.Dropout`` forks it."""
+    if isinstance(rngs, nnx.Rngs):
+        return rngs[rng_collection].fork()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs.fork()
+    if rngs is None:
+        return nnx.data(None)
+    raise TypeError(f"rngs must be a Rngs, RngStream or None, but got {type(rngs)}.")
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth (Huang et al. 2016) as a ``flax.nnx`` module, computed by :func:`jdrop.drop_path`.
+
+    timm's ``DropPath`` with ``flax.nnx.Dropout``'s conventions (``rngs`` streams forked at construction,
+    ``deterministic`` set by ``model.train()`` / ``model.eval()``): on a residual branch,
+    ``x + self.drop_path(f(x))``. With ``m ~ Bernoulli(1 - rate)`` drawn once per example and shared by all
+    its elements::
+
+        scale="inverted" (timm's):  train  y = m * x / keep      deterministic  y = x
+        scale="classic" (paper's):  train  y = m * x             deterministic  y = keep * x
+
+    The key is drawn from the call's ``rngs`` if given, else from the module's stream, only when a mask
+    is needed (not in deterministic mode, nor at rate 0 or 1). The examples: by default
+    (``batch_axis="auto"``) axis 0 of a batch, one draw per sample as timm, and the whole input inside
+    :func:`jdrop.train_step` (:meth:`jdrop.TrainState.from_nnx` runs the module per example); pass
+    ``batch_axis=None`` under your own ``nnx.vmap`` over examples.
+
+    Args:
+      rate: the probability of dropping an example's branch.
+      deterministic: if True no mask is applied; ``model.train()`` / ``model.eval()`` set it.
+      rng_collection: the rng stream to draw keys from.
+      rngs: an ``nnx.Rngs`` (its ``rng_collection`` stream is forked) or an ``nnx.RngStream``.
+      batch_axis: the example axis, None (the input is one example) or ``"auto"`` (see above).
+      scale: ``"inverted"`` (default, timm's) or ``"classic"``.
+
+    Example::
+
+      >>> class Block(nnx.Module):
+      ...   def __init__(self, width, rngs):
+      ...     self.linear = nnx.Linear(width, width, rngs=rngs)
+      ...     self.drop_path = jdrop.interop.nnx.DropPath(0.1, rngs=rngs)
+      ...   def __call__(self, x):
+      ...     return x + self.drop_path(self.linear(x))
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        deterministic: bool | None = False,
+        rng_collection: str = "dropout",
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        batch_axis: BatchAxis = AUTO,
+        scale: Scale = "inverted",
+    ):
+        _check_fields(scale, "key")
+        _concrete_rate(rate)
+        self.rate = rate
+        self.deterministic = deterministic
+        self.rng_collection = rng_collection
+        self.batch_axis = batch_axis
+        self.scale = scale
+        self.rngs = _fork(rngs, rng_collection)
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+    ) -> jax.Array:
+        """Drops the whole of each example's ``inputs`` with probability ``rate``.
+
+        Args:
+          inputs: the residual branch's output (a floating array).
+          deterministic: if True no mask is applied; takes precedence over the attribute.
+          rngs: an optional key, ``nnx.RngStream`` or ``nnx.Rngs``; takes precedence over the module's.
+
+        Returns:
+          Array of ``inputs``' shape and dtype.
+        """
+        if deterministic is None:
+            deterministic = self.deterministic
+        if deterministic is None:
+            raise ValueError(_NO_DETERMINISTIC.format(layer="DropPath"))
+        rate = _concrete_rate(self.rate)
+        options: dict[str, Any] = dict(batch_axis=self.batch_axis, scale=self.scale)
+        if rate == 0.0 or deterministic:
+            return drop_path(None, inputs, self.rate, deterministic=True, **options)
+        if rate == 1.0:
+            return jnp.zeros_like(check_float_input(inputs))
+        key = _draw_key(self.rngs if rngs is None else rngs, self.rng_collection, "DropPath")
+        return drop_path(key, inputs, self.rate, **options)

@@ -3,9 +3,10 @@
 - :func:`per_example`: ``apply_fn`` (written for one example) vmapped over a batch with example keys,
   the vmap named :data:`BATCH_AXIS` for batch statistics; :func:`takes_batch` marks functions that take
   the batch with its example keys directly;
-- the loop: :class:`TrainState` (also from flax nnx and equinox models: :meth:`TrainState.from_nnx`,
-  :meth:`TrainState.from_equinox`), :func:`train_step`, :func:`eval_step`, :func:`evaluate`,
-  :func:`train_epoch`, :func:`fit`;
+- the loop: :class:`TrainState` (also from flax linen, nnx and equinox models: :meth:`TrainState.from_linen`,
+  :meth:`TrainState.from_nnx`, :meth:`TrainState.from_equinox`), :func:`train_step`, :func:`eval_step`,
+  :func:`evaluate`, :func:`train_epoch`, :func:`fit` (resumable checkpoints, logging to :class:`CSVLogger` /
+  :class:`JSONLinesLogger` or any function);
 - losses: :func:`softmax_cross_entropy`, :func:`rdrop_loss` (R-Drop) and its :func:`symmetric_kl`;
 - prediction: :func:`mc_predict` (Monte-Carlo dropout);
 - optax transformations: :func:`max_norm`.
@@ -15,6 +16,8 @@ from jdrop._batching import takes_batch as takes_batch
 from jdrop.train._constraints import MaxNormState as MaxNormState
 from jdrop.train._constraints import max_norm as max_norm
 from jdrop.train._fit import fit as fit
+from jdrop.train._logging import CSVLogger as CSVLogger
+from jdrop.train._logging import JSONLinesLogger as JSONLinesLogger
 from jdrop.train._loop import eval_step as eval_step
 from jdrop.train._loop import evaluate as evaluate
 from jdrop.train._loop import train_epoch as train_epoch
@@ -36,7 +39,9 @@ __all__ = [
     "BATCH_AXIS",
     "Batch",
     "BatchFormat",
+    "CSVLogger",
     "ClassificationPrediction",
+    "JSONLinesLogger",
     "LossFn",
     "MaxNormState",
     "RegressionPrediction",

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdrop import masks
 from jdrop._typing import KeyLike
@@ -20,7 +21,9 @@ from jdrop._validation import positive_int
 from jdrop.train._per_example import per_example
 from jdrop.train._state import Batch, TrainState, batch_parts, count_examples
 
-__all__ = ["eval_step", "evaluate", "train_epoch", "train_step"]
+__all__ = [
+    "check_batch_size", "eval_step", "evaluate", "metric_float", "place", "train_epoch", "train_step", "train_steps",
+]
 
 
 def _loss_and_metrics(value: Any) -> tuple[jax.Array, dict[str, Any]]:
@@ -141,6 +144,10 @@ def train_step(
       ``(new_state, metrics)``; metrics hold ``loss``, for integer labels in the ``"xy"`` format
       ``accuracy`` (of the dropped-out training outputs), and the metrics ``loss_fn`` returns.
 
+    Raises:
+      MissingKeyError: (a ``ValueError``, the ops' error) if ``key`` is None: pass the step's key, or use
+        :func:`jdrop.eval_step` for evaluation.
+
     Example::
 
       >>> state, metrics = jdrop.train_step(state, {"x": x, "y": y}, jax.random.fold_in(run_key, step))
@@ -150,7 +157,8 @@ def train_step(
     if size % microbatches:
         raise ValueError(f"`microbatches` ({microbatches}) must divide the batch size ({size}).")
     step = _train_step_donating if donate else _train_step_jit
-    return step(state, batch, masks.canonical_key(key), offset, microbatches=int(microbatches))
+    key = masks.require_key(key, what="jdrop.train_step", eval_hint="jdrop.eval_step(state, batch)")
+    return step(state, batch, key, offset, microbatches=int(microbatches))
 
 
 @jax.jit
@@ -165,8 +173,22 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     return _eval_step(state, batch)
 
 
+def metric_float(value: Any) -> float:
+    """A float32 metric as a Python float with the digits float32 resolves: ``0.3``, not ``0.30000001192092896``.
+
+    The shortest decimal that rounds to the same float32 (numpy's ``str``), so ``np.float32(metric_float(v))
+    == np.float32(v)``; values computed in float64 are rounded to float32 first.
+    """
+    return float(str(np.float32(value)))
+
+
 def evaluate(state: TrainState, data: Batch, *, batch_size: int = 1024) -> dict[str, float]:
-    """:func:`eval_step` over a whole data set in chunks, averaged by example count."""
+    """:func:`eval_step` over a whole data set in chunks, averaged by example count.
+
+    ``metric = sum_c size_c * eval_step(chunk_c)[metric] / n``, accumulated in float64 from the chunks'
+    float32 values and returned as Python floats with float32's digits (:func:`metric_float`): with one
+    chunk (``n <= batch_size``), ``np.float32(evaluate(...)[m]) == eval_step(...)[m]`` exactly.
+    """
     n = count_examples(data, state.batch_format)
     batch_size = positive_int(batch_size, name="batch_size")
     totals: dict[str, float] = {}
@@ -175,11 +197,18 @@ def evaluate(state: TrainState, data: Batch, *, batch_size: int = 1024) -> dict[
         size = min(batch_size, n - start)
         for name, value in eval_step(state, chunk).items():
             totals[name] = totals.get(name, 0.0) + float(value) * size
-    return {name: total / n for name, total in totals.items()}
+    return {name: metric_float(total / n) for name, total in totals.items()}
 
 
-@partial(jax.jit, static_argnames=("batch_size", "shuffle", "batch_sharding"), donate_argnums=(0,))
-def _train_epoch(state, data, key, batch_size, shuffle, batch_sharding):
+@partial(jax.jit, static_argnames=("count", "batch_size", "shuffle", "batch_sharding"), donate_argnums=(0,))
+def train_steps(state, data, key, first, *, count, batch_size, shuffle=True, batch_sharding=None):
+    """Minibatches ``first .. first + count - 1`` of the epoch keyed by ``key``, as one ``lax.scan``.
+
+    The epoch's schedule depends only on ``key`` and the minibatch index: the examples are shuffled
+    with ``split(key)[0]`` and minibatch ``j`` trains with ``fold_in(split(key)[1], j)``, so running an
+    epoch in pieces (``first`` traced: one compilation per ``count``) gives its minibatches and masks.
+    ``state`` is donated. Returns ``(new_state, metrics stacked over the count steps)``.
+    """
     n = count_examples(data, state.batch_format)
     num_batches = n // batch_size
     shuffle_key, step_key = jax.random.split(key)
@@ -193,8 +222,7 @@ def _train_epoch(state, data, key, batch_size, shuffle, batch_sharding):
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return _train_step(state, batch, masks.fold_in(step_key, batch_index))
 
-    state, metrics = jax.lax.scan(body, state, jnp.arange(num_batches))
-    return state, jax.tree_util.tree_map(jnp.mean, metrics)
+    return jax.lax.scan(body, state, first + jnp.arange(count))
 
 
 def train_epoch(
@@ -220,14 +248,28 @@ def train_epoch(
       ``(new_state, metrics averaged over the epoch's steps)``.
     """
     n = count_examples(data, state.batch_format)
+    batch_size = check_batch_size(batch_size, n)
+    state, data, batch_sharding = place(state, data, mesh)
+    key = masks.require_key(key, what="jdrop.train_epoch", eval_hint="jdrop.evaluate(state, data)")
+    state, metrics = train_steps(state, data, key, 0, count=n // batch_size,
+                                 batch_size=batch_size, shuffle=bool(shuffle), batch_sharding=batch_sharding)
+    return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+
+def check_batch_size(batch_size: Any, n: int) -> int:
+    """``batch_size`` as an int in ``1..n``, or the error naming it."""
     batch_size = positive_int(batch_size, name="batch_size")
     if batch_size > n:
         raise ValueError(f"`batch_size` ({batch_size}) exceeds the number of examples ({n}).")
-    data = dict(data) if isinstance(data, Mapping) else data
-    batch_sharding = None
-    if mesh is not None:
-        from jdrop import distributed
+    return int(batch_size)
 
-        state, data = distributed.replicate((state, data), mesh)
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
-    return _train_epoch(state, data, masks.canonical_key(key), int(batch_size), bool(shuffle), batch_sharding)
+
+def place(state: TrainState, data: Batch, mesh: jax.sharding.Mesh | None) -> tuple[TrainState, Batch, Any]:
+    """``(state, data, batch_sharding)``: replicated on ``mesh`` with minibatches sharded over its first axis."""
+    data = dict(data) if isinstance(data, Mapping) else data
+    if mesh is None:
+        return state, data, None
+    from jdrop import distributed
+
+    state, data = distributed.replicate((state, data), mesh)
+    return state, data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))

@@ -13,8 +13,8 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_apply_fn, check_choice, positive_int
-from jdrop.train._per_example import call_apply, per_example
+from jdrop._validation import canonical_axis, check_choice, positive_int
+from jdrop.train._per_example import call_apply, check_apply_fn, per_example
 
 __all__ = ["ClassificationPrediction", "RegressionPrediction", "mc_predict"]
 
@@ -104,7 +104,7 @@ def mc_predict(
     check_choice(task, ("regression", "classification"), name="task")
     num_samples = positive_int(num_samples, name="num_samples")
     chunk = num_samples if chunk_size is None else min(positive_int(chunk_size, name="chunk_size"), num_samples)
-    key = masks.canonical_key(key)
+    key = masks.require_key(key, what="jdrop.mc_predict", eval_hint="apply_fn(..., deterministic=True)")
     axis = None if batch_axis is None else canonical_axis(batch_axis, jnp.ndim(x), name="batch_axis")
     return _mc_predict(apply_fn, params, x, key, dict(hparams or {}), num_samples, task, chunk, axis)
 

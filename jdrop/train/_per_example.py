@@ -17,7 +17,10 @@ How ``apply_fn`` is called, decided once from its signature (statically, when it
   ``model_state=...`` and returns ``(outputs, new_model_state)``. The vmap over examples is named
   ``axis_name`` (``"batch"``), so a layer that reduces over it (``flax.linen.BatchNorm(axis_name="batch")``,
   ``flax.nnx.BatchNorm(..., axis_name="batch")``, ``equinox.nn.BatchNorm(..., axis_name="batch")``) sees the
-  whole batch, and the new state, being the same for every example, comes back once.
+  whole batch, and the new state, being the same for every example, comes back once;
+- batch axes: ``apply_fn`` is traced in a one-example context, so the variants' default
+  ``batch_axis="auto"`` treats its input as one example (``drop_path`` draws once per example, not per
+  token); a function marked :func:`jdrop.train.takes_batch` gets the batch, and ``"auto"`` stays axis 0.
 """
 
 from __future__ import annotations
@@ -31,14 +34,23 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jdrop import masks
-from jdrop._batching import is_batched
+from jdrop._batching import is_batched, one_example
 from jdrop._typing import KeyLike
 from jdrop._validation import deterministic_or_train
 
-__all__ = ["BATCH_AXIS", "call_apply", "per_example"]
+__all__ = ["BATCH_AXIS", "call_apply", "check_apply_fn", "per_example"]
 
 BATCH_AXIS = "batch"
 """The name of the vmap over examples: give it to BatchNorm layers as ``axis_name``."""
+
+
+def check_apply_fn(apply_fn: Any) -> Any:
+    """``apply_fn`` if it is callable, else ``TypeError`` with the convention it must follow."""
+    if not callable(apply_fn):
+        raise TypeError(
+            f"`apply_fn` must be callable as apply_fn(params, x, *, key, deterministic), got {apply_fn!r}."
+        )
+    return apply_fn
 
 
 def _takes_deterministic(apply_fn: Callable[..., Any]) -> bool:
@@ -132,7 +144,8 @@ def per_example(
     out_axes: Any = 0 if model_state is None else (0, None)
     mapped = jax.vmap(one, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name)
     try:
-        return mapped(x, keys, params, extra)
+        with one_example():  # the variants' batch_axis="auto" is None: apply_fn sees one example
+            return mapped(x, keys, params, extra)
     except ValueError as error:
         if model_state is None or "out_axes" not in str(error):
             raise

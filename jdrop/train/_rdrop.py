@@ -13,8 +13,8 @@ from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._typing import KeyLike
-from jdrop._validation import canonical_axis, check_apply_fn, check_float_input, check_rate
-from jdrop.train._per_example import per_example
+from jdrop._validation import canonical_axis, check_float_input, check_rate
+from jdrop.train._per_example import check_apply_fn, per_example
 
 __all__ = ["rdrop_loss", "symmetric_kl"]
 
@@ -93,7 +93,8 @@ def rdrop_loss(
     if x.ndim < 1 or labels.ndim < 1 or x.shape[0] != labels.shape[0]:
         raise ValueError(f"`x` and `labels` must share their leading (example) axis, got {x.shape} and {labels.shape}.")
     batch = x.shape[0]
-    logits = per_example(apply_fn, params, jnp.concatenate([x, x], axis=0), masks.canonical_key(key), hparams=hparams)
+    key = masks.require_key(key, what="jdrop.rdrop_loss", eval_hint="jdrop.eval_step")
+    logits = per_example(apply_fn, params, jnp.concatenate([x, x], axis=0), key, hparams=hparams)
     first, second = logits[:batch], logits[batch:]
     cross_entropy = 0.5 * (
         optax.softmax_cross_entropy_with_integer_labels(first, labels)

@@ -11,11 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdrop._validation import check_apply_fn, check_choice
+from jdrop._validation import check_choice
 from jdrop.train._losses import softmax_cross_entropy
-from jdrop.train._per_example import BATCH_AXIS
+from jdrop.train._per_example import BATCH_AXIS, check_apply_fn
 
-__all__ = ["BATCH_FORMATS", "Batch", "BatchFormat", "LossFn", "TrainState", "batch_parts", "count_examples"]
+__all__ = [
+    "BATCH_FORMATS", "Batch", "BatchFormat", "LossFn", "TrainState", "batch_parts", "count_examples",
+    "register_builder",
+]
 
 Batch: TypeAlias = Any
 """A pytree of arrays that share a leading example axis: ``{"x": (B, ...), "y": (B, ...)}`` in the
@@ -25,6 +28,23 @@ LossFn: TypeAlias = Callable[[Any, Any], Any]
 scalar loss, or ``(loss, metrics)`` with a dict of scalar metrics."""
 BatchFormat = Literal["xy", "pytree"]
 BATCH_FORMATS: tuple[str, ...] = ("xy", "pytree")
+
+_BUILDERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_builder(framework: str, builder: Callable[..., Any]) -> None:
+    """Registers the function behind ``TrainState.from_<framework>`` (``"linen"``, ``"nnx"``, ``"equinox"``).
+
+    :mod:`jdrop.interop`, the layer that knows flax and equinox, registers them when it is imported
+    (``import jdrop`` does), so this layer never imports the one above it.
+    """
+    _BUILDERS[framework] = builder
+
+
+def _build(framework: str, *args: Any, **options: Any) -> Any:
+    if framework not in _BUILDERS:
+        raise RuntimeError(f"TrainState.from_{framework} is provided by jdrop.interop: `import jdrop.interop` first.")
+    return _BUILDERS[framework](*args, **options)
 
 
 @partial(
@@ -123,6 +143,32 @@ class TrainState:
         )
 
     @classmethod
+    def from_linen(
+        cls, module: Any, variables: Mapping[str, Any], tx: optax.GradientTransformation, **options: Any
+    ) -> TrainState:
+        """A state for a ``flax.linen`` Module, trained with per-example dropout masks.
+
+        ``variables["params"]`` are trained; the other collections (``batch_stats``) are ``model_state``.
+        The ``apply_fn`` applies the module to ONE example with ``rngs={"dropout": k_i}`` (example key
+        ``k_i``) and, in training, ``mutable=["batch_stats"]``: the one-example ``apply_fn`` one writes by
+        hand. Same as :func:`jdrop.interop.linen.train_state` (see it for the details);
+        :func:`jdrop.interop.linen.variables` gives the trained variables back.
+
+        Args:
+          module: the ``flax.linen.Module``.
+          variables: its variables (``module.init(...)``).
+          tx: an optax transformation.
+          **options: ``rng_streams`` (default ``("dropout",)``), ``mutable`` (default: every collection but
+            ``params``) and :meth:`create`'s ``loss_fn``, ``hparams``, ``batch_format``, ``axis_name``.
+
+        Example::
+
+          >>> variables = Net().init(jax.random.key(0), x[0], deterministic=True)
+          >>> state = jdrop.TrainState.from_linen(Net(), variables, optax.adam(1e-3))
+        """
+        return _build("linen", module, variables, tx, **options)
+
+    @classmethod
     def from_nnx(cls, model: Any, tx: optax.GradientTransformation, **options: Any) -> TrainState:
         """A state for a ``flax.nnx`` Module, trained with per-example dropout masks.
 
@@ -141,9 +187,7 @@ class TrainState:
 
           >>> state = jdrop.TrainState.from_nnx(MLP(rngs=nnx.Rngs(0)), optax.adam(1e-3))
         """
-        from jdrop.train._nnx import train_state
-
-        return train_state(model, tx, **options)
+        return _build("nnx", model, tx, **options)
 
     @classmethod
     def from_equinox(cls, model: Any, tx: optax.GradientTransformation, **options: Any) -> TrainState:
@@ -165,9 +209,7 @@ class TrainState:
           >>> model, bn_state = eqx.nn.make_with_state(Net)(key=jax.random.key(0))
           >>> state = jdrop.TrainState.from_equinox(model, optax.adam(1e-3), state=bn_state)
         """
-        from jdrop.train._equinox import train_state
-
-        return train_state(model, tx, **options)
+        return _build("equinox", model, tx, **options)
 
     def apply_gradients(self, grads: Any, **changes: Any) -> TrainState:
         """One optimiser update: ``params <- params + tx.update(grads)``; ``changes`` replace other fields."""

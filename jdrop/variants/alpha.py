@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jdrop._batching import AUTO, BatchAxis
 from jdrop._dropout import dropout, keep_and_factor
 from jdrop._typing import KeyLike, Residual
 from jdrop._validation import check_deterministic, check_float_input, check_rate
@@ -93,7 +94,7 @@ def feature_alpha_dropout(
     rate: ArrayLike,
     *,
     channel_axis: int = -1,
-    batch_axis: int | None = 0,
+    batch_axis: BatchAxis = AUTO,
     deterministic: bool = False,
     residual: Residual = "key",
 ) -> jax.Array:
@@ -101,15 +102,17 @@ def feature_alpha_dropout(
 
     The formula of :func:`alpha_dropout` with ``m[b, c]`` shared along every other axis, as
     ``torch.nn.functional.feature_alpha_dropout`` (``torch.nn.FeatureAlphaDropout``), which is
-    channels-first: pass ``channel_axis=1`` for PyTorch's layout. Eval: identity. Inside
-    ``jax.vmap`` over examples pass ``batch_axis=None``.
+    channels-first: pass ``channel_axis=1`` for PyTorch's layout. Eval: identity. The default
+    ``batch_axis="auto"`` is one example inside :func:`jdrop.train_step`'s ``apply_fn``, else axis 0
+    (as :func:`jdrop.feature_dropout`); under your own ``jax.vmap`` over examples pass ``batch_axis=None``.
 
     Args:
       key: PRNG key (may be None when ``deterministic``).
       x: floating array with a channel axis.
       rate: probability of dropping a channel, in [0, 1]; may be traced.
       channel_axis: the channel axis.
-      batch_axis: the example axis, or None for a single example.
+      batch_axis: the example axis; None: the whole input is one example; ``"auto"`` (default): None
+        while jdrop runs a one-example ``apply_fn`` (``train_step``, ``per_example``, ``mc_predict``), else 0.
       deterministic: evaluation mode (identity).
       residual: the core's residual policy.
 

@@ -12,6 +12,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._batching import AUTO, BatchAxis, resolve_batch_axis
 from jdrop._dropout import dropout
 from jdrop._typing import KeyLike
 from jdrop._validation import (
@@ -57,7 +58,7 @@ def dropblock(
     block_size: int,
     *,
     channel_axis: int = -1,
-    batch_axis: int | None = 0,
+    batch_axis: BatchAxis = AUTO,
     couple_channels: bool = True,
     deterministic: bool = False,
 ) -> jax.Array:
@@ -89,11 +90,12 @@ def dropblock(
 
     Args:
       key: PRNG key (may be None when ``deterministic``).
-      x: floating feature maps, ``(B, H, W, C)`` by default (rank 3 with ``batch_axis=None``).
+      x: floating feature maps, ``(B, H, W, C)`` for a batch, ``(H, W, C)`` for one example.
       rate: target fraction of dropped positions, in [0, 1]; may be traced.
       block_size: side of the dropped squares (clipped to the map), odd or even.
       channel_axis: the channel axis (1 for PyTorch's ``(B, C, H, W)``).
-      batch_axis: the example axis, or None for one example (inside ``jax.vmap``).
+      batch_axis: the example axis; None: the whole input is one example; ``"auto"`` (default): None
+        while jdrop runs a one-example ``apply_fn`` (``train_step``, ``per_example``, ``mc_predict``), else 0.
       couple_channels: one block pattern for all channels of an example (else one per channel).
       deterministic: evaluation mode (identity).
 
@@ -103,7 +105,7 @@ def dropblock(
     x = check_float_input(x)
     deterministic = check_deterministic(deterministic)
     block_size = positive_int(block_size, name="block_size")
-    channel, (height, width) = _layout(x.ndim, channel_axis, batch_axis)
+    channel, (height, width) = _layout(x.ndim, channel_axis, resolve_batch_axis(batch_axis))
     couple_channels = static_bool(couple_channels, name="couple_channels")
     rate = check_rate(rate)
     if isinstance(rate, float) and (deterministic or rate == 0.0):

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 from jax.typing import ArrayLike
 
+from jdrop._batching import AUTO, BatchAxis, resolve_batch_axis
 from jdrop._dropout import dropout
 from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import check_channel_and_batch_axes, check_float_input, check_rank_at_least
@@ -17,9 +18,11 @@ __all__ = ["feature_dropout"]
 def _feature_broadcast_dims(x: jax.Array, *, channel_axis: Any, batch_axis: Any) -> tuple[int, ...]:
     """The dims a per-(example, channel) mask is shared along: all but ``batch_axis`` and ``channel_axis``.
 
-    ``batch_axis=None`` means the input is one example (e.g. inside ``jax.vmap``).
+    ``batch_axis=None`` means the input is one example (e.g. inside ``jax.vmap``); ``"auto"`` is
+    resolved by :func:`jdrop._batching.resolve_batch_axis`.
     """
     check_rank_at_least(x, 1, name="x", why="it has a channel axis")
+    batch_axis = resolve_batch_axis(batch_axis)
     kept = check_channel_and_batch_axes(x.ndim, channel_axis=channel_axis, batch_axis=batch_axis)
     return tuple(axis for axis in range(x.ndim) if axis not in kept)
 
@@ -30,7 +33,7 @@ def feature_dropout(
     rate: ArrayLike,
     *,
     channel_axis: int = -1,
-    batch_axis: int | None = 0,
+    batch_axis: BatchAxis = AUTO,
     deterministic: bool = False,
     scale: Scale = "inverted",
     residual: Residual = "key",
@@ -49,14 +52,18 @@ def feature_dropout(
     Works for any rank: ``(B, L, C)`` is ``torch.nn.Dropout1d`` / ``keras.layers.SpatialDropout1D``,
     ``(B, H, W, C)`` is ``Dropout2d`` / ``SpatialDropout2D``, ``(B, D, H, W, C)`` is ``Dropout3d`` /
     ``SpatialDropout3D``. jdrop is channels-last by default (as Keras); for PyTorch's layout
-    ``(B, C, ...)`` pass ``channel_axis=1``. Inside ``jax.vmap`` over examples pass ``batch_axis=None``.
+    ``(B, C, ...)`` pass ``channel_axis=1``. Inside a one-example
+    ``apply_fn`` run by :func:`jdrop.train_step` (or ``per_example``, ``mc_predict``) the default
+    ``batch_axis="auto"`` treats the input as one example; under your own ``jax.vmap`` over examples
+    pass ``batch_axis=None``.
 
     Args:
       key: PRNG key (may be None when ``deterministic``).
-      x: floating array with a channel axis (and a batch axis unless ``batch_axis`` is None).
+      x: floating array with a channel axis (and a batch axis unless it is one example).
       rate: probability of dropping a channel, in [0, 1]; may be traced.
       channel_axis: the channel axis.
-      batch_axis: the example axis, or None for a single example.
+      batch_axis: the example axis; None: the whole input is one example; ``"auto"`` (default): None
+        while jdrop runs a one-example ``apply_fn`` (``train_step``, ``per_example``, ``mc_predict``), else 0.
       deterministic: evaluation mode.
       scale: ``"inverted"`` (default) or ``"classic"``, as in :func:`jdrop.dropout`.
       residual: the core's residual policy (``"key"``, ``"bits"`` or ``"mask"``).
