@@ -94,10 +94,49 @@ class _Spec(NamedTuple):
     def has_dropout(self) -> bool:
         return self.dropout != DropoutMode.NONE
 
+    @property
+    def lane_rows(self) -> bool:
+        """Per-row residuals laid out along lanes, ``(..., 1, Tq)``, rather than ``(..., Tq, 1)``.
+
+        On TPU, whose HBM arrays are tiled ``(8, 128)`` over their last two dims, a ``(..., Tq, 1)`` float32 array
+        takes 128 times its size (a lane-padded ``(Tq, 128)``), ``(..., 1, Tq)`` 8 times. Blocks ``(1, block_q)``
+        need ``block_q`` a multiple of 128 (lanes) or the whole (one-tile) query length.
+        """
+        return self.backend == "tpu" and (self.block_q % 128 == 0 or self.q_length <= self.block_q)
+
     def compiler_params(self, semantics: tuple[Any, ...], warps: int = 4) -> Any:
         if self.backend == "tpu":
             return pltpu.CompilerParams(dimension_semantics=semantics)
         return pltriton.CompilerParams(num_warps=warps, num_stages=2)
+
+
+def _rows_shape(spec: _Spec, lead: tuple[int, ...], q_padded: int) -> tuple[int, ...]:
+    """Shape of a per-row float32 residual (row max, log row sum, delta) with leading dims ``lead``."""
+    return (*lead, 1, q_padded) if spec.lane_rows else (*lead, q_padded, 1)
+
+
+def _rows_block(spec: _Spec, lead: int, index: Callable[..., tuple[Any, ...]]) -> pl.BlockSpec:
+    """Block spec of a per-row residual: ``lead`` squeezed leading dims; ``index(*grid ids)`` their indices and the
+    query tile's."""
+    squeezed = (None,) * lead
+    if spec.lane_rows:
+        return pl.BlockSpec((*squeezed, 1, spec.block_q), lambda *ids: (*index(*ids)[:-1], 0, index(*ids)[-1]))
+    return pl.BlockSpec((*squeezed, spec.block_q, 1), lambda *ids: (*index(*ids), 0))
+
+
+def _load_rows(spec: _Spec, ref) -> jax.Array:
+    """A query tile's per-row residual as a ``(block_q, 1)`` column."""
+    x = ref[...]
+    return x.reshape(spec.block_q, 1) if spec.lane_rows else x
+
+
+def _residuals(spec: _Spec, max_ref, lse_ref, delta_ref) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A query tile's row max, log row sum and delta, ``(block_q, 1)`` columns."""
+    return _load_rows(spec, max_ref), _load_rows(spec, lse_ref), _load_rows(spec, delta_ref)
+
+
+def _store_rows(spec: _Spec, ref, column: jax.Array) -> None:
+    ref[...] = column.reshape(1, spec.block_q) if spec.lane_rows else column
 
 
 def _div(a: Any, b: int) -> Any:
@@ -430,19 +469,19 @@ def _forward_kernel_tpu(spec: _Spec, n_k: int, *refs):
     @pl.when(j == n_k - 1)
     def _finish():
         o_ref[...] = (acc_scratch[...] / sum_scratch[...]).astype(o_ref.dtype)
-        max_ref[...] = max_scratch[...]
-        lse_ref[...] = jnp.log(sum_scratch[...])
+        _store_rows(spec, max_ref, max_scratch[...])
+        _store_rows(spec, lse_ref, jnp.log(sum_scratch[...]))
 
 
 def _forward(spec: _Spec, q, k, v, bias, mask, drop):
-    """``(out, row_max, log_row_sum)``: out ``(B, Hq, Tq, Dv)``, the residuals ``(B, Hq, Tq, 1)`` float32."""
+    """``(out, row_max, log_row_sum)``: out ``(B, Hq, Tq, Dv)``, the float32 residuals of shape ``_rows_shape``."""
     batch, q_heads, q_padded, depth = q.shape
     k_padded, value_depth = k.shape[2], v.shape[3]
     bq, bk, group = spec.block_q, spec.block_k, spec.group
     n_q, n_k = q_padded // bq, k_padded // bk
     out_shape = [jax.ShapeDtypeStruct((batch, q_heads, q_padded, value_depth), q.dtype),
-                 jax.ShapeDtypeStruct((batch, q_heads, q_padded, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, q_heads, q_padded, 1), jnp.float32)]
+                 jax.ShapeDtypeStruct(_rows_shape(spec, (batch, q_heads), q_padded), jnp.float32),
+                 jax.ShapeDtypeStruct(_rows_shape(spec, (batch, q_heads), q_padded), jnp.float32)]
     if spec.backend == "tpu":
         def last_k(i, j):
             return jnp.minimum(j, _visible_k_blocks(spec, i, n_k) - 1)  # skipped tiles: no new copy
@@ -456,8 +495,7 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
                     pl.BlockSpec((None, None, bk, value_depth), key_tile),
                     *_optional_specs(spec, lambda b, h, i, j: (b, h, i, last_k(i, j)), bq, bk)]
         out_specs = [pl.BlockSpec((None, None, bq, value_depth), lambda b, h, i, j: (b, h, i, 0)),
-                     pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0)),
-                     pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))]
+                     *[_rows_block(spec, 2, lambda b, h, i, j: (b, h, i))] * 2]
         scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                    pltpu.VMEM((bq, value_depth), jnp.float32)]
         kernel = partial(_forward_kernel_tpu, spec, n_k)
@@ -529,7 +567,7 @@ def _dkv_kernel_tpu(spec: _Spec, n_q: int, *refs):
         q, do = q_ref[...], do_ref[...]
         s, allowed = _logits(spec, q, k_ref[...], bias, mask, i, j)
         factors = _factors(spec, _drop(inputs), b * spec.q_heads + kv_head * spec.group + g, i, j)
-        p_dropped, ds = _backward_tile(spec, s, allowed, do, v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
+        p_dropped, ds = _backward_tile(spec, s, allowed, do, v_ref[...], *_residuals(spec, max_ref, lse_ref, delta_ref),
                                        factors)
         d_k_t, d_v_t = _key_gradients_t(spec, p_dropped, ds, q, do)
         dk_scratch[...] += d_k_t
@@ -566,7 +604,7 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
             return pl.BlockSpec((None, None, bk, width), lambda b, h, j, g, i: (b, h, j, 0))
 
         in_specs = [rows(depth), cols(depth), cols(value_depth), rows(do.shape[-1]),
-                    rows(1), rows(1), rows(1),
+                    *[_rows_block(spec, 3, lambda b, h, j, g, i: (b, h, g, first_i(i, j)))] * 3,
                     *_optional_specs(spec, lambda b, h, j, g, i: (b, h * group + g, first_i(i, j), j), bq, bk)]
         out_specs = [cols(depth), cols(value_depth)]
         scratch = [pltpu.VMEM((depth, bk), jnp.float32), pltpu.VMEM((value_depth, bk), jnp.float32)]
@@ -606,7 +644,8 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
 
 def _dq_kernel_gpu(spec: _Spec, n_k: int, *refs):
     (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, (dq_ref,) = _split_refs(spec, refs, 7)
-    q, do, row_max, log_row_sum, delta = q_ref[...], do_ref[...], max_ref[...], lse_ref[...], delta_ref[...]
+    q, do = q_ref[...], do_ref[...]
+    row_max, log_row_sum, delta = _residuals(spec, max_ref, lse_ref, delta_ref)
     i, key_tile = _key_tiles_gpu(spec, q, k_ref, v_ref, inputs)
 
     def body(j, d_q):
@@ -634,8 +673,8 @@ def _dq_kernel_tpu(spec: _Spec, n_k: int, *refs):
         k = k_ref[...]
         s, allowed = _logits(spec, q_ref[...], k, bias, mask, i, j)
         factors = _factors(spec, _drop(inputs), b * spec.q_heads + h, i, j)
-        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
-                               factors)
+        residuals = _residuals(spec, max_ref, lse_ref, delta_ref)
+        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], *residuals, factors)
         dq_scratch[...] += _dot(spec, ds.astype(k.dtype), k, (1, 0))
 
     @pl.when(j == n_k - 1)
@@ -655,7 +694,8 @@ def _row_specs_by_tile(spec: _Spec, q, k, v, index_of, k_block: int, k_index):
         return pl.BlockSpec((None, None, k_block, width), lambda *ids: (
             index_of(*ids)[0], _div(index_of(*ids)[1], group), k_index(*ids), 0))
 
-    return [rows(depth), cols(depth), cols(value_depth), rows(value_depth), rows(1), rows(1), rows(1)]
+    residual = _rows_block(spec, 2, lambda *ids: index_of(*ids)[:3])
+    return [rows(depth), cols(depth), cols(value_depth), rows(value_depth), residual, residual, residual]
 
 
 def _dq(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop):
@@ -705,8 +745,8 @@ def _dbias_kernel(spec: _Spec, n_k: int, *refs):
         mask = None if inputs.mask is None else inputs.mask[...]
         s, allowed = _logits(spec, q_ref[...], k_ref[...], bias, mask, i, j)
         factors = _factors(spec, _drop(inputs), b * spec.q_heads + h, i, j)
-        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
-                               factors)
+        residuals = _residuals(spec, max_ref, lse_ref, delta_ref)
+        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], *residuals, factors)
         ds_ref[...] = ds
 
     if not spec.skip_causal:
@@ -767,7 +807,8 @@ def _attention_fwd(spec: _Spec, q, k, v, bias, mask, drop):
 def _attention_bwd(spec: _Spec, residuals, d_out):
     q, k, v, bias, mask, drop, out, row_max, log_row_sum = residuals
     # rowsum(dP~ * P~) = dO . O: the softmax backward's per-row term, dropout included.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = delta[:, :, None, :] if spec.lane_rows else delta[..., None]
     d_out = d_out.astype(q.dtype)
     args = (q, k, v, d_out, row_max, log_row_sum, delta, bias, mask, drop)
     d_k, d_v = _dkv(spec, *args)
