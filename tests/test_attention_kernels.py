@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import qkv_input, value_and_grads
+from _util import pallas_calls, qkv_input, value_and_grads
 from jax.experimental.pallas import tpu as pltpu
 
 import jdrop
@@ -99,21 +99,6 @@ def test_interpret_true_runs_kernels_on_cpu_and_interpret_checks():
 # ------------------------------------------------------------------------------------- cost estimates
 
 
-def _pallas_calls(jaxpr):
-    """``{name: cost_estimate}`` of every pallas_call in a closed jaxpr, sub-jaxprs included."""
-    found = {}
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            found[eqn.params["name"]] = eqn.params["cost_estimate"]
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    found.update(_pallas_calls(sub.jaxpr))
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    found.update(_pallas_calls(sub))
-    return found
-
-
 def _estimates(backend, shape, dtype, **options):
     q = jax.ShapeDtypeStruct(shape, dtype)
     bias = jax.ShapeDtypeStruct((1, shape[2], shape[1], shape[1]), jnp.float32)
@@ -124,7 +109,7 @@ def _estimates(backend, shape, dtype, **options):
 
     with _pallas.kernels_for(backend, interpret=False):
         jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, q, q, bias)
-    return _pallas_calls(jaxpr.jaxpr)
+    return pallas_calls(jaxpr.jaxpr)
 
 
 @pytest.mark.parametrize("backend", _pallas.BACKENDS)

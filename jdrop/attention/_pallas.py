@@ -127,7 +127,7 @@ def _rows_block(spec: _Spec, lead: int, index: Callable[..., tuple[Any, ...]]) -
 def _load_rows(spec: _Spec, ref) -> jax.Array:
     """A query tile's per-row residual as a ``(block_q, 1)`` column."""
     x = ref[...]
-    return x.reshape(spec.block_q, 1) if spec.lane_rows else x
+    return x.T if spec.lane_rows else x
 
 
 def _residuals(spec: _Spec, max_ref, lse_ref, delta_ref) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -136,7 +136,9 @@ def _residuals(spec: _Spec, max_ref, lse_ref, delta_ref) -> tuple[jax.Array, jax
 
 
 def _store_rows(spec: _Spec, ref, column: jax.Array) -> None:
-    ref[...] = column.reshape(1, spec.block_q) if spec.lane_rows else column
+    """Stores a ``(block_q, 1)`` column; lane-laid rows by a transpose (a reshape is a sublane gather, which TPU v4
+    lacks)."""
+    ref[...] = column.T if spec.lane_rows else column
 
 
 def _div(a: Any, b: int) -> Any:
