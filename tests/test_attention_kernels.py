@@ -174,3 +174,17 @@ def test_threefry_op_count_is_the_kernels_threefry():
     words = jnp.zeros((4,), jnp.uint32)
     jaxpr = jax.make_jaxpr(masks.threefry2x32)(jnp.uint32(1), jnp.uint32(2), words, words)
     assert sum(eqn.outvars[0].aval.shape == (4,) for eqn in jaxpr.jaxpr.eqns) == _dropout_mask.THREEFRY_OPS
+
+
+# ------------------------------------------------------------------------------------- default tiles per target
+
+
+def test_default_tiles_per_target_follow_the_tile_rules():
+    assert _pallas.compile_target() is None  # a CPU: no accelerator target
+    assert _pallas.tile_sizes("gpu", 4096, 4096, None, None, target=None, itemsize=2) == _pallas.DEFAULT_BLOCKS["gpu"]
+    for (target, itemsize), blocks in _pallas.TARGET_BLOCKS.items():
+        backend = "gpu" if target == "h100" else "tpu"
+        assert _pallas.tile_sizes(backend, 8192, 8192, None, None, target=target, itemsize=itemsize) == blocks
+        assert _pallas.tile_sizes(backend, 8192, 8192, *blocks) == blocks  # tiles the backend's rules accept
+        # short sequences shrink the defaults as before
+        assert _pallas.tile_sizes(backend, 40, 40, None, None, target=target, itemsize=itemsize) <= blocks

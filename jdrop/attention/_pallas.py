@@ -55,7 +55,19 @@ from jdrop.attention._layout import Layout, _pad_axis
 
 BACKENDS = ("tpu", "gpu")
 DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
-"""Default ``(block_q, block_k)`` per backend: not tuned on hardware yet (no device lent so far)."""
+"""Default ``(block_q, block_k)`` per backend, for targets without an entry in :data:`TARGET_BLOCKS`."""
+TARGET_BLOCKS: dict[tuple[str | None, int], tuple[int, int]] = {
+    # H100, head dim 128, 8 warps, by ptxas -arch=sm_90a -v: 16-bit 128 x 64 has no spills (registers: forward
+    # 185, dK/dV 218, dQ 204) and at most 193 KiB of shared memory (limit 227); 128 x 128 needs 258 KiB (refused),
+    # 64 x 128 spills in dK/dV. float32 spills in dK/dV at every tile (144 bytes at 32 x 64, the fewest; 276 at
+    # 64 x 64, and dQ 60 there too).
+    ("h100", 2): (128, 64),
+    ("h100", 4): (32, 64),
+}
+"""Default ``(block_q, block_k)`` per compile target and itemsize, from what each target's compiler reports
+(``python -m benchmarks.accelerator_tiles sweep``; ``benchmarks/results/accelerator_tiles.json``)."""
+_TARGETS = (("H100", "h100"), ("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v6 lite", "v6e"),
+            ("TPU v6e", "v6e"))
 _MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully masked row is uniform
 
 
@@ -833,9 +845,22 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def compile_target() -> str | None:
+    """The device the kernels compile for, as a key of :data:`TARGET_BLOCKS` (``"h100"``, ``"v4"``, ``"v5e"``,
+    ``"v6e"``), or None: the abstract mesh's device (a compile-only target) or the default device."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    if abstract is not None:
+        kind = abstract.device_kind
+    else:
+        kind = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else ""
+    return next((name for marker, name in _TARGETS if marker in kind), None)
+
+
 def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, block_k: int | None,
-               mode: str = "exact") -> tuple[int, int]:
+               mode: str = "exact", *, target: str | None = None, itemsize: int = 4) -> tuple[int, int]:
     """The ``(block_q, block_k)`` of a backend's kernels: the requested (checked) or default tiles, shrunk to fit.
+
+    Defaults: :data:`TARGET_BLOCKS` for ``(target, itemsize)`` where it has them, else :data:`DEFAULT_BLOCKS`.
 
     TPU: ``block_q`` a multiple of 32 (the sublane tiling of int8 and 16-bit buffers), ``block_k`` of 128 (lanes);
     GPU: powers of 2 (Triton's tensors), at least 16 (its matrix units). Fast masks need ``block_q`` to be a
@@ -844,7 +869,7 @@ def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, 
     Raises:
       ValueError: naming ``block_q`` or ``block_k`` when a requested tile breaks its backend's rule.
     """
-    default_q, default_k = DEFAULT_BLOCKS[backend]
+    default_q, default_k = TARGET_BLOCKS.get((target, itemsize), DEFAULT_BLOCKS[backend])
     span = _dropout_mask.group_rows(mode)
     q_unit, k_unit = (math.lcm(32, span), 128) if backend == "tpu" else (max(16, span), 16)
     for name, block, unit in (("block_q", block_q, q_unit), ("block_k", block_k, k_unit)):
@@ -964,7 +989,9 @@ def attention(
     if query.dtype == jnp.float64:
         raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64, "
                          "and Triton's is far slower); use implementation='xla' for float64.")
-    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, dropout_mask)
+    target = None if interpret is not False else compile_target()
+    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, dropout_mask, target=target,
+                        itemsize=query.dtype.itemsize)
     layout = layout._replace(block_q=bq, block_k=bk)
     batch, q_padded, k_padded = layout.batch, layout.n_q * bq, layout.n_k * bk
     # Triton's tiles are powers of 2 of at least 16 along every axis, the head dims included.
