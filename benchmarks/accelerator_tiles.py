@@ -42,9 +42,10 @@ TPU_TARGETS = ("v4", "v5e", "v6e")
 GPU_TARGETS = ("h100",)
 DEFAULT_CASE = {"target": "v5e", "dtype": "bfloat16", "depth": 128, "length": 1024, "batch": 1, "heads": 1,
                 "causal": False, "rate": 0.1, "dropout_mask": "exact", "what": "vag", "implementation": "pallas",
-                "block_q": None, "block_k": None, "registers": False}
+                "block_q": None, "block_k": None, "registers": False, "unchecked": False}
 """A case: the target, the inputs ``(batch, length, heads, depth)``, the options, and ``what``: ``"fwd"`` (the
-output) or ``"vag"`` (``value_and_grad`` of its sum w.r.t. q, k, v)."""
+output) or ``"vag"`` (``value_and_grad`` of its sum w.r.t. q, k, v); ``unchecked``: without jdrop's VMEM check, to
+record XLA:TPU's own verdict on the tiles."""
 
 
 def python_for(target: str) -> str | None:
@@ -143,6 +144,10 @@ def compile_case(case: dict[str, Any]) -> dict[str, Any]:
     case = {**DEFAULT_CASE, **case}
     start = time.perf_counter()
     result: dict[str, Any] = {"case": case}
+    if case["unchecked"]:
+        from jdrop.attention import _pallas
+
+        _pallas.SCOPED_VMEM_BYTES.clear()  # this process only: the compiler judges the tiles
     try:
         lowered = _lowered(case)
         if case["registers"]:
@@ -150,7 +155,11 @@ def compile_case(case: dict[str, Any]) -> dict[str, Any]:
         compiled = lowered.compile()
     except Exception as error:  # noqa: BLE001 - the compiler's refusal is the result
         text = str(error)
-        kind = "CompileTimeScopedVmemOom" if "ScopedVmemOom" in text or "vmem" in text.lower() else type(error).__name__
+        kind = "VmemOom" if "ScopedVmemOom" in text or "memory space vmem" in text else type(error).__name__
+        scoped = (re.search(r"Scoped allocation with size ([0-9.]+)M and limit ([0-9.]+)M", text)
+                  or re.search(r"Used ([0-9.]+)M of ([0-9.]+)M vmem", text))
+        if scoped:
+            result.update(vmem_mib=float(scoped.group(1)), vmem_limit_mib=float(scoped.group(2)))
         return {**result, "ok": False, "error": kind, "message": text.strip().splitlines()[0][:400] if text else "",
                 "seconds": round(time.perf_counter() - start, 1)}
     memory = compiled.memory_analysis()
@@ -198,6 +207,9 @@ def run_case(case: dict[str, Any], *, timeout: float = 150, memory_gib: float = 
 # ------------------------------------------------------------------------------------- the sweep
 
 TPU_TILES = ((128, 128), (256, 256), (512, 512), (512, 1024), (1024, 1024))
+VMEM_PROBES = ({"dtype": "float32", "what": "fwd", "rate": 0.0, "length": 2048, "block_q": 2048, "block_k": 2048},
+               {"dtype": "float32", "what": "fwd", "rate": 0.0, "length": 4096, "block_q": 4096, "block_k": 4096})
+"""Tiles past the scoped VMEM, compiled without jdrop's check: XLA:TPU's refusal and its numbers."""
 GPU_TILES = ((32, 64), (64, 64), (64, 128), (128, 64), (128, 128))
 
 
@@ -209,7 +221,9 @@ def sweep_cases(targets: Sequence[str]) -> list[dict[str, Any]]:
         for dtype in ("bfloat16", "float32"):
             for block_q, block_k in tiles:
                 cases.append({"target": target, "dtype": dtype, "length": 4096, "block_q": block_q,
-                              "block_k": block_k, "registers": target in GPU_TARGETS})
+                              "block_k": block_k, "registers": target in GPU_TARGETS, "unchecked": True})
+        if target in TPU_TARGETS:
+            cases += [{"target": target, **probe, "unchecked": True} for probe in VMEM_PROBES]
     return cases
 
 

@@ -8,7 +8,9 @@ against a brute-force count of the tiles that hold a visible logit, and the mask
 threefry the kernels run.
 """
 
+import json
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +190,29 @@ def test_default_tiles_per_target_follow_the_tile_rules():
         assert _pallas.tile_sizes(backend, 8192, 8192, *blocks) == blocks  # tiles the backend's rules accept
         # short sequences shrink the defaults as before
         assert _pallas.tile_sizes(backend, 40, 40, None, None, target=target, itemsize=itemsize) <= blocks
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "accelerator_tiles.json"
+
+
+def test_vmem_check_names_the_tiles_before_the_compiler():
+    with pytest.raises(ValueError, match=r"`block_q`=2048 and `block_k`=2048 need about .* MiB of VMEM .* v5e"):
+        _pallas.check_vmem("v5e", 2048, 2048, 128, 128, 4)
+    _pallas.check_vmem("v5e", 1024, 1024, 128, 128, 4)  # accepted by XLA:TPU (see the results)
+    _pallas.check_vmem(None, 4096, 4096, 128, 128, 4)  # no TPU target known: the compiler judges
+    for (target, itemsize), blocks in _pallas.TARGET_BLOCKS.items():
+        if target in _pallas.SCOPED_VMEM_BYTES:
+            _pallas.check_vmem(target, *blocks, 256, 256, itemsize, 4 * blocks[0] * blocks[1])
+
+
+def test_vmem_estimate_agrees_with_the_tpu_compilers_verdicts():
+    # The tiles XLA:TPU compiled or refused (without jdrop's check), recorded by benchmarks.accelerator_tiles.
+    verdicts = [r for r in json.loads(RESULTS.read_text())["results"]
+                if r["case"]["target"] in _pallas.SCOPED_VMEM_BYTES and (r["ok"] or r["error"] == "VmemOom")]
+    assert any(not r["ok"] for r in verdicts) and any(r["ok"] for r in verdicts)
+    for result in verdicts:
+        case = result["case"]
+        bq, bk = case["block_q"], case["block_k"]
+        need = _pallas.vmem_estimate(bq, bk, case["depth"], case["depth"], np.dtype(case["dtype"]).itemsize)
+        fits = need <= _pallas.SCOPED_VMEM_BYTES[case["target"]]
+        assert fits == result["ok"], (case, need / 2**20, result.get("vmem_mib"))
