@@ -1000,6 +1000,19 @@ def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
     return backend, bool(interpret) if interpret is None else interpret
 
 
+def _checked_tiles(backend: str, layout: Layout, block_q: int | None, block_k: int | None, mode: str, interpret: Any,
+                   query: jax.Array, value: jax.Array, n_tiles: int) -> tuple[int, int]:
+    """:func:`tile_sizes` for the compile target (its defaults), checked against its VMEM on TPU (:func:`check_vmem`;
+    ``n_tiles`` bias/mask tiles, at most 4 bytes an element)."""
+    target = None if interpret is not False else compile_target()
+    itemsize = query.dtype.itemsize
+    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, mode, target=target,
+                        itemsize=itemsize)
+    if backend == "tpu":
+        check_vmem(target, bq, bk, query.shape[-1], value.shape[-1], itemsize, n_tiles * 4 * bq * bk)
+    return bq, bk
+
+
 def attention(
     layout: Layout,
     query: jax.Array,
@@ -1030,12 +1043,8 @@ def attention(
     if query.dtype == jnp.float64:
         raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64, "
                          "and Triton's is far slower); use implementation='xla' for float64.")
-    target = None if interpret is not False else compile_target()
-    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, dropout_mask, target=target,
-                        itemsize=query.dtype.itemsize)
-    if backend == "tpu" and target is not None:
-        extra = sum(4 * bq * bk for x in (bias, mask) if x is not None)  # at most a float32 or int32 tile each
-        check_vmem(target, bq, bk, query.shape[-1], value.shape[-1], query.dtype.itemsize, extra)
+    bq, bk = _checked_tiles(backend, layout, block_q, block_k, dropout_mask, interpret, query, value,
+                            (bias is not None) + (mask is not None))
     layout = layout._replace(block_q=bq, block_k=bk)
     batch, q_padded, k_padded = layout.batch, layout.n_q * bq, layout.n_k * bk
     # Triton's tiles are powers of 2 of at least 16 along every axis, the head dims included.
