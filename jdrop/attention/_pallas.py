@@ -28,8 +28,14 @@ of arrays; each backend has its own thin shell around it (block specs, grid and 
   ``lax.fori_loop`` (the loop bound skips causal tiles); Triton needs power-of-2 tiles and head dims (head
   dims are zero-padded to one) and tiles of at least 16 for its matrix units.
 
-Both shells run on CPU under ``interpret=True`` (the tests compare them with the xla path there) and lower
-for their target on any machine (the tests lower them for ``tpu`` and ``cuda`` on CPU).
+Both shells run on CPU under ``interpret=True`` or the TPU interpreter's ``pltpu.InterpretParams`` (the
+``interpret`` argument of :func:`jdrop.dot_product_attention`; the tests compare them with the xla path there, the
+TPU interpreter with its race detector on), lower for their target on any machine, and compile for H100 and TPU
+v4/v5e/v6e without a device (``tests/accelerators``, ``benchmarks/accelerator_tiles.py``). Default tiles are per
+compile target (:data:`TARGET_BLOCKS`, from those compilers' register, shared-memory and VMEM reports); TPU tiles
+past the chip's scoped VMEM raise a ``ValueError`` before compiling (:func:`check_vmem`). Every ``pallas_call``
+carries a ``pl.CostEstimate`` (:func:`cost_estimate`), which XLA:TPU's ``cost_analysis()`` adds up (the Triton
+lowering of jax 0.10.2 drops it).
 """
 
 from __future__ import annotations
