@@ -82,13 +82,13 @@ def test_tpu_pallas_temporaries_not_above_xla_path():
 
 @needs_tpu
 def test_tpu_cost_analysis_sees_the_kernels_cost_estimates():
-    case = {"target": "v5e", "what": "fwd", "length": 1024, "heads": 2, "causal": True}
+    case = {"target": "v5e", "what": "fwd", "length": 1024, "heads": 2, "causal": True, "block_q": 128, "block_k": 128}
     compiled = _compiled(case)
     q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
 
     def attend(q):
         return jdrop.dot_product_attention(q, q, q, dropout_rng=jax.random.key(0), dropout_rate=0.1, is_causal=True,
-                                           implementation="pallas")
+                                           implementation="pallas", block_q=128, block_k=128)
 
     with _pallas.kernels_for("tpu", interpret=False):
         jaxpr = jax.make_jaxpr(attend)(q)
