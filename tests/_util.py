@@ -6,6 +6,7 @@ runs per check; each use derives the variance it passes in a comment next to it.
 as ``_util`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
+import contextlib
 import math
 from functools import partial
 
@@ -169,3 +170,20 @@ def run_on_cpu_devices(script, devices=8, timeout=600):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
+
+
+@contextlib.contextmanager
+def exclusive(lock):
+    """Holds an exclusive lock on the file ``lock`` (POSIX ``flock``; no lock where there is none), so that one
+    pytest-xdist worker does a shared, session-wide piece of work while the others wait for it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: xdist workers may then each do the work
+        yield
+        return
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -5,8 +5,8 @@ test files of flax's source distribution. It makes ``jdrop.dot_product_attention
 ``attention_fn`` of ``flax.linen.MultiHeadDotProductAttention`` (and so of ``SelfAttention`` and
 ``MultiHeadAttention``, its subclasses) and of ``flax.nnx.MultiHeadAttention``, by patching
 the defaults of their constructors, and counts the calls, so that a run cannot silently test flax's
-own function: at the end of the session it writes the number of calls and which modules made them to
-the JSON file named by ``JDROP_FLAX_SUITE_REPORT``. A test that passes its own ``attention_fn``
+own function: at the end of the session it writes the number of calls (per module class, and per test) to the
+JSON file named by ``JDROP_FLAX_SUITE_REPORT``. A test that passes its own ``attention_fn``
 keeps it.
 """
 
@@ -19,9 +19,12 @@ import os
 from collections import Counter
 from typing import Any
 
+import pytest
+
 import jdrop
 
 CALLS: Counter[str] = Counter()
+PER_TEST: dict[str, int] = {}
 
 
 def _counting(owner: str) -> Any:
@@ -74,8 +77,15 @@ def pytest_configure(config: Any) -> None:
     _patch()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: Any) -> Any:
+    before = sum(CALLS.values())
+    yield
+    PER_TEST[item.nodeid] = sum(CALLS.values()) - before
+
+
 def pytest_sessionfinish(session: Any, exitstatus: Any) -> None:
     report = os.environ.get("JDROP_FLAX_SUITE_REPORT")
     if report:
         with open(report, "w") as f:
-            json.dump({"calls": dict(CALLS)}, f)
+            json.dump({"calls": dict(CALLS), "per_test": PER_TEST}, f)
