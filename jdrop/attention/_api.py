@@ -7,12 +7,15 @@ the computation :mod:`jdrop.attention._kernel`'s.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
+from jdrop._shard_map import explicit_axes, on_auto_axes, spec_of
 from jdrop._validation import (
     check_attention_shapes,
     check_broadcastable,
@@ -289,17 +292,43 @@ def dot_product_attention(
         from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
 
         sow_attention_weights(module, query, key, bias, mask, is_causal)
+    run = partial(_attend, layout, mode, mask_shape, ring, pallas, bool(is_causal), precision, dropout_mask,
+                  block_q, block_k)
+    args = (query, key, value, bias, mask, drop)
+    axes = explicit_axes(args)
+    if axes:  # under jax.set_mesh with explicit axes: the kernels run on Auto axes, the output sharded as flax's
+        spec = _output_spec(query, value)
+        return on_auto_axes(run, args, axes, lambda out: spec)
+    return run(*args)
+
+
+def _output_spec(query: jax.Array, value: jax.Array) -> P:
+    """The sharding of flax's output ``einsum("...hqk,...khd->...qhd", weights, value)``: the query's but the last axis.
+
+    The last axis is the value's (unless that mesh axis already shards another axis of the output).
+    """
+    spec = spec_of(query)[:-1]
+    last = spec_of(value)[-1]
+    used = {a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
+    mine = set() if last is None else set(last if isinstance(last, tuple) else (last,))
+    return P(*spec, None if mine & used else last)
+
+
+def _attend(layout: Layout, mode: DropoutMode, mask_shape: tuple[int, int, int, int], ring: Ring | None,
+            pallas: tuple[Any, str, bool] | None, causal: bool, precision: Any, dropout_mask: str,
+            block_q: int | None, block_k: int | None, query: jax.Array, key: jax.Array, value: jax.Array,
+            bias: jax.Array | None, mask: jax.Array | None, drop: Drop | None) -> jax.Array:
+    """The checked inputs through the ring, the Pallas kernels or the xla kernel: ``(batch..., Tq, Hq, Dv)``."""
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
     if ring is not None:
-        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, bool(is_causal),
-                               precision)
+        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, causal, precision)
     if pallas is not None:
         kernels, backend, interpret = pallas
         return kernels.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
-                                 precision=precision, is_causal=bool(is_causal), block_q=block_q, block_k=block_k,
+                                 precision=precision, is_causal=causal, block_q=block_q, block_k=block_k,
                                  backend=backend, interpret=interpret)
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
-    cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision, dropout_mask)
+    cfg = _config(layout, mode, bias, mask is not None, causal, precision, dropout_mask)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
     return layout.from_query_tiles(attention(cfg, ops))
 
