@@ -17,26 +17,29 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jdrop._shard_map import explicit_axes, on_auto_axes, spec_of
 from jdrop._validation import (
-    check_attention_shapes,
-    check_broadcastable,
     check_choice,
     check_deterministic,
-    check_float_dtype,
     check_float_input,
-    check_mask_rows,
-    check_no_custom_products,
-    check_not_sequence_parallel,
     check_rate,
-    check_shared_key,
     check_threefry_key,
     positive_int,
     require_key,
 )
 from jdrop.attention import _dropout_mask
+from jdrop.attention._checks import (
+    check_attention_shapes,
+    check_broadcastable,
+    check_float_dtype,
+    check_mask_rows,
+    check_no_custom_products,
+    check_not_sequence_parallel,
+    check_shared_key,
+)
 from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
 from jdrop.attention._layout import Layout
 from jdrop.attention._ring import Ring
 from jdrop.attention._ring import attention as ring_attention
+from jdrop.attention._sow import sow_attention_weights
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "IMPLEMENTATIONS", "dot_product_attention"]
 
@@ -272,7 +275,6 @@ def dot_product_attention(
       >>> layer = flax.linen.MultiHeadDotProductAttention(8, dropout_rate=0.1,
       ...                                                 attention_fn=jdrop.dot_product_attention)
     """
-    del force_fp32_for_softmax  # the softmax always runs in (at least) float32 here
     check_no_custom_products(einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,
                              attn_weights_value_einsum=attn_weights_value_einsum)
     block_q, block_k, implementation, dropout_mask = _checked_options(block_q, block_k, implementation, dropout_mask)
@@ -289,9 +291,8 @@ def dot_product_attention(
     mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
     drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype, dropout_mask)
     if module is not None:
-        from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
-
-        sow_attention_weights(module, query, key, bias, mask, is_causal)
+        sow_attention_weights(module, query, key, bias, mask, bool(is_causal), precision=precision,
+                              force_fp32_for_softmax=bool(force_fp32_for_softmax))
     run = partial(_attend, layout, mode, mask_shape, ring, pallas, bool(is_causal), precision, dropout_mask,
                   block_q, block_k)
     args = (query, key, value, bias, mask, drop)
