@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
+from jdrop import masks
 from jdrop._shard_map import explicit_axes, on_auto_axes, spec_of
 from jdrop._validation import (
     check_choice,
     check_deterministic,
-    check_float_input,
     check_rate,
     check_threefry_key,
     positive_int,
@@ -29,7 +29,9 @@ from jdrop.attention import _dropout_mask
 from jdrop.attention._checks import (
     check_attention_shapes,
     check_broadcastable,
+    check_complex_supported,
     check_float_dtype,
+    check_inexact_input,
     check_mask_rows,
     check_no_custom_products,
     check_not_sequence_parallel,
@@ -39,7 +41,7 @@ from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attenti
 from jdrop.attention._layout import Layout
 from jdrop.attention._ring import Ring
 from jdrop.attention._ring import attention as ring_attention
-from jdrop.attention._sow import sow_attention_weights
+from jdrop.attention._sow import attention_weights, sow_attention_weights
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "IMPLEMENTATIONS", "dot_product_attention"]
 
@@ -53,7 +55,7 @@ IMPLEMENTATIONS = ("xla", "pallas")
 
 def _checked_inputs(query: Any, key: Any, value: Any, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``query``, ``key``, ``value`` as arrays of one floating ``dtype`` (default: promoted), shapes checked."""
-    arrays = [check_float_input(x, name=name) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
+    arrays = [check_inexact_input(x, name=name) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
     dtype = check_float_dtype(jnp.result_type(*arrays) if dtype is None else dtype)
     query, key, value = (x.astype(dtype) for x in arrays)
     check_attention_shapes(query.shape, key.shape, value.shape)
@@ -280,6 +282,7 @@ def dot_product_attention(
     block_q, block_k, implementation, dropout_mask = _checked_options(block_q, block_k, implementation, dropout_mask)
     deterministic = check_deterministic(deterministic)
     query, key, value = _checked_inputs(query, key, value, dtype)
+    check_complex_supported(query.dtype, implementation=implementation, sequence_parallel=axis_name is not None)
     layout = _tiling(query, key, block_q, block_k, dropout_mask)
     bias, mask = _checked_bias_and_mask(layout, bias, mask)
     rate = check_rate(dropout_rate, name="dropout_rate")
@@ -289,10 +292,14 @@ def dot_product_attention(
                                                      dropout_mask)
     pallas = _pallas_backend() if implementation == "pallas" else None
     mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
-    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype, dropout_mask)
+    real = jnp.finfo(query.dtype).dtype  # complex inputs: the mask's factors are real
+    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, real, dropout_mask)
     if module is not None:
         sow_attention_weights(module, query, key, bias, mask, bool(is_causal), precision=precision,
                               force_fp32_for_softmax=bool(force_fp32_for_softmax))
+    if query.size == 0 or key.shape[-3] == 0 or value.shape[-1] == 0 or jnp.iscomplexobj(query):
+        return _whole_matrix(query, key, value, bias, mask, bool(is_causal), precision, drop, mask_shape,
+                             dropout_rng, rate)
     run = partial(_attend, layout, mode, mask_shape, ring, pallas, bool(is_causal), precision, dropout_mask,
                   block_q, block_k)
     args = (query, key, value, bias, mask, drop)
@@ -301,6 +308,31 @@ def dot_product_attention(
         spec = _output_spec(query, value)
         return on_auto_axes(run, args, axes, lambda out: spec)
     return run(*args)
+
+
+def _whole_matrix(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
+                       mask: jax.Array | None, causal: bool, precision: Any, drop: Drop | None,
+                       mask_shape: tuple[int, int, int, int], dropout_rng: Any, rate: Any) -> jax.Array:
+    """flax's formula on the whole ``(Tq, Tk)`` matrix, for complex or empty inputs; gradients by autodiff.
+
+    Empty output, or no keys: zeros, as flax's (a sum over no keys). Complex inputs:
+    ``out = (m * softmax(q k^T / sqrt(D) + bias) / keep) v`` with the complex softmax ``exp(s) / sum exp(s)``
+    and ``m`` the mask the kernels draw (``jdrop.masks.keep_mask``: flax's ``bernoulli``).
+    """
+    if query.size == 0 or key.shape[-3] == 0 or value.shape[-1] == 0:
+        return jnp.zeros((*query.shape[:-1], value.shape[-1]), query.dtype)
+    weights = attention_weights(query, key, bias, mask, causal, precision)
+    if drop is not None:
+        factor = drop[2]
+        keep_bits = masks.keep_mask(require_key(dropout_rng, what="jdrop.dot_product_attention",
+                                                name="dropout_rng"), mask_shape, rate)
+        batch = query.shape[:-3]
+        shape = (*batch, *mask_shape[1:]) if mask_shape[0] > 1 else (1,) * len(batch) + mask_shape[1:]
+        weights = weights * jnp.where(keep_bits, factor, 0 * factor).reshape(shape).astype(weights.dtype)
+    group = query.shape[-2] // key.shape[-2]
+    out = jnp.einsum("...hqk,...khd->...qhd", weights, jnp.repeat(value, group, axis=-2), precision=precision,
+                     preferred_element_type=weights.dtype)
+    return out.astype(query.dtype)
 
 
 def _output_spec(query: jax.Array, value: jax.Array) -> P:

@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdrop._shard_map import varying_axes
-from jdrop._validation import _describe
+from jdrop._validation import _describe, check_float_input
 
 __all__ = [
     "check_attention_shapes",
     "check_broadcastable",
+    "check_complex_supported",
     "check_float_dtype",
+    "check_inexact_input",
     "check_mask_rows",
     "check_mesh_axis",
     "check_mesh_has",
@@ -33,11 +35,31 @@ __all__ = [
 
 
 def check_float_dtype(dtype: Any, *, name: str = "dtype") -> np.dtype:
-    """``dtype`` as a numpy dtype if it is floating, else ``TypeError`` naming ``name``."""
+    """``dtype`` as a numpy dtype if it is floating or complex, else ``TypeError`` naming ``name``."""
     dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"`{name}` must be a floating dtype, got {dtype}.")
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"`{name}` must be a floating or complex dtype, got {dtype}.")
     return dtype
+
+
+def check_inexact_input(x: Any, *, name: str) -> jax.Array:
+    """``x`` as an array if it is complex, else :func:`jdrop._validation.check_float_input`'s check (floating)."""
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return jnp.asarray(x)
+    return check_float_input(x, name=name)
+
+
+def check_complex_supported(dtype: np.dtype, *, implementation: str, sequence_parallel: bool) -> None:
+    """``ValueError`` for complex inputs where only the xla path's whole-matrix formula takes them."""
+    if not jnp.issubdtype(dtype, jnp.complexfloating):
+        return
+    if implementation != "xla":
+        raise ValueError(
+            f"implementation={implementation!r} takes float16, bfloat16 and float32 inputs, got {dtype}: complex "
+            "attention runs flax's formula on implementation='xla' (or None, the default)."
+        )
+    if sequence_parallel:
+        raise ValueError(f"sequence-parallel attention (axis_name=...) takes floating inputs, got {dtype}.")
 
 
 def check_no_custom_products(**products: Any) -> None:
@@ -64,12 +86,10 @@ def check_attention_shapes(query: tuple[int, ...], key: tuple[int, ...], value: 
         raise ValueError(f"key and value lengths and heads must match, got {key} and {value}.")
     if query[-1] != key[-1]:
         raise ValueError(f"query and key depths must match, got {query[-1]} and {key[-1]}.")
-    if key[-2] == 0 or query[-2] % key[-2]:
+    if (key[-2] == 0 and query[-2] != 0) or (key[-2] != 0 and query[-2] % key[-2]):
         raise ValueError(
             f"query heads ({query[-2]}) must be a multiple of key/value heads ({key[-2]}) for grouped-query attention."
         )
-    if query[-3] == 0 or key[-3] == 0:
-        raise ValueError(f"query and key lengths must be positive, got {query[-3]} and {key[-3]}.")
 
 
 def check_broadcastable(shape: tuple[int, ...], target: tuple[int, ...], *, name: str, axes: str) -> None:
