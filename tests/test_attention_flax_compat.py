@@ -306,8 +306,6 @@ def test_second_derivatives_of_causal_attention_equal_flax(dropout, x64):
     ours = jax.jit(lambda: second(_jdrop(is_causal=True, **options)))()
     flax = second(partial(nn.dot_product_attention, mask=causal, **options))
     _assert_close(ours, flax, tol=1e-10)
-    hessian = jax.hessian(lambda q: jnp.sum(_jdrop(is_causal=True)(q, k, v) ** 2))(q[:1, :3])
-    assert np.isfinite(np.asarray(hessian)).all()
 
 
 def _equations(jaxpr):

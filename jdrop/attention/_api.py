@@ -206,8 +206,33 @@ def dot_product_attention(
     ``query`` (a divisor of its heads); query head ``h`` attends with key/value head
     ``h // (q_heads // kv_heads)``, as ``flax.nnx`` and repeating the key/value heads do.
 
+    Where it follows flax's semantics exactly (``flax.linen.dot_product_attention`` and
+    ``flax.nnx.dot_product_attention``, and their modules):
+
+    - Complex inputs (complex64, complex128; ``implementation="xla"``, not sequence-parallel): flax's
+      formula, ``softmax(s) = exp(s) / sum_k exp(s)`` of the complex logits ``s = q k^T / sqrt(D) +
+      bias`` (no conjugate; masked entries ``finfo.min``), the output complex of the inputs' dtype.
+      It is computed on the whole ``(Tq, Tk)`` matrix, as flax does (O(Tq Tk) memory), with the same
+      dropout mask; gradients by autodiff (JAX's convention for complex functions, as flax's).
+    - Sown weights (``module``): ``softmax(s)`` before dropout, in the inputs' dtype; float32 under
+      ``force_fp32_for_softmax=True`` with another dtype (what ``flax.linen`` sows then). Their
+      product runs at ``precision``, as every product of flax's.
+    - Empty inputs: an output with a zero-size axis (batch, query length, heads or value depth) is
+      returned empty, and attention over zero keys returns zeros (a sum over no keys), as flax's;
+      their gradients are zeros.
+    - Meshes with explicit axes (``jax.make_mesh``'s default, under ``jax.set_mesh``, arrays placed by
+      ``jax.reshard``): the computation runs on ``Auto`` axes inside and the output carries flax's
+      sharding (the query's, with the value's last axis), with the single-device values; so does the
+      ring (``axis_name=`` inside ``jax.shard_map``) and the Pallas kernels.
+    - Autodiff: reverse mode to any order (``jax.grad`` of ``jax.grad``), also with
+      ``is_causal=True`` (the skipped tiles are conditional steps of fixed loops, so the first-order
+      step still computes no tile above the diagonal). ``implementation="pallas"`` is first-order.
+    - Where it differs: the softmax always runs in float32 (flax's only under
+      ``force_fp32_for_softmax``, otherwise in ``dtype``), and the output is in ``dtype`` (flax.linen
+      returns float32 under ``force_fp32_for_softmax`` with a lower ``dtype``).
+
     Args:
-      query: ``(batch..., Tq, heads, D)``, floating (float16, bfloat16, float32, float64).
+      query: ``(batch..., Tq, heads, D)``, floating (float16, bfloat16, float32, float64) or complex.
       key: ``(batch..., Tk, kv_heads, D)``.
       value: ``(batch..., Tk, kv_heads, Dv)``.
       bias: added to the logits, broadcastable to ``(batch..., heads, Tq, Tk)``; differentiable.
@@ -222,14 +247,16 @@ def dot_product_attention(
       deterministic: evaluation mode (no dropout; the rng is ignored). A Python bool.
       dtype: the dtype of the inputs and output (default: their promoted dtype). Products
         accumulate, and the softmax runs, in at least float32 whatever the dtype.
-      precision: ``lax.Precision`` of the products.
+      precision: ``lax.Precision`` of the products (the sown weights' too).
       module: a flax module to sow the attention weights into (flax's ``sow_weights=True``): the
         softmax probabilities (before dropout) are then computed apart, as a full
         ``(batch..., heads, Tq, Tk)`` array, and sown as ``"attention_weights"`` (``"intermediates"``
-        in linen, ``nnx.Intermediate`` in nnx); the output still comes from the blockwise kernel.
+        in linen, ``nnx.Intermediate`` in nnx) in the dtype flax sows (see above); the output still
+        comes from the blockwise kernel.
       is_causal: attend only to keys ``k <= q`` (flax.nnx's ``is_causal``), without building a mask;
         without a ``mask``, the tiles above the diagonal are skipped.
-      force_fp32_for_softmax: accepted for flax compatibility; the softmax always runs in float32.
+      force_fp32_for_softmax: flax's flag: the sown weights are float32 (the softmax here always
+        runs in at least float32).
       einsum_dot_general: must be None (custom products, e.g. AQT, need flax's own attention).
       qk_attn_weights_einsum: must be None.
       attn_weights_value_einsum: must be None.
@@ -260,8 +287,9 @@ def dot_product_attention(
         ``axis_name``: an unbound axis, a mask or bias that varies along both queries and keys,
         ``module``, ``implementation="pallas"``, a fast ``dropout_mask``, shard lengths the layout or
         causal masking cannot take, or a ``dropout_rng`` that differs along the sequence axis (or along
-        an undeclared batch or head axis with ``broadcast_dropout=False``).
-      TypeError: for integer inputs, a non-floating ``dtype``, a non-bool ``deterministic``, or
+        an undeclared batch or head axis with ``broadcast_dropout=False``); complex inputs with
+        ``implementation="pallas"`` or ``axis_name``.
+      TypeError: for integer inputs, a ``dtype`` neither floating nor complex, a non-bool ``deterministic``, or
         non-int block sizes.
 
     Example::
