@@ -6,6 +6,7 @@ runs per check; each use derives the variance it passes in a comment next to it.
 as ``_util`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
+import contextlib
 import math
 from functools import partial
 
@@ -185,3 +186,20 @@ def pallas_calls(jaxpr):
                 elif isinstance(sub, jax.extend.core.Jaxpr):
                     found.update(pallas_calls(sub))
     return found
+
+
+@contextlib.contextmanager
+def exclusive(lock):
+    """Holds an exclusive lock on the file ``lock`` (POSIX ``flock``; no lock where there is none), so that one
+    pytest-xdist worker does a shared, session-wide piece of work while the others wait for it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: xdist workers may then each do the work
+        yield
+        return
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

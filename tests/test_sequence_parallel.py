@@ -9,7 +9,6 @@ it, plus a few float32 roundings of the largest value. A few checks need no seco
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import exclusive
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -31,22 +31,6 @@ CHECKS = Path(__file__).with_name("sequence_parallel_checks.py")
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@contextlib.contextmanager
-def _exclusive(lock: Path):
-    """Holds an exclusive lock on the file ``lock`` (POSIX ``flock``; no lock where there is none)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: xdist workers may then each run the checks
-        yield
-        return
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="session")
 def measured(tmp_path_factory):
     # One run for the whole session, even when pytest-xdist spreads this file's tests over several workers: they
@@ -54,7 +38,7 @@ def measured(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     out = shared / "sequence_parallel_checks.json"
-    with _exclusive(shared / "sequence_parallel_checks.lock"):
+    with exclusive(shared / "sequence_parallel_checks.lock"):
         if not out.exists():
             env = dict(os.environ, JAX_PLATFORMS="cpu")
             env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -7,33 +7,41 @@ the computation :mod:`jdrop.attention._kernel`'s.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
+from jdrop import masks
+from jdrop._shard_map import explicit_axes, on_auto_axes, spec_of
 from jdrop._validation import (
-    check_attention_shapes,
-    check_broadcastable,
     check_choice,
     check_deterministic,
-    check_float_dtype,
-    check_float_input,
-    check_mask_rows,
-    check_no_custom_products,
-    check_not_sequence_parallel,
     check_rate,
-    check_shared_key,
     check_threefry_key,
     positive_int,
     require_key,
 )
 from jdrop.attention import _dropout_mask
+from jdrop.attention._checks import (
+    check_attention_shapes,
+    check_broadcastable,
+    check_complex_supported,
+    check_float_dtype,
+    check_inexact_input,
+    check_mask_rows,
+    check_no_custom_products,
+    check_not_sequence_parallel,
+    check_shared_key,
+)
 from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
 from jdrop.attention._layout import Layout
 from jdrop.attention._ring import Ring
 from jdrop.attention._ring import attention as ring_attention
+from jdrop.attention._sow import attention_weights, sow_attention_weights
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "IMPLEMENTATIONS", "dot_product_attention"]
 
@@ -47,7 +55,7 @@ IMPLEMENTATIONS = ("xla", "pallas")
 
 def _checked_inputs(query: Any, key: Any, value: Any, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``query``, ``key``, ``value`` as arrays of one floating ``dtype`` (default: promoted), shapes checked."""
-    arrays = [check_float_input(x, name=name) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
+    arrays = [check_inexact_input(x, name=name) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
     dtype = check_float_dtype(jnp.result_type(*arrays) if dtype is None else dtype)
     query, key, value = (x.astype(dtype) for x in arrays)
     check_attention_shapes(query.shape, key.shape, value.shape)
@@ -199,8 +207,33 @@ def dot_product_attention(
     ``query`` (a divisor of its heads); query head ``h`` attends with key/value head
     ``h // (q_heads // kv_heads)``, as ``flax.nnx`` and repeating the key/value heads do.
 
+    Where it follows flax's semantics exactly (``flax.linen.dot_product_attention`` and
+    ``flax.nnx.dot_product_attention``, and their modules):
+
+    - Complex inputs (complex64, complex128; ``implementation="xla"``, not sequence-parallel): flax's
+      formula, ``softmax(s) = exp(s) / sum_k exp(s)`` of the complex logits ``s = q k^T / sqrt(D) +
+      bias`` (no conjugate; masked entries ``finfo.min``), the output complex of the inputs' dtype.
+      It is computed on the whole ``(Tq, Tk)`` matrix, as flax does (O(Tq Tk) memory), with the same
+      dropout mask; gradients by autodiff (JAX's convention for complex functions, as flax's).
+    - Sown weights (``module``): ``softmax(s)`` before dropout, in the inputs' dtype; float32 under
+      ``force_fp32_for_softmax=True`` with another dtype (what ``flax.linen`` sows then). Their
+      product runs at ``precision``, as every product of flax's.
+    - Empty inputs: an output with a zero-size axis (batch, query length, heads or value depth) is
+      returned empty, and attention over zero keys returns zeros (a sum over no keys), as flax's;
+      their gradients are zeros.
+    - Meshes with explicit axes (``jax.make_mesh``'s default, under ``jax.set_mesh``, arrays placed by
+      ``jax.reshard``): the computation runs on ``Auto`` axes inside and the output carries flax's
+      sharding (the query's, with the value's last axis), with the single-device values; so does the
+      ring (``axis_name=`` inside ``jax.shard_map``) and the Pallas kernels.
+    - Autodiff: reverse mode to any order (``jax.grad`` of ``jax.grad``), also with
+      ``is_causal=True`` (the skipped tiles are conditional steps of fixed loops, so the first-order
+      step still computes no tile above the diagonal). ``implementation="pallas"`` is first-order.
+    - Where it differs: the softmax always runs in float32 (flax's only under
+      ``force_fp32_for_softmax``, otherwise in ``dtype``), and the output is in ``dtype`` (flax.linen
+      returns float32 under ``force_fp32_for_softmax`` with a lower ``dtype``).
+
     Args:
-      query: ``(batch..., Tq, heads, D)``, floating (float16, bfloat16, float32, float64).
+      query: ``(batch..., Tq, heads, D)``, floating (float16, bfloat16, float32, float64) or complex.
       key: ``(batch..., Tk, kv_heads, D)``.
       value: ``(batch..., Tk, kv_heads, Dv)``.
       bias: added to the logits, broadcastable to ``(batch..., heads, Tq, Tk)``; differentiable.
@@ -215,14 +248,16 @@ def dot_product_attention(
       deterministic: evaluation mode (no dropout; the rng is ignored). A Python bool.
       dtype: the dtype of the inputs and output (default: their promoted dtype). Products
         accumulate, and the softmax runs, in at least float32 whatever the dtype.
-      precision: ``lax.Precision`` of the products.
+      precision: ``lax.Precision`` of the products (the sown weights' too).
       module: a flax module to sow the attention weights into (flax's ``sow_weights=True``): the
         softmax probabilities (before dropout) are then computed apart, as a full
         ``(batch..., heads, Tq, Tk)`` array, and sown as ``"attention_weights"`` (``"intermediates"``
-        in linen, ``nnx.Intermediate`` in nnx); the output still comes from the blockwise kernel.
+        in linen, ``nnx.Intermediate`` in nnx) in the dtype flax sows (see above); the output still
+        comes from the blockwise kernel.
       is_causal: attend only to keys ``k <= q`` (flax.nnx's ``is_causal``), without building a mask;
         without a ``mask``, the tiles above the diagonal are skipped.
-      force_fp32_for_softmax: accepted for flax compatibility; the softmax always runs in float32.
+      force_fp32_for_softmax: flax's flag: the sown weights are float32 (the softmax here always
+        runs in at least float32).
       einsum_dot_general: must be None (custom products, e.g. AQT, need flax's own attention).
       qk_attn_weights_einsum: must be None.
       attn_weights_value_einsum: must be None.
@@ -260,8 +295,9 @@ def dot_product_attention(
         ``axis_name``: an unbound axis, a mask or bias that varies along both queries and keys,
         ``module``, ``implementation="pallas"``, a fast ``dropout_mask``, shard lengths the layout or
         causal masking cannot take, or a ``dropout_rng`` that differs along the sequence axis (or along
-        an undeclared batch or head axis with ``broadcast_dropout=False``).
-      TypeError: for integer inputs, a non-floating ``dtype``, a non-bool ``deterministic``, or
+        an undeclared batch or head axis with ``broadcast_dropout=False``); complex inputs with
+        ``implementation="pallas"`` or ``axis_name``.
+      TypeError: for integer inputs, a ``dtype`` neither floating nor complex, a non-bool ``deterministic``, or
         non-int block sizes.
 
     Example::
@@ -281,12 +317,12 @@ def dot_product_attention(
       >>> layer = flax.linen.MultiHeadDotProductAttention(8, dropout_rate=0.1,
       ...                                                 attention_fn=jdrop.dot_product_attention)
     """
-    del force_fp32_for_softmax  # the softmax always runs in (at least) float32 here
     check_no_custom_products(einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,
                              attn_weights_value_einsum=attn_weights_value_einsum)
     block_q, block_k, implementation, dropout_mask = _checked_options(block_q, block_k, implementation, dropout_mask)
     deterministic = check_deterministic(deterministic)
     query, key, value = _checked_inputs(query, key, value, dtype)
+    check_complex_supported(query.dtype, implementation=implementation, sequence_parallel=axis_name is not None)
     layout = _tiling(query, key, block_q, block_k, dropout_mask)
     bias, mask = _checked_bias_and_mask(layout, bias, mask)
     rate = check_rate(dropout_rate, name="dropout_rate")
@@ -296,21 +332,76 @@ def dot_product_attention(
                                                      dropout_mask)
     pallas = _pallas_backend(implementation, interpret)
     mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
-    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype, dropout_mask)
+    real = jnp.finfo(query.dtype).dtype  # complex inputs: the mask's factors are real
+    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, real, dropout_mask)
     if module is not None:
-        from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
+        sow_attention_weights(module, query, key, bias, mask, bool(is_causal), precision=precision,
+                              force_fp32_for_softmax=bool(force_fp32_for_softmax))
+    if query.size == 0 or key.shape[-3] == 0 or value.shape[-1] == 0 or jnp.iscomplexobj(query):
+        return _whole_matrix(query, key, value, bias, mask, bool(is_causal), precision, drop, mask_shape,
+                             dropout_rng, rate)
+    run = partial(_attend, layout, mode, mask_shape, ring, pallas, bool(is_causal), precision, dropout_mask,
+                  block_q, block_k)
+    args = (query, key, value, bias, mask, drop)
+    axes = explicit_axes(args)
+    if axes:  # under jax.set_mesh with explicit axes: the kernels run on Auto axes, the output sharded as flax's
+        spec = _output_spec(query, value)
+        return on_auto_axes(run, args, axes, lambda out: spec)
+    return run(*args)
 
-        sow_attention_weights(module, query, key, bias, mask, is_causal)
+
+def _whole_matrix(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
+                       mask: jax.Array | None, causal: bool, precision: Any, drop: Drop | None,
+                       mask_shape: tuple[int, int, int, int], dropout_rng: Any, rate: Any) -> jax.Array:
+    """flax's formula on the whole ``(Tq, Tk)`` matrix, for complex or empty inputs; gradients by autodiff.
+
+    Empty output, or no keys: zeros, as flax's (a sum over no keys). Complex inputs:
+    ``out = (m * softmax(q k^T / sqrt(D) + bias) / keep) v`` with the complex softmax ``exp(s) / sum exp(s)``
+    and ``m`` the mask the kernels draw (``jdrop.masks.keep_mask``: flax's ``bernoulli``).
+    """
+    if query.size == 0 or key.shape[-3] == 0 or value.shape[-1] == 0:
+        return jnp.zeros((*query.shape[:-1], value.shape[-1]), query.dtype)
+    weights = attention_weights(query, key, bias, mask, causal, precision)
+    if drop is not None:
+        factor = drop[2]
+        keep_bits = masks.keep_mask(require_key(dropout_rng, what="jdrop.dot_product_attention",
+                                                name="dropout_rng"), mask_shape, rate)
+        batch = query.shape[:-3]
+        shape = (*batch, *mask_shape[1:]) if mask_shape[0] > 1 else (1,) * len(batch) + mask_shape[1:]
+        weights = weights * jnp.where(keep_bits, factor, 0 * factor).reshape(shape).astype(weights.dtype)
+    group = query.shape[-2] // key.shape[-2]
+    out = jnp.einsum("...hqk,...khd->...qhd", weights, jnp.repeat(value, group, axis=-2), precision=precision,
+                     preferred_element_type=weights.dtype)
+    return out.astype(query.dtype)
+
+
+def _output_spec(query: jax.Array, value: jax.Array) -> P:
+    """The sharding of flax's output ``einsum("...hqk,...khd->...qhd", weights, value)``: the query's but the last axis.
+
+    The last axis is the value's (unless that mesh axis already shards another axis of the output).
+    """
+    spec = spec_of(query)[:-1]
+    last = spec_of(value)[-1]
+    used = {a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
+    mine = set() if last is None else set(last if isinstance(last, tuple) else (last,))
+    return P(*spec, None if mine & used else last)
+
+
+def _attend(layout: Layout, mode: DropoutMode, mask_shape: tuple[int, int, int, int], ring: Ring | None,
+            pallas: tuple[Any, str, bool] | None, causal: bool, precision: Any, dropout_mask: str,
+            block_q: int | None, block_k: int | None, query: jax.Array, key: jax.Array, value: jax.Array,
+            bias: jax.Array | None, mask: jax.Array | None, drop: Drop | None) -> jax.Array:
+    """The checked inputs through the ring, the Pallas kernels or the xla kernel: ``(batch..., Tq, Hq, Dv)``."""
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
     if ring is not None:
-        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, bool(is_causal),
-                               precision)
-    if pallas is not None:  # (the kernels' module, backend, interpret mode)
-        return pallas[0].attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
-                                   precision=precision, is_causal=bool(is_causal), block_q=block_q, block_k=block_k,
-                                   backend=pallas[1], interpret=pallas[2])
+        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, causal, precision)
+    if pallas is not None:
+        kernels, backend, interpret = pallas
+        return kernels.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
+                                 precision=precision, is_causal=causal, block_q=block_q, block_k=block_k,
+                                 backend=backend, interpret=interpret)
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
-    cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision, dropout_mask)
+    cfg = _config(layout, mode, bias, mask is not None, causal, precision, dropout_mask)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
     return layout.from_query_tiles(attention(cfg, ops))
 

@@ -242,6 +242,24 @@ def _first_q_block(cfg: Config, j: Any, offsets: Offsets) -> Any:
     return first if _is_zero(offsets.q) and _is_zero(offsets.k) else jnp.maximum(first, 0)
 
 
+def _tile_loop(lower: Any, upper: Any, n: int, step: Any, init: Any) -> Any:
+    """``lax.fori_loop(lower, upper, step, init)`` over tiles ``[lower, upper)`` of ``[0, n)``.
+
+    Causal skipping makes a bound traced, and reverse mode cannot differentiate a loop with traced
+    bounds, which second derivatives need (``jax.grad`` of ``jax.grad`` differentiates the custom_vjp's
+    forward and backward passes themselves). So a traced range runs as ``n`` static steps, each a
+    ``lax.cond`` that skips the tiles outside the range: they are still not computed (the branch is
+    not taken), and the loop differentiates any number of times.
+    """
+    if isinstance(lower, int) and isinstance(upper, int):
+        return lax.fori_loop(lower, upper, step, init)
+
+    def body(t: Any, carry: Any) -> Any:
+        return lax.cond((t >= lower) & (t < upper), lambda c: step(t, c), lambda c: c, carry)
+
+    return lax.fori_loop(0, n, body, init)
+
+
 # ----------------------------------------------------------------------------------- forward
 
 
@@ -292,8 +310,8 @@ def forward(cfg: Config, ops: Operands, offsets: Offsets = ORIGIN, *,
             jnp.zeros((batch, kv_heads, group, bq, ops.v.shape[-1]), acc_dtype),
         ), axes)
         step = partial(_forward_step, cfg, ops, i, q_i, shared=shared, offsets=offsets)
-        row_max, row_sum, acc = lax.fori_loop(0, _visible_k_blocks(cfg, i, n_k, offsets),
-                                              lambda j, carry: step(j, carry=carry), init)
+        row_max, row_sum, acc = _tile_loop(0, _visible_k_blocks(cfg, i, n_k, offsets), n_k,
+                                           lambda j, carry: step(j, carry=carry), init)
         out = (acc / row_sum[..., None]).astype(out_dtype)
         return out, (row_max, jnp.log(row_sum))
 
@@ -393,8 +411,8 @@ def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp,
         shared = _shared_factors(cfg, ops, 0, n_q * bq, j * cfg.block_k, cfg.block_k, offsets)
         step = partial(_backward_step, cfg, ops, cot, column=column, shared=shared, offsets=offsets)
         init = (*vary_like((jnp.zeros(k_j.shape, acc_dtype), jnp.zeros(v_j.shape, acc_dtype)), axes), d_q, d_bias)
-        d_k, d_v, d_q, d_bias = lax.fori_loop(_first_q_block(cfg, j, offsets), n_q,
-                                              lambda i, inner: step(i, carry=inner), init)
+        d_k, d_v, d_q, d_bias = _tile_loop(_first_q_block(cfg, j, offsets), n_q, n_q,
+                                           lambda i, inner: step(i, carry=inner), init)
         return (d_q, d_bias), (d_k.astype(k_dtype), d_v.astype(v_dtype))
 
     d_bias = None if ops.bias is None else vary_like(jnp.zeros(ops.bias.shape, acc_dtype), axes)

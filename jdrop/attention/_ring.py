@@ -43,8 +43,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdrop._shard_map import cotangent_like, vary_like, varying_axes
-from jdrop._validation import check_choice, check_mesh_axis, check_sequence_shards, check_shard_follows
+from jdrop._validation import check_choice
 from jdrop.attention import _kernel as kernel
+from jdrop.attention._checks import check_mesh_axis, check_sequence_shards, check_shard_follows
 from jdrop.attention._kernel import Config, LogSumExp, Offsets, Operands
 from jdrop.attention._layout import Layout
 

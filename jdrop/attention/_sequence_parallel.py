@@ -19,19 +19,15 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from jdrop._validation import (
-    canonical_axis,
+from jdrop._validation import canonical_axis, check_choice, check_float_input, check_keywords, static_bool
+from jdrop.attention._api import dot_product_attention
+from jdrop.attention._checks import (
     check_attention_shapes,
-    check_choice,
-    check_float_input,
-    check_keywords,
     check_mesh_axis,
     check_mesh_has,
     check_multiple_of,
     check_shard_follows,
-    static_bool,
 )
-from jdrop.attention._api import dot_product_attention
 from jdrop.attention._ring import SEQUENCE_LAYOUTS, chunk_starts
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11's

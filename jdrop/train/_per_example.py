@@ -31,10 +31,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jdrop import masks
 from jdrop._batching import is_batched, one_example
+from jdrop._shard_map import explicit_axes, on_auto_axes, spec_of
 from jdrop._typing import KeyLike
 from jdrop._validation import deterministic_or_train
 
@@ -68,6 +70,26 @@ def call_apply(
     """``apply_fn(params, x, key=key, <flag>, **extra)`` with the flag ``apply_fn`` declares (module docstring)."""
     flag = {"deterministic": deterministic} if _takes_deterministic(apply_fn) else {"train": not deterministic}
     return apply_fn(params, x, key=key, **flag, **extra)
+
+
+def _on_batch_sharding(mapped: Callable[..., Any], args: tuple[Any, ...], example: Any, axis: int,
+                       with_state: bool) -> Any:
+    """``mapped(*args)``; on an explicit mesh (``jax.set_mesh``), on ``Auto`` axes, the outputs sharded as the batch.
+
+    ``jax.vmap`` needs its mapped axes sharded alike, and the examples' keys are made from a shape
+    (replicated) while the batch is sharded: the compiler propagates the shardings inside instead.
+    """
+    axes = explicit_axes(args)
+    if not axes:
+        return mapped(*args)
+    batch = P(spec_of(example)[axis]) if hasattr(example, "ndim") else P()
+
+    def specs(out: Any) -> Any:
+        if with_state:
+            return (jax.tree.map(lambda _: batch, out[0]), jax.tree.map(lambda _: P(), out[1]))
+        return jax.tree.map(lambda _: batch, out)
+
+    return on_auto_axes(mapped, args, axes, specs)
 
 
 def per_example(
@@ -133,7 +155,9 @@ def per_example(
         keys = masks.example_keys(key, size, offset=offset)
     if is_batched(apply_fn):
         x = x if axis == 0 else jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, axis, 0), x)
-        return call_apply(apply_fn, params, x, keys, deterministic, extra)
+        return _on_batch_sharding(lambda x, keys, params, extra: call_apply(apply_fn, params, x, keys, deterministic,
+                                                                            extra),
+                                  (x, keys, params, extra), leaves[0], 0, model_state is not None)
 
     def one(xi: Any, ki: Any, params: Any, extra: dict[str, Any]) -> Any:
         return call_apply(apply_fn, params, xi, ki, deterministic, extra)
@@ -145,7 +169,7 @@ def per_example(
     mapped = jax.vmap(one, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name)
     try:
         with one_example():  # the variants' batch_axis="auto" is None: apply_fn sees one example
-            return mapped(x, keys, params, extra)
+            return _on_batch_sharding(mapped, (x, keys, params, extra), leaves[0], axis, model_state is not None)
     except ValueError as error:
         if model_state is None or "out_axes" not in str(error):
             raise
