@@ -36,10 +36,12 @@ from jax import lax
 from jdrop import masks
 from jdrop._dropout import _keep_and_factor
 from jdrop._validation import check_rate, keep_probability, rate_is_valid
+from jdrop.attention import _hash_mask
 
-__all__ = ["MODES", "SUBLANES", "bits", "first_rows", "group_rows", "group_size", "operands", "tile_keep"]
+__all__ = ["MODES", "SUBLANES", "bits", "first_rows", "group_rows", "group_size", "operands", "tile_keep",
+           "tile_keep_at"]
 
-MODES = ("exact", "fast16", "fast8")
+MODES = ("exact", "fast16", "fast8", "hash8")
 """The values of ``dropout_mask``."""
 SUBLANES = 8
 """Rows between the members of a fast group: one (8, 128) vector tile of 32-bit values (TPU), so in-kernel
@@ -48,11 +50,13 @@ reshapes only move whole tiles."""
 
 def bits(mode: str) -> int:
     """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s), 16 or 8."""
-    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8}[mode]
+    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8, "hash8": 8}[mode]
 
 
 def group_size(mode: str) -> int:
-    """Elements per threefry call: 1 (exact), or the 64 bits of one call's two words in ``bits``-bit uniforms."""
+    """Rows per counter: 1 (exact), the 64 bits of one call's two words in ``bits``-bit uniforms (fast), 4 (hash8)."""
+    if mode == "hash8":
+        return _hash_mask.MEMBERS
     return 1 if mode == "exact" else 64 // bits(mode)
 
 
@@ -66,13 +70,16 @@ def operands(key: jax.Array, rate: float | jax.Array, dtype: Any, mode: str) -> 
 
     ``threshold = ceil(keep * 2**b) * 2**(23 - b)``: the b-bit threshold on the exact mask's 23-bit scale, so
     that ``masks.realised_keep(threshold)`` is the realised keep probability and the factor is the dropout
-    core's, ``1 / keep`` (0 at keep 0, NaN for an invalid traced rate).
+    core's, ``1 / keep`` (0 at keep 0, NaN for an invalid traced rate). ``"hash8"`` has fast8's realised keep
+    and factor, and returns its own bound (:func:`jdrop.attention._hash_mask.threshold`) as the threshold.
     """
     width = bits(mode)
     keep = keep_probability(rate)
     threshold = jnp.ceil(keep * np.float32(2**width)).astype(jnp.uint32) << np.uint32(masks.THRESHOLD_BITS - width)
     _, factor = _keep_and_factor(threshold, rate_is_valid(check_rate(rate)), scale="inverted", train=True,
                                  dtype=jnp.promote_types(dtype, jnp.float32))
+    if mode == "hash8":  # the same realised keep and factor as fast8; the test's bound is hash8's own
+        threshold = _hash_mask.threshold(keep)
     return jax.random.key_data(key), threshold, factor
 
 
@@ -106,3 +113,17 @@ def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Arr
     # The reshape back to the tile's rows moves 32-bit values (whole (8, 128) tiles on TPU), not booleans.
     uniform = ((word >> shift) & np.uint32(2**width - 1)).reshape(*lead, rows * n, cols)
     return uniform < (threshold >> np.uint32(masks.THRESHOLD_BITS - width))
+
+
+def tile_keep_at(key_data: Any, rows: jax.Array, cols: jax.Array, n_cols: int, n_rows: int | None,
+                 threshold: jax.Array, mode: str) -> jax.Array:
+    """Keep decisions of a tile from the global rows of :func:`first_rows` and the global columns.
+
+    ``rows``: uint32 ``(..., n_rows_tile / group_size, 1)`` rows of the ``(n_rows, n_cols)`` mask (``n_rows`` as in
+    :func:`jdrop.masks.index_words`); ``cols``: uint32 ``(1, m)``. Exact and fast masks draw by the flat index
+    (:func:`tile_keep`); ``"hash8"`` by row and column (:mod:`jdrop.attention._hash_mask`).
+    """
+    if mode == "hash8":
+        return _hash_mask.tile_keep(key_data, rows, cols, threshold)
+    high, low = masks.index_words(rows, cols, n_cols, n_rows=n_rows)
+    return tile_keep(key_data, high, low, threshold, mode)

@@ -48,7 +48,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from jdrop import masks
 from jdrop.attention import _dropout_mask
 from jdrop.attention._kernel import Drop, DropoutMode
 from jdrop.attention._layout import Layout, _pad_axis
@@ -169,8 +168,7 @@ def _factors(spec: _Spec, drop, head: Any, i: Any, j: Any) -> jax.Array | None:
     if spec.dropout == DropoutMode.PER_ELEMENT:
         rows = head.astype(jnp.uint32) * np.uint32(spec.q_length) + rows
     cols = (j * spec.block_k + lax.broadcasted_iota(jnp.int32, (1, spec.block_k), 1)).astype(jnp.uint32)
-    high, low = masks.index_words(rows, cols, spec.k_length, n_rows=spec.mask_rows)
-    keep = _dropout_mask.tile_keep(key_data, high, low, threshold, spec.mask_mode)
+    keep = _dropout_mask.tile_keep_at(key_data, rows, cols, spec.k_length, spec.mask_rows, threshold, spec.mask_mode)
     return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
 
 
