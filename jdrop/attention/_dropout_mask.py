@@ -1,4 +1,4 @@
-"""The dropout masks a tile of :func:`jdrop.dot_product_attention` can draw: flax's exact mask and two cheaper ones.
+"""The dropout masks a tile of :func:`jdrop.dot_product_attention` can draw: flax's exact mask and cheaper ones.
 
 Both the xla path (:mod:`jdrop.attention._kernel`) and the Pallas kernels (:mod:`jdrop.attention._pallas`) draw a
 tile's mask with :func:`first_rows` (which rows need a threefry counter) and :func:`tile_keep` (counters' words to
@@ -22,6 +22,11 @@ group's first), and member ``s`` takes bits ``[b (s mod n/2), b (s mod n/2) + b)
 are multiples of ``R`` rows, so groups never straddle tiles. The ``n`` uniforms of a group are disjoint bits of one
 threefry output, a pseudo-random function of the counter: as independent as threefry's bits are (the tests check
 each pair's joint keep rate to 5 sigma).
+
+``"hash8"`` (opt-in; *not* flax's mask) groups rows as the fast masks do, 4 rows per group (``R = 32``), and
+draws one threefry call per group and tile, then one multiply-xorshift word per group and column and a multiply
+and a compare per element (:mod:`jdrop.attention._hash_mask`): about 3.3 integer ops per element. It needs the
+global row and column apart, so callers use :func:`tile_keep_at`.
 """
 
 from __future__ import annotations

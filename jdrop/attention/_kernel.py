@@ -68,7 +68,7 @@ class Config(NamedTuple):
     dropout_shape: tuple[int, int, int, int]  # GLOBAL shape of flax's mask: (B, Hq, Tq, Tk) or (1, 1, Tq, Tk)
     bias_full: tuple[bool, ...]  # per internal axis (batch, kv head, group, q, k): does the bias vary along it?
     precision: Any
-    mask: str = "exact"  # which dropout mask the tiles draw: "exact" (flax's), "fast16", "fast8" (see _dropout_mask)
+    mask: str = "exact"  # which dropout mask the tiles draw: "exact" (flax's) or a cheaper one (see _dropout_mask)
 
 
 class Offsets(NamedTuple):

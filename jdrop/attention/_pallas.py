@@ -73,7 +73,7 @@ class _Spec(NamedTuple):
     causal: bool
     skip_causal: bool  # no user mask: tiles above the diagonal are skipped
     dropout: DropoutMode
-    mask_mode: str  # "exact", "fast16", "fast8" (see jdrop.attention._dropout_mask)
+    mask_mode: str  # "exact", "fast16", "fast8", "hash8" (see jdrop.attention._dropout_mask)
     mask_rows: int  # rows of flax's mask viewed as (rows, k_length): Tq, or B * Hq * Tq
     bias_full: tuple[bool, ...]  # per axis of the 5-d bias (batch, kv head, group, q, k): full or broadcast
     mask_full: tuple[bool, ...]
@@ -711,7 +711,7 @@ def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, 
 
     TPU: ``block_q`` a multiple of 32 (the sublane tiling of int8 and 16-bit buffers), ``block_k`` of 128 (lanes);
     GPU: powers of 2 (Triton's tensors), at least 16 (its matrix units). Fast masks need ``block_q`` to be a
-    multiple of their group block (32 rows for ``"fast16"``, 64 for ``"fast8"``).
+    multiple of their group block (32 rows for ``"fast16"`` and ``"hash8"``, 64 for ``"fast8"``).
 
     Raises:
       ValueError: naming ``block_q`` or ``block_k`` when a requested tile breaks its backend's rule.
