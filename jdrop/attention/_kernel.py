@@ -169,26 +169,27 @@ def _scores(cfg: Config, ops: Operands, q_i: jax.Array, k_j: jax.Array, i: Any, 
     return s, allowed
 
 
-def _mask_keep(cfg: Config, key_data: Any, threshold: jax.Array, heads: tuple[int, int], rows: jax.Array,
-               cols: jax.Array, offsets: Offsets) -> jax.Array:
-    """Keep decisions of global query rows ``rows`` x key columns ``cols`` of flax's dropout mask.
+def _mask_rows(cfg: Config, heads: tuple[int, int], rows: jax.Array, offsets: Offsets) -> jax.Array:
+    """Global rows of flax's dropout mask, ``cfg.dropout_shape`` (global, unpadded) viewed as ``(B * Hq * Tq, Tk)``.
 
-    That array is ``cfg.dropout_shape`` (global, unpadded), viewed as ``(B * Hq * Tq, Tk)``, drawn by global
-    index (:func:`jdrop.attention._dropout_mask.tile_keep_at`), so a tile draws exactly that array's bits.
-    ``rows`` is ``(n, 1)``, ``cols`` ``(1, m)`` (``uint32``); ``heads`` is the block's local ``(batch,
-    kv_heads)``. Padding rows and columns get indices too (they alias other elements) but their values are
-    never used. The column index varies along the minor axis, so the exact and fast masks' threefry chain is
-    never loop-invariant in the innermost loop of a fusion (the compile hazard of AVX-512's vectorizer, see
-    jdrop.masks); hash8's per-row threefry is, see ``_dropout_factors``.
+    ``rows`` is ``(n, 1)`` ``uint32`` query rows; ``heads`` is the block's local ``(batch, kv_heads)``: per-head
+    dropout folds the batch row and query head in, ``(B, Hk, G, n, 1)``. With the global columns this is the
+    index a tile draws its mask by (:func:`jdrop.attention._dropout_mask.tile_keep_at`), so a tile draws
+    exactly that array's bits. Padding rows and columns get indices too (they alias other elements) but
+    their values are never used. The column index varies along the minor axis, so the exact and fast masks'
+    threefry chain is never loop-invariant in the innermost loop of a fusion (the compile hazard of AVX-512's
+    vectorizer, see jdrop.masks); hash8's per-group threefry is invariant along the columns, and compiles in
+    seconds under the forced interleaving that exposed the hazard (tests/compile_programs.py,
+    ``attention-cheap-masks``).
     """
-    n_batch, q_heads, q_length, k_length = cfg.dropout_shape
+    _, q_heads, q_length, _ = cfg.dropout_shape
     if cfg.dropout == DropoutMode.PER_ELEMENT:
         shape = (*heads, cfg.group, 1, 1)
         example = _shift(lax.broadcasted_iota(jnp.uint32, shape, 0), _uint32(offsets.batch))
         head = _shift(lax.broadcasted_iota(jnp.uint32, shape, 1) * np.uint32(cfg.group)
                       + lax.broadcasted_iota(jnp.uint32, shape, 2), _uint32(offsets.head))
         rows = (example * np.uint32(q_heads) + head) * np.uint32(q_length) + rows
-    return _dropout_mask.tile_keep_at(key_data, rows, cols, k_length, n_batch * q_heads * q_length, threshold, cfg.mask)
+    return rows
 
 
 def _uint32(offset: Any) -> Any:
@@ -205,7 +206,9 @@ def _dropout_factors(cfg: Config, drop: Drop, heads: tuple[int, int], row0: Any,
     key_data, threshold, factor = drop
     rows = _shift(row0 + _dropout_mask.first_rows(n_rows, cfg.mask), offsets.q).astype(jnp.uint32)
     cols = _shift(col0 + lax.broadcasted_iota(jnp.int32, (1, n_cols), 1), offsets.k).astype(jnp.uint32)
-    keep = _mask_keep(cfg, key_data, threshold, heads, rows, cols, offsets)
+    n_batch, q_heads, q_length, k_length = cfg.dropout_shape
+    keep = _dropout_mask.tile_keep_at(key_data, _mask_rows(cfg, heads, rows, offsets), cols, k_length,
+                                      n_batch * q_heads * q_length, threshold, cfg.mask)
     return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
 
 
