@@ -1,6 +1,7 @@
 """What the attention dropout mask costs: integer ops per element, counted, and step times, measured.
 
-``python -m benchmarks.attention_mask`` prints four tables (``--counts-only``: the first two):
+``python -m benchmarks.attention_mask`` prints four tables (``--counts-only``: the first two; ``--ptx``: the H100
+kernels' PTX counts instead, :func:`ptx_ops_per_element`):
 
 1. Ops per attention element of the mask of each ``dropout_mask`` mode (``"exact"``: one threefry-2x32 call per
    element, flax's mask; ``"fast16"`` / ``"fast8"``: one call per 4 / 8 elements; ``"hash8"``: one call per
@@ -216,6 +217,80 @@ def kernel_ops_per_element(platform: str, mode: str) -> dict[str, Any]:
             "layout_ops_per_element": sum(layout.values()), "by_op": integer, "layout_by_op": layout}
 
 
+PTX_NOT_INTEGER = ("ld", "st", "mov", "cvt", "mma", "wgmma", "ex2", "fma", "mul.f", "mul.rn.f", "add.f", "add.rn.f",
+                   "sub.f", "max.f", "min.f", "bar", "cp", "shfl", "selp.f", "neg.f", "abs.f", "div", "rcp", "lg2",
+                   "setp.eq.f", "setp.gt.f", "setp.lt.f", "setp.ne.f", "setp.ge.f", "setp.num", "setp.nan", "fence")
+"""PTX opcodes (prefixes) that are not 32-bit integer arithmetic: memory, moves, conversions, float ops."""
+
+
+def _ptx_loop(ptx: str, kernel: str) -> Counter[str]:
+    """Opcode counts of the longest loop (the loop over tiles) of ``kernel`` in a PTX module."""
+    lines = ptx.splitlines()
+    labels = [i for i, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)]
+    spans = [(i, j) for i in labels for j in range(i + 1, len(lines))
+             if "bra" in lines[j] and lines[j].strip().endswith(lines[i].rstrip(":") + ";")]
+    start, end = max(spans, key=lambda span: span[1] - span[0])
+    counts: Counter[str] = Counter()
+    for line in (line.strip() for line in lines[start + 1:end]):
+        if line and not line.startswith(("//", "$", "{", "}", ".")):
+            counts[re.sub(r"^@!?%p\d+\s+", "", line).split()[0].rstrip(";")] += 1
+    return counts
+
+
+def ptx_ops_per_element(modes: Sequence[str] = MODES, backward: bool = False) -> list[dict[str, Any]]:
+    """Integer PTX instructions per weight that each mask adds to the H100 kernels' loop over tiles.
+
+    Needs JAX's CUDA plugin (``jax-cuda12-plugin``; no GPU): each program (the forward pass, or with ``backward``
+    value_and_grad, which needs the dK/dV kernel that compiles for H100) is compiled for a compile-only H100 from
+    XLA's target config (``tests/accelerators/h100_sxm.txtpb``) with ``--xla_dump_to``, and each kernel's PTX is
+    read: the loop over tiles of the mode's kernel minus the no-dropout kernel's, integer opcodes only, divided by
+    the weights a thread holds (64 x 64 tile, 4 warps at D = 64: 32). Run it with ``JAX_PLATFORMS=cpu`` set.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    program = f"""
+import sys, jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jdrop
+from jdrop.attention import _pallas
+mode = sys.argv[1]
+config = open({str(root / "tests" / "accelerators" / "h100_sxm.txtpb")!r}).read()
+device = topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1").devices[0]
+mesh = Mesh([device], ("x",))
+args = [jax.ShapeDtypeStruct((1, 256, 1, 64), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))] * 3
+options = {{}} if mode == "none" else dict(dropout_rng=jax.random.key(0), dropout_rate=0.1, dropout_mask=mode)
+attend = lambda q, k, v: jdrop.dot_product_attention(q, k, v, broadcast_dropout=False, implementation="pallas",
+                                                     **options)
+f = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)) if {backward} else attend
+with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), _pallas.kernels_for("gpu", interpret=False):
+    jax.jit(f).lower(*args).compile()
+"""
+    kernels = ("jdrop_attention_forward", "jdrop_attention_dkv", "jdrop_attention_dq") if backward else (
+        "jdrop_attention_forward",)
+    loops: dict[str, dict[str, Counter[str]]] = {}
+    for mode in ("none", *modes):
+        with tempfile.TemporaryDirectory() as dump:
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_dump_to={dump}",
+                   "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+            subprocess.run([sys.executable, "-c", program, mode], env=env, check=True, capture_output=True)
+            modules = [path.read_text() for path in Path(dump).glob("*.ptx")]
+            loops[mode] = {kernel: _ptx_loop(next(m for m in modules if f".entry {kernel}(" in m), kernel)
+                           for kernel in kernels}
+    rows = []
+    for mode in modes:
+        for kernel in kernels:
+            with_mask, without = loops[mode][kernel], loops["none"][kernel]
+            added = {op: (with_mask[op] - without[op]) / 32 for op in sorted(with_mask | without)
+                     if with_mask[op] != without[op] and not op.startswith(PTX_NOT_INTEGER)}
+            rows.append({"mode": mode, "kernel": kernel, "integer_per_element": sum(added.values()), "by_op": added})
+    return rows
+
+
 def _timed(fn: Any, *args: Any) -> Any:
     """A runner for :func:`round_robin`: one call of the compiled ``fn`` (compiled here, outside the timing)."""
     import time
@@ -305,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, help="JSON path")
     parser.add_argument("--counts-only", action="store_true", help="the op counts, no timing")
+    parser.add_argument("--ptx", action="store_true",
+                        help="only the H100 kernels' PTX counts (needs jax-cuda12-plugin; see ptx_ops_per_element)")
     args = parser.parse_args(argv)
     counts = [ops_per_element(mode) for mode in MODES]
     print("## Mask ops per attention element (counted from the jaxpr of one 64x128 tile)\n")
@@ -316,6 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(("platform", "mode", "tile", "integer ops", "layout ops"),
                          [(k["platform"], k["mode"], "x".join(map(str, k["tile"])), k["integer_ops_per_element"],
                            k["layout_ops_per_element"]) for k in kernels]))
+    if args.ptx:
+        ptx = ptx_ops_per_element(backward=True)
+        print("\n## Integer PTX instructions per weight, H100 kernels' loop over tiles (compiled without a GPU)\n")
+        print(markdown_table(("mode", "kernel", "integer ops"),
+                             [(r["mode"], r["kernel"], r["integer_per_element"]) for r in ptx]))
+        if args.out is not None:
+            args.out.write_text(json.dumps({"machine": machine_description(), "ptx_ops": ptx}, indent=1))
+        return 0
     if args.counts_only:
         if args.out is not None:
             args.out.write_text(json.dumps({"machine": machine_description(), "ops": counts, "kernel_ops": kernels},
