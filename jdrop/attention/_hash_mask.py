@@ -37,8 +37,7 @@ from jax import lax
 
 from jdrop import masks
 
-__all__ = ["COLUMN_MULTIPLIER", "COUNTER_HIGH", "MEMBERS", "MULTIPLIERS", "SUBLANES", "realised_keep", "threshold",
-           "tile_keep"]
+__all__ = ["COLUMN_MULTIPLIER", "COUNTER_HIGH", "MEMBERS", "MULTIPLIERS", "SUBLANES", "threshold", "tile_keep"]
 
 SUBLANES = 8
 """Rows between the members of a group (one (8, 128) vector tile of 32-bit values on TPU)."""
@@ -56,11 +55,6 @@ def threshold(keep: jax.Array) -> jax.Array:
     """``ceil(keep * 256) * 2**24 - 1`` as uint32 (wrapping to ``2**32 - 1`` at keep 0 and 1): the keep test's bound."""
     levels = jnp.ceil(jnp.asarray(keep, jnp.float32) * np.float32(256)).astype(jnp.uint32)
     return (levels << np.uint32(24)) - np.uint32(1)
-
-
-def realised_keep(bound: jax.Array) -> jax.Array:
-    """The keep probability of the test with bound ``T`` (keep 0 and 1 alike give ``T = 2**32 - 1``: 1)."""
-    return ((bound >> np.uint32(24)).astype(jnp.float32) + 1) / np.float32(256)
 
 
 def _member_multipliers() -> jax.Array:
