@@ -9,13 +9,14 @@ haiku are installed: the others are skipped). In order:
    under every residual policy equals ``jax.grad`` of the naive version; the golden bits;
    ``jdrop.dot_product_attention`` against flax with the same ``dropout_rng``; then its Pallas kernels
    (``implementation="pallas"``, Triton here) against its xla path on the device: the exact mask equals
-   ``jax.random.bernoulli`` (value = identity), the fast masks equal the xla path's, outputs and gradients
+   ``jax.random.bernoulli`` (value = identity), the fast and hash8 masks equal the xla path's, outputs and gradients
    agree (causal, grouped queries, bias, mask; highest precision) and bfloat16 stays within its rounding.
 2. Fused attention: the training step (forward and backward) of one attention call, bfloat16,
    B=2, H=16, D=128, dropout 0.1 (flax's broadcast mask), at T = 1024 ... 16384: step time and XLA's temporary
    memory for cuDNN without dropout (``jax.nn.dot_product_attention(implementation="cudnn")``, no key-driven
    dropout there), flax with dropout, jdrop's xla path, and jdrop's Pallas kernels with the exact (flax's) mask
-   and the fast16 and fast8 masks. Each row runs in its own ``try``: an error (out of memory for flax's
+   the fast16, fast8 and hash8 masks, and without dropout (``"jdrop pallas none"``: what every mask is measured
+   against). Each row runs in its own ``try``: an error (out of memory for flax's
    ``T x T`` arrays, a kernel Triton refuses) is recorded in the row and the table goes on.
 3. The op table of :mod:`benchmarks.ops` (4096x4096 and 256x1024, forward and value_and_grad)
    for every JAX framework, with the device copy ``x * 2.0`` as the bandwidth reference.
@@ -307,6 +308,7 @@ def pallas_attention_checks() -> dict[str, Callable[[], bool]]:
         "pallas mask == bernoulli exactly (broadcast, 301 x 299)": lambda: exact_mask(True),
         "pallas fast16 mask == xla fast16 mask": lambda: same_fast_mask("fast16"),
         "pallas fast8 mask == xla fast8 mask": lambda: same_fast_mask("fast8"),
+        "pallas hash8 mask == xla hash8 mask": lambda: same_fast_mask("hash8"),
         "pallas == xla float32 outputs and grads (causal, GQA, bias, mask)": lambda: close(jnp.float32, 1e-4),
         "pallas bfloat16 == xla float32 to bfloat16 rounding": lambda: close(jnp.bfloat16, 2e-2),
     }
@@ -321,17 +323,20 @@ def fused_attention_variants() -> dict[str, Callable[..., Any]]:
 
     rng, rate = jax.random.key(1), FUSED_ATTENTION_RATE
 
-    def jdrop_attention(implementation: str, dropout_mask: str = "exact") -> Callable[..., Any]:
-        return lambda q, k, v: jdrop.dot_product_attention(q, k, v, dropout_rng=rng, dropout_rate=rate,
+    def jdrop_attention(implementation: str, dropout_mask: str = "exact", dropout_rate: float = rate
+                        ) -> Callable[..., Any]:
+        return lambda q, k, v: jdrop.dot_product_attention(q, k, v, dropout_rng=rng, dropout_rate=dropout_rate,
                                                            implementation=implementation, dropout_mask=dropout_mask)
 
     return {
         "cuDNN, no dropout": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
         "flax.linen, dropout": lambda q, k, v: nn.dot_product_attention(q, k, v, dropout_rng=rng, dropout_rate=rate),
         "jdrop xla": jdrop_attention("xla"),
+        "jdrop pallas none": jdrop_attention("pallas", dropout_rate=0.0),
         "jdrop pallas exact": jdrop_attention("pallas"),
         "jdrop pallas fast16": jdrop_attention("pallas", "fast16"),
         "jdrop pallas fast8": jdrop_attention("pallas", "fast8"),
+        "jdrop pallas hash8": jdrop_attention("pallas", "hash8"),
     }
 
 

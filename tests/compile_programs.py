@@ -454,6 +454,19 @@ def _():
     return both, (q, kv, kv, _key(1))
 
 
+@program("attention-cheap-masks")
+def _():
+    # hash8 draws one threefry call per group of rows, invariant along the columns of a fusion: the hazard.
+    q, kv = jnp.ones((2, 40, 4, 8)), jnp.ones((2, 130, 2, 8))
+    modes = ("fast16", "fast8", "hash8")
+
+    def every(q, k, v, rng):
+        return [_attention_grad(dropout_mask=mode, broadcast_dropout=broadcast)(q, k, v, rng)
+                for mode in modes for broadcast in (False, True)]
+
+    return every, (q, kv, kv, _key(1))
+
+
 # -------------------------------------------------------------------------------------------- adapters
 
 

@@ -56,7 +56,8 @@ def test_mask_index_past_two_to_the_32_matches_uint64_arithmetic():
                         precision=None)
     rows = jnp.asarray([[0], [5], [2**13 - 1]], jnp.uint32)
     cols = jnp.asarray([[0, 1, 2**12 + 2]], jnp.uint32)
-    high, low = jax.jit(kernel._mask_index, static_argnums=(0, 1))(cfg, (8, 8), rows, cols, kernel.Offsets())
+    global_rows = jax.jit(kernel._mask_rows, static_argnums=(0, 1))(cfg, (8, 8), rows, kernel.Offsets())
+    high, low = masks.index_words(global_rows, cols, 2**12 + 3, n_rows=8 * 16 * 2**13)  # as tile_keep_at does
     head = np.arange(8 * 16, dtype=np.uint64).reshape(8, 8, 2, 1, 1)
     expected = (head * np.uint64(2**13) + np.asarray(rows, np.uint64)) * np.uint64(2**12 + 3) + np.asarray(
         cols, np.uint64

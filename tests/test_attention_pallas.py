@@ -75,10 +75,11 @@ def _whole_mask(mode, rate, heads, q_length, k_length, rows=None):
         first = _dropout_mask.first_rows(rows, mode).astype(jnp.uint32)
         head_row = (jnp.arange(heads, dtype=jnp.uint32) * np.uint32(q_length))[:, None, None]
         cols = jnp.arange(k_length, dtype=jnp.uint32)[None, :]
-        high, low = masks.index_words(head_row + first, cols, k_length, n_rows=heads * q_length)
-        return _dropout_mask.tile_keep(key_data, high, low, threshold, mode)
+        return _dropout_mask.tile_keep_at(key_data, head_row + first, cols, k_length, heads * q_length, threshold,
+                                          mode)
 
-    keep = float(masks.realised_keep(threshold))
+    bits = _dropout_mask.bits(mode)
+    keep = float(np.ceil(np.float32(1 - rate) * 2**bits) / 2**bits)
     np.testing.assert_allclose(factor, np.float32(1 / keep), rtol=1e-7)  # inverted scaling by the realised keep
     return np.asarray(draw(key_data, threshold))[:, :q_length], keep
 
@@ -114,7 +115,7 @@ def test_fast_masks_are_the_same_for_every_tiling_in_both_paths(backend):
     q_length, k_length, heads = 70, 33, 2
     q, k, _ = qkv_input(batch=1, q_length=q_length, k_length=k_length, heads=heads)
     v = jnp.broadcast_to(jnp.eye(k_length)[None, :, None, :], (1, k_length, heads, k_length))
-    for mode in ("fast16", "fast8"):
+    for mode in ("fast16", "fast8", "hash8"):
         options = {"dropout_rng": RNG, "dropout_rate": 0.5, "broadcast_dropout": False, "dropout_mask": mode}
         kernel = jax.jit(_pallas_fn(backend, **options))(q, k, v)
         xla = jax.jit(partial(jdrop.dot_product_attention, **options, **XLA_BLOCKS))(q, k, v)
@@ -235,6 +236,9 @@ LOWERING_CASES = {
     "fast16-causal-per-head": (256, 200, 4, 2, {"dropout_rate": 0.1, "is_causal": True, "broadcast_dropout": False,
                                                 "dropout_mask": "fast16"}),
     "fast8": (300, 257, 2, 2, {"dropout_rate": 0.1, "dropout_mask": "fast8"}),
+    "hash8-causal-per-head": (256, 200, 4, 2, {"dropout_rate": 0.1, "is_causal": True, "broadcast_dropout": False,
+                                               "dropout_mask": "hash8"}),
+    "hash8": (300, 257, 2, 2, {"dropout_rate": 0.1, "dropout_mask": "hash8"}),
 }
 
 

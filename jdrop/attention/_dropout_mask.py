@@ -1,4 +1,4 @@
-"""The dropout masks a tile of :func:`jdrop.dot_product_attention` can draw: flax's exact mask and two cheaper ones.
+"""The dropout masks a tile of :func:`jdrop.dot_product_attention` can draw: flax's exact mask and cheaper ones.
 
 Both the xla path (:mod:`jdrop.attention._kernel`) and the Pallas kernels (:mod:`jdrop.attention._pallas`) draw a
 tile's mask with :func:`first_rows` (which rows need a threefry counter) and :func:`tile_keep` (counters' words to
@@ -22,6 +22,11 @@ group's first), and member ``s`` takes bits ``[b (s mod n/2), b (s mod n/2) + b)
 are multiples of ``R`` rows, so groups never straddle tiles. The ``n`` uniforms of a group are disjoint bits of one
 threefry output, a pseudo-random function of the counter: as independent as threefry's bits are (the tests check
 each pair's joint keep rate to 5 sigma).
+
+``"hash8"`` (opt-in; *not* flax's mask) groups rows as the fast masks do, 4 rows per group (``R = 32``), and
+draws one threefry call per group and tile, then one multiply-xorshift word per group and column and a multiply
+and a compare per element (:mod:`jdrop.attention._hash_mask`): about 3.3 integer ops per element. It needs the
+global row and column apart, so callers use :func:`tile_keep_at`.
 """
 
 from __future__ import annotations
@@ -36,11 +41,12 @@ from jax import lax
 from jdrop import masks
 from jdrop._dropout import _keep_and_factor
 from jdrop._validation import check_rate, keep_probability, rate_is_valid
+from jdrop.attention import _hash_mask
 
 __all__ = ["MODES", "SUBLANES", "THREEFRY_OPS", "bits", "first_rows", "group_rows", "group_size", "integer_ops",
-           "operands", "tile_keep"]
+           "operands", "tile_keep", "tile_keep_at"]
 
-MODES = ("exact", "fast16", "fast8")
+MODES = ("exact", "fast16", "fast8", "hash8")
 """The values of ``dropout_mask``."""
 SUBLANES = 8
 """Rows between the members of a fast group: one (8, 128) vector tile of 32-bit values (TPU), so in-kernel
@@ -51,24 +57,31 @@ THREEFRY_OPS = 117
 (add, rotate = 2 shifts and an or, xor: 5 ops) and a key injection (3 additions): ``2 + 5 (4 * 5 + 3)``."""
 
 
-def integer_ops(mode: str, elements: int) -> int:
+def integer_ops(mode: str, elements: int, block_k: int = 128) -> int:
     """Integer ops a tile spends drawing ``elements`` dropout factors (the cost estimate of the kernels).
 
     Per threefry call: :data:`THREEFRY_OPS` plus 2 for its counter (the flat index's multiply-add). Per element:
     exact, 4 (the two words' xor, the shift to 23 bits, the compare, the select of the factor); fast, 5 (the
     word select, shift, and-mask, compare and factor select). ``elements`` is a multiple of :func:`group_size`.
+    hash8: one threefry call (plus 3 for its counter and the odd multiplier) per group of 4 rows and a
+    ``block_k``-wide tile, then per element about 1 for its share of the column word's mix and 3 for the member's
+    multiply, the compare and the factor select.
     """
+    if mode == "hash8":
+        return elements // (_hash_mask.MEMBERS * block_k) * (THREEFRY_OPS + 3) + 4 * elements
     per_element = 4 if mode == "exact" else 5
     return elements // group_size(mode) * (THREEFRY_OPS + 2) + per_element * elements
 
 
 def bits(mode: str) -> int:
     """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s), 16 or 8."""
-    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8}[mode]
+    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8, "hash8": 8}[mode]
 
 
 def group_size(mode: str) -> int:
-    """Elements per threefry call: 1 (exact), or the 64 bits of one call's two words in ``bits``-bit uniforms."""
+    """Rows per counter: 1 (exact), the 64 bits of one call's two words in ``bits``-bit uniforms (fast), 4 (hash8)."""
+    if mode == "hash8":
+        return _hash_mask.MEMBERS
     return 1 if mode == "exact" else 64 // bits(mode)
 
 
@@ -82,13 +95,16 @@ def operands(key: jax.Array, rate: float | jax.Array, dtype: Any, mode: str) -> 
 
     ``threshold = ceil(keep * 2**b) * 2**(23 - b)``: the b-bit threshold on the exact mask's 23-bit scale, so
     that ``masks.realised_keep(threshold)`` is the realised keep probability and the factor is the dropout
-    core's, ``1 / keep`` (0 at keep 0, NaN for an invalid traced rate).
+    core's, ``1 / keep`` (0 at keep 0, NaN for an invalid traced rate). ``"hash8"`` has fast8's realised keep
+    and factor, and returns its own bound (:func:`jdrop.attention._hash_mask.threshold`) as the threshold.
     """
     width = bits(mode)
     keep = keep_probability(rate)
     threshold = jnp.ceil(keep * np.float32(2**width)).astype(jnp.uint32) << np.uint32(masks.THRESHOLD_BITS - width)
     _, factor = _keep_and_factor(threshold, rate_is_valid(check_rate(rate)), scale="inverted", train=True,
                                  dtype=jnp.promote_types(dtype, jnp.float32))
+    if mode == "hash8":  # the same realised keep and factor as fast8; the test's bound is hash8's own
+        threshold = _hash_mask.threshold(keep)
     return jax.random.key_data(key), threshold, factor
 
 
@@ -122,3 +138,17 @@ def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Arr
     # The reshape back to the tile's rows moves 32-bit values (whole (8, 128) tiles on TPU), not booleans.
     uniform = ((word >> shift) & np.uint32(2**width - 1)).reshape(*lead, rows * n, cols)
     return uniform < (threshold >> np.uint32(masks.THRESHOLD_BITS - width))
+
+
+def tile_keep_at(key_data: Any, rows: jax.Array, cols: jax.Array, n_cols: int, n_rows: int | None,
+                 threshold: jax.Array, mode: str) -> jax.Array:
+    """Keep decisions of a tile from the global rows of :func:`first_rows` and the global columns.
+
+    ``rows``: uint32 ``(..., n_rows_tile / group_size, 1)`` rows of the ``(n_rows, n_cols)`` mask (``n_rows`` as in
+    :func:`jdrop.masks.index_words`); ``cols``: uint32 ``(1, m)``. Exact and fast masks draw by the flat index
+    (:func:`tile_keep`); ``"hash8"`` by row and column (:mod:`jdrop.attention._hash_mask`).
+    """
+    if mode == "hash8":
+        return _hash_mask.tile_keep(key_data, rows, cols, threshold)
+    high, low = masks.index_words(rows, cols, n_cols, n_rows=n_rows)
+    return tile_keep(key_data, high, low, threshold, mode)

@@ -68,7 +68,7 @@ class Config(NamedTuple):
     dropout_shape: tuple[int, int, int, int]  # GLOBAL shape of flax's mask: (B, Hq, Tq, Tk) or (1, 1, Tq, Tk)
     bias_full: tuple[bool, ...]  # per internal axis (batch, kv head, group, q, k): does the bias vary along it?
     precision: Any
-    mask: str = "exact"  # which dropout mask the tiles draw: "exact" (flax's), "fast16", "fast8" (see _dropout_mask)
+    mask: str = "exact"  # which dropout mask the tiles draw: "exact" (flax's) or a cheaper one (see _dropout_mask)
 
 
 class Offsets(NamedTuple):
@@ -169,25 +169,27 @@ def _scores(cfg: Config, ops: Operands, q_i: jax.Array, k_j: jax.Array, i: Any, 
     return s, allowed
 
 
-def _mask_index(cfg: Config, heads: tuple[int, int], rows: jax.Array, cols: jax.Array,
-                offsets: Offsets) -> tuple[jax.Array, jax.Array]:
-    """Flat (high, low) indices of global query rows ``rows`` x key columns ``cols`` in flax's dropout mask.
+def _mask_rows(cfg: Config, heads: tuple[int, int], rows: jax.Array, offsets: Offsets) -> jax.Array:
+    """Global rows of flax's dropout mask, ``cfg.dropout_shape`` (global, unpadded) viewed as ``(B * Hq * Tq, Tk)``.
 
-    That array is ``cfg.dropout_shape`` (global, unpadded), row-major, so a tile draws exactly that
-    array's bits. ``rows`` is ``(n, 1)``, ``cols`` ``(1, m)`` (``uint32``); ``heads`` is the block's
-    local ``(batch, kv_heads)``. Padding rows and columns get indices too (they alias other elements)
-    but their values are never used. The column index varies along the minor axis, so the threefry
-    chain is never loop-invariant in the innermost loop of a fusion (the compile hazard of AVX-512's
-    vectorizer, see jdrop.masks).
+    ``rows`` is ``(n, 1)`` ``uint32`` query rows; ``heads`` is the block's local ``(batch, kv_heads)``: per-head
+    dropout folds the batch row and query head in, ``(B, Hk, G, n, 1)``. With the global columns this is the
+    index a tile draws its mask by (:func:`jdrop.attention._dropout_mask.tile_keep_at`), so a tile draws
+    exactly that array's bits. Padding rows and columns get indices too (they alias other elements) but
+    their values are never used. The column index varies along the minor axis, so the exact and fast masks'
+    threefry chain is never loop-invariant in the innermost loop of a fusion (the compile hazard of AVX-512's
+    vectorizer, see jdrop.masks); hash8's per-group threefry is invariant along the columns, and compiles in
+    seconds under the forced interleaving that exposed the hazard (tests/compile_programs.py,
+    ``attention-cheap-masks``).
     """
-    n_batch, q_heads, q_length, k_length = cfg.dropout_shape
+    _, q_heads, q_length, _ = cfg.dropout_shape
     if cfg.dropout == DropoutMode.PER_ELEMENT:
         shape = (*heads, cfg.group, 1, 1)
         example = _shift(lax.broadcasted_iota(jnp.uint32, shape, 0), _uint32(offsets.batch))
         head = _shift(lax.broadcasted_iota(jnp.uint32, shape, 1) * np.uint32(cfg.group)
                       + lax.broadcasted_iota(jnp.uint32, shape, 2), _uint32(offsets.head))
         rows = (example * np.uint32(q_heads) + head) * np.uint32(q_length) + rows
-    return masks.index_words(rows, cols, k_length, n_rows=n_batch * q_heads * q_length)
+    return rows
 
 
 def _uint32(offset: Any) -> Any:
@@ -204,8 +206,9 @@ def _dropout_factors(cfg: Config, drop: Drop, heads: tuple[int, int], row0: Any,
     key_data, threshold, factor = drop
     rows = _shift(row0 + _dropout_mask.first_rows(n_rows, cfg.mask), offsets.q).astype(jnp.uint32)
     cols = _shift(col0 + lax.broadcasted_iota(jnp.int32, (1, n_cols), 1), offsets.k).astype(jnp.uint32)
-    high, low = _mask_index(cfg, heads, rows, cols, offsets)
-    keep = _dropout_mask.tile_keep(key_data, high, low, threshold, cfg.mask)
+    n_batch, q_heads, q_length, k_length = cfg.dropout_shape
+    keep = _dropout_mask.tile_keep_at(key_data, _mask_rows(cfg, heads, rows, offsets), cols, k_length,
+                                      n_batch * q_heads * q_length, threshold, cfg.mask)
     return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
 
 

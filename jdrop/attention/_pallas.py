@@ -54,7 +54,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from jdrop import masks
 from jdrop.attention import _dropout_mask
 from jdrop.attention._kernel import Drop, DropoutMode
 from jdrop.attention._layout import Layout, _pad_axis
@@ -98,7 +97,7 @@ class _Spec(NamedTuple):
     causal: bool
     skip_causal: bool  # no user mask: tiles above the diagonal are skipped
     dropout: DropoutMode
-    mask_mode: str  # "exact", "fast16", "fast8" (see jdrop.attention._dropout_mask)
+    mask_mode: str  # "exact", "fast16", "fast8", "hash8" (see jdrop.attention._dropout_mask)
     mask_rows: int  # rows of flax's mask viewed as (rows, k_length): Tq, or B * Hq * Tq
     bias_full: tuple[bool, ...]  # per axis of the 5-d bias (batch, kv head, group, q, k): full or broadcast
     mask_full: tuple[bool, ...]
@@ -235,7 +234,7 @@ def cost_estimate(spec: _Spec, kernel: str, q, k, v, bias, mask) -> pl.CostEstim
                  + spec.has_dropout)
     flops = 2 * logits * (a * depth + b * value_depth) + per_logit * logits
     if spec.has_dropout:
-        flops += _dropout_mask.integer_ops(spec.mask_mode, logits)
+        flops += _dropout_mask.integer_ops(spec.mask_mode, logits, bk)
     transcendentals = logits + (pairs * bq + batch * q_heads * q_padded if kernel == "forward" else 0)
     item = q.dtype.itemsize
     row_tile, col_tile = bq * (depth + value_depth) * item, bk * (depth + value_depth) * item
@@ -300,8 +299,7 @@ def _factors(spec: _Spec, drop, head: Any, i: Any, j: Any) -> jax.Array | None:
     if spec.dropout == DropoutMode.PER_ELEMENT:
         rows = head.astype(jnp.uint32) * np.uint32(spec.q_length) + rows
     cols = (j * spec.block_k + lax.broadcasted_iota(jnp.int32, (1, spec.block_k), 1)).astype(jnp.uint32)
-    high, low = masks.index_words(rows, cols, spec.k_length, n_rows=spec.mask_rows)
-    keep = _dropout_mask.tile_keep(key_data, high, low, threshold, spec.mask_mode)
+    keep = _dropout_mask.tile_keep_at(key_data, rows, cols, spec.k_length, spec.mask_rows, threshold, spec.mask_mode)
     return jnp.where(keep, factor, 0 * factor)  # dropped: 0, or NaN with the factor (as in the core)
 
 
@@ -911,7 +909,7 @@ def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, 
 
     TPU: ``block_q`` a multiple of 32 (the sublane tiling of int8 and 16-bit buffers), ``block_k`` of 128 (lanes);
     GPU: powers of 2 (Triton's tensors), at least 16 (its matrix units). Fast masks need ``block_q`` to be a
-    multiple of their group block (32 rows for ``"fast16"``, 64 for ``"fast8"``).
+    multiple of their group block (32 rows for ``"fast16"`` and ``"hash8"``, 64 for ``"fast8"``).
 
     Raises:
       ValueError: naming ``block_q`` or ``block_k`` when a requested tile breaks its backend's rule.
