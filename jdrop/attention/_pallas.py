@@ -189,6 +189,20 @@ def _forward_tile(spec: _Spec, carry, s: jax.Array, v: jax.Array, factors: jax.A
     return new_max, row_sum, acc
 
 
+def _key_gradients_t(spec: _Spec, p_dropped, ds, q, do) -> tuple[jax.Array, jax.Array]:
+    """A tile's contributions to ``dK^T = Q^T dS`` ``(D, bk)`` and ``dV^T = dO^T P~`` ``(Dv, bk)``, float32.
+
+    Transposed, so that the tiles derived from the logits (``P~``, ``dS``) are the right-hand operands, contracted
+    over their first axis as they lie: only the loaded ``q``/``dO`` tiles are transposed. (``dS^T Q`` contracts
+    ``dS`` over its first axis through a transpose of a chain of broadcasts, which XLA:GPU's Triton pipeline,
+    folding that transpose up through the broadcasts, never finishes compiling with dropout.) The shells
+    accumulate ``dK^T``, ``dV^T`` and transpose once at the end.
+    """
+    d_v_t = _dot(spec, do, p_dropped.astype(do.dtype), (0, 0))
+    d_k_t = _dot(spec, q, ds.astype(q.dtype), (0, 0))
+    return d_k_t, d_v_t
+
+
 def _backward_tile(spec: _Spec, s, allowed, do, v, row_max, log_row_sum, delta, factors):
     """``(P~, dS)`` of a tile: the dropped probabilities (for dV) and the logit gradient (for dQ, dK, dbias).
 
@@ -420,16 +434,15 @@ def _dkv_kernel_gpu(spec: _Spec, n_q: int, *refs):
             factors = _factors(spec, drop, b * spec.q_heads + kv_head * spec.group + g, i, j)
             p_dropped, ds = _backward_tile(spec, s, allowed, do, v, max_ref[g, rows, :], lse_ref[g, rows, :],
                                            delta_ref[g, rows, :], factors)
-            d_v = d_v + _dot(spec, p_dropped.astype(do.dtype), do, (0, 0))
-            d_k = d_k + _dot(spec, ds.astype(q.dtype), q, (0, 0))
-            return d_k, d_v
+            d_k_t, d_v_t = _key_gradients_t(spec, p_dropped, ds, q, do)
+            return d_k + d_k_t, d_v + d_v_t
 
         return lax.fori_loop(_first_q_block(spec, j), n_q, body, carry)
 
-    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    d_k, d_v = lax.fori_loop(0, spec.group, member_body, init)
-    dk_ref[...] = d_k.astype(dk_ref.dtype)
-    dv_ref[...] = d_v.astype(dv_ref.dtype)
+    init = (jnp.zeros(k.shape[::-1], jnp.float32), jnp.zeros(v.shape[::-1], jnp.float32))
+    d_k_t, d_v_t = lax.fori_loop(0, spec.group, member_body, init)
+    dk_ref[...] = d_k_t.T.astype(dk_ref.dtype)
+    dv_ref[...] = d_v_t.T.astype(dv_ref.dtype)
 
 
 def _dkv_kernel_tpu(spec: _Spec, n_q: int, *refs):
@@ -451,14 +464,14 @@ def _dkv_kernel_tpu(spec: _Spec, n_q: int, *refs):
         factors = _factors(spec, _drop(inputs), b * spec.q_heads + kv_head * spec.group + g, i, j)
         p_dropped, ds = _backward_tile(spec, s, allowed, do, v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
                                        factors)
-        # Transposes of float32 tiles, then the casts: Mosaic's best-supported order.
-        dv_scratch[...] += _dot(spec, p_dropped.T.astype(do.dtype), do, (1, 0))
-        dk_scratch[...] += _dot(spec, ds.T.astype(q.dtype), q, (1, 0))
+        d_k_t, d_v_t = _key_gradients_t(spec, p_dropped, ds, q, do)
+        dk_scratch[...] += d_k_t
+        dv_scratch[...] += d_v_t
 
     @pl.when((g == spec.group - 1) & (i == n_q - 1))
     def _finish():
-        dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
-        dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+        dk_ref[...] = dk_scratch[...].T.astype(dk_ref.dtype)
+        dv_ref[...] = dv_scratch[...].T.astype(dv_ref.dtype)
 
 
 def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop):
@@ -488,7 +501,7 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
                     rows(1), rows(1), rows(1),
                     *_optional_specs(spec, lambda b, h, j, g, i: (b, h * group + g, first_i(i, j), j), bq, bk)]
         out_specs = [cols(depth), cols(value_depth)]
-        scratch = [pltpu.VMEM((bk, depth), jnp.float32), pltpu.VMEM((bk, value_depth), jnp.float32)]
+        scratch = [pltpu.VMEM((depth, bk), jnp.float32), pltpu.VMEM((value_depth, bk), jnp.float32)]
         kernel = partial(_dkv_kernel_tpu, spec, n_q)
         params = spec.compiler_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary"))
     else:
