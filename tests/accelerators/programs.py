@@ -235,7 +235,7 @@ MODEL_PROGRAMS: dict[str, Program] = {
 
 
 class Transformer(NamedTuple):
-    """A pre-LN transformer language-model step (12 blocks of width 1024, 8 heads of 128, T=4096, bfloat16 compute,
+    """A pre-LN transformer language-model step (12 blocks, scanned, of width 1024, 8 heads of 128, T=4096, bfloat16 compute,
     float32 parameters, SGD), with dropout 0.1 on the attention weights, both residual branches and after the
     MLP's GELU: ``dropout`` is ``"none"`` (rates 0), ``"flax"`` (flax's Dropout and attention) or ``"jdrop"``
     (``jdrop.interop.linen.Dropout`` and ``jdrop.dot_product_attention``); ``attention`` the attention function
@@ -272,20 +272,23 @@ def _transformer_module(cfg: Transformer) -> Any:
 
     class Block(nn.Module):
         @nn.compact
-        def __call__(self, x):
+        def __call__(self, x, _):
             h = nn.MultiHeadDotProductAttention(cfg.heads, dtype=jnp.bfloat16, dropout_rate=rate, deterministic=False,
-                                                attention_fn=attention_fn)(nn.LayerNorm(dtype=jnp.bfloat16)(x),
-                                                                           mask=None)
+                                                attention_fn=attention_fn)(nn.LayerNorm(dtype=jnp.bfloat16)(x))
             x = x + drop(rate, deterministic=False)(h)
             h = nn.gelu(dense(4 * cfg.width)(nn.LayerNorm(dtype=jnp.bfloat16)(x)))
-            return x + drop(rate, deterministic=False)(dense(cfg.width)(drop(rate, deterministic=False)(h)))
+            return x + drop(rate, deterministic=False)(dense(cfg.width)(drop(rate, deterministic=False)(h))), None
+
+    # The blocks as one lax.scan (flax's nn.scan, parameters stacked): what large models do, and one block for
+    # the compiler to optimise instead of twelve.
+    blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     length=cfg.depth)
 
     class Model(nn.Module):
         @nn.compact
         def __call__(self, tokens):
             x = nn.Embed(cfg.vocab, cfg.width, dtype=jnp.bfloat16)(tokens)
-            for i in range(cfg.depth):
-                x = Block(name=f"block_{i}")(x)
+            x, _ = blocks(name="blocks")(x, None)
             return dense(cfg.vocab)(nn.LayerNorm(dtype=jnp.bfloat16)(x))
 
     return Model()

@@ -1,0 +1,48 @@
+"""Every program of ``programs.py`` compiles for H100 (sm_90a) and TPU v4, v5e and v6e without a device.
+
+The target's own compiler runs (XLA:GPU with Triton down to cubin; XLA:TPU with Mosaic), each program in a watched
+worker (``_compile.py``): a compiler that hangs or runs away fails the program's test by name after
+``_targets.TIMEOUT_S`` or past ``_targets.MAX_RSS_BYTES``. Programs go to workers in groups, one group per xdist
+worker at a time (``--dist loadgroup``), so the two cores of a CI machine compile two groups side by side.
+"""
+
+from __future__ import annotations
+
+import pytest
+from _targets import results
+from programs import MODEL_PROGRAMS, TRANSFORMERS, pallas_matrix, xla_matrix
+
+GROUP_SIZE = 24
+ATTENTION = [case.name for case in pallas_matrix() + xla_matrix()]
+MODELS = list(MODEL_PROGRAMS)
+TRANSFORMER_STEPS = [cfg.name for cfg in TRANSFORMERS if cfg.dropout != "flax" and cfg.attention != "flax"]
+"""jdrop's transformers here (flax's are compiled by ``test_memory.py``, which compares them)."""
+PROGRAMS_BY_TARGET = {
+    "h100": ATTENTION + MODELS + TRANSFORMER_STEPS,
+    "v5e": ATTENTION + MODELS + TRANSFORMER_STEPS,
+    "v6e": ATTENTION + MODELS + TRANSFORMER_STEPS,
+    "v4": ATTENTION,
+}
+
+
+def _groups() -> dict[tuple[str, str], list[str]]:
+    groups = {}
+    for target, names in PROGRAMS_BY_TARGET.items():
+        for start in range(0, len(names), GROUP_SIZE):
+            groups[target, f"matrix{start // GROUP_SIZE:02d}"] = names[start:start + GROUP_SIZE]
+    return groups
+
+
+GROUPS = _groups()
+CASES = [
+    pytest.param(target, group, name, id=f"{target}-{name}", marks=pytest.mark.xdist_group(f"{target}-{group}"))
+    for (target, group), names in GROUPS.items()
+    for name in names
+]
+
+
+@pytest.mark.parametrize(("target", "group", "name"), CASES)
+def test_compiles_without_a_device(target, group, name, record_property):
+    result = results(target, group, GROUPS[target, group])[name]
+    record_property("compile_s", round(result.seconds, 2))
+    assert result.ok, result.describe()
