@@ -235,8 +235,8 @@ MODEL_PROGRAMS: dict[str, Program] = {
 
 
 class Transformer(NamedTuple):
-    """A pre-LN transformer language-model step (12 blocks, scanned, of width 1024, 8 heads of 128, T=4096, bfloat16 compute,
-    float32 parameters, SGD), with dropout 0.1 on the attention weights, both residual branches and after the
+    """A pre-LN transformer language-model step (12 scanned blocks of width 1024, 8 heads of 128, T=4096, bfloat16
+    compute, float32 parameters, SGD), with dropout 0.1 on the attention weights, both residual branches and after the
     MLP's GELU: ``dropout`` is ``"none"`` (rates 0), ``"flax"`` (flax's Dropout and attention) or ``"jdrop"``
     (``jdrop.interop.linen.Dropout`` and ``jdrop.dot_product_attention``); ``attention`` the attention function
     (``"flax"``, ``"xla"`` or ``"pallas"``: jdrop's implementations)."""
