@@ -126,6 +126,7 @@ def dot_product_attention(
     sequence_layout: str = "contiguous",
     batch_axis_name: Any = None,
     head_axis_name: Any = None,
+    interpret: Any = None,
 ) -> jax.Array:
     """Dot-product attention (Vaswani et al. 2017) with dropout, blockwise, in O(T) memory.
 
@@ -241,6 +242,13 @@ def dot_product_attention(
       batch_axis_name: mesh axes that shard the leading batch dim (with ``axis_name``): the
         global batch row of this device's first row for ``broadcast_dropout=False``.
       head_axis_name: mesh axes that shard the query and key/value heads alike (with ``axis_name``).
+      interpret: with ``implementation="pallas"``, where the kernels run. None (the default) or False:
+        compiled for the default backend's TPU or GPU. True: under Pallas's interpreter, on any machine
+        a CPU included (the default backend's kernels; a CPU's are the TPU kernels), for debugging: every
+        grid step is a loop iteration of plain XLA ops, slow but the same tile arithmetic.
+        ``pltpu.InterpretParams(...)`` (``jax.experimental.pallas.tpu``): the TPU kernels under the TPU
+        interpreter, which simulates VMEM, the DMAs and several cores, and with ``detect_races=True``
+        prints ``RACE DETECTED`` for a data race. Only with ``implementation="pallas"``.
 
     Returns:
       ``(batch..., Tq, heads, Dv)`` in ``dtype``.
@@ -262,6 +270,10 @@ def dot_product_attention(
       >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1)
       >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1,
       ...                                   implementation="pallas", dropout_mask="fast16")  # on a GPU/TPU
+      >>> from jax.experimental.pallas import tpu as pltpu
+      >>> out = jdrop.dot_product_attention(q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.1,
+      ...                                   implementation="pallas", interpret=pltpu.InterpretParams(
+      ...                                       detect_races=True, num_cores_or_threads=2))  # the TPU kernels, on a CPU
       >>> ring = functools.partial(jdrop.dot_product_attention, axis_name="seq", is_causal=True)
       >>> out = jax.shard_map(lambda q, k, v: ring(q, k, v, dropout_rng=key, dropout_rate=0.1),
       ...                     mesh=jax.make_mesh((8,), ("seq",)), in_specs=P(None, "seq"),
@@ -282,7 +294,7 @@ def dot_product_attention(
     ring = None if axis_name is None else _ring_plan(axis_name, sequence_layout, batch_axis_name, head_axis_name,
                                                      layout, bias, mask, bool(is_causal), module, implementation,
                                                      dropout_mask)
-    pallas = _pallas_backend() if implementation == "pallas" else None
+    pallas = _pallas_backend(implementation, interpret)
     mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
     drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype, dropout_mask)
     if module is not None:
@@ -293,11 +305,10 @@ def dot_product_attention(
     if ring is not None:
         return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, bool(is_causal),
                                precision)
-    if pallas is not None:
-        kernels, backend, interpret = pallas
-        return kernels.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
-                                 precision=precision, is_causal=bool(is_causal), block_q=block_q, block_k=block_k,
-                                 backend=backend, interpret=interpret)
+    if pallas is not None:  # (the kernels' module, backend, interpret mode)
+        return pallas[0].attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
+                                   precision=precision, is_causal=bool(is_causal), block_q=block_q, block_k=block_k,
+                                   backend=pallas[1], interpret=pallas[2])
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
     cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision, dropout_mask)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
@@ -314,11 +325,17 @@ def _checked_options(block_q: Any, block_k: Any, implementation: Any, dropout_ma
     return block_q, block_k, implementation, check_choice(dropout_mask, _dropout_mask.MODES, name="dropout_mask")
 
 
-def _pallas_backend() -> tuple[Any, str, bool]:
-    """The Pallas kernels' module, backend and interpret flag (``ValueError`` where they cannot run)."""
+def _pallas_backend(implementation: str, interpret: Any) -> tuple[Any, str, Any] | None:
+    """With ``implementation="pallas"``, the kernels' module, backend and interpret mode (``ValueError`` where they
+    cannot run); else None (and ``interpret``, the kernels' option, must be None)."""
+    if implementation != "pallas":
+        if interpret is not None:
+            raise ValueError(f"`interpret` applies to implementation='pallas' only, got interpret={interpret!r} "
+                             f"with implementation={implementation!r}; drop it, or pass implementation='pallas'.")
+        return None
     from jdrop.attention import _pallas  # imports jax.experimental.pallas: only when asked for
 
-    backend, interpret = _pallas.resolve_backend()
+    backend, interpret = _pallas.resolve_backend(interpret)
     return _pallas, backend, interpret
 
 

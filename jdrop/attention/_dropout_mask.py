@@ -37,13 +37,29 @@ from jdrop import masks
 from jdrop._dropout import _keep_and_factor
 from jdrop._validation import check_rate, keep_probability, rate_is_valid
 
-__all__ = ["MODES", "SUBLANES", "bits", "first_rows", "group_rows", "group_size", "operands", "tile_keep"]
+__all__ = ["MODES", "SUBLANES", "THREEFRY_OPS", "bits", "first_rows", "group_rows", "group_size", "integer_ops",
+           "operands", "tile_keep"]
 
 MODES = ("exact", "fast16", "fast8")
 """The values of ``dropout_mask``."""
 SUBLANES = 8
 """Rows between the members of a fast group: one (8, 128) vector tile of 32-bit values (TPU), so in-kernel
 reshapes only move whole tiles."""
+
+THREEFRY_OPS = 117
+"""uint32 ops of one threefry-2x32 call (:func:`jdrop.masks.threefry2x32`): 2 key additions, then 5 blocks of 4 rounds
+(add, rotate = 2 shifts and an or, xor: 5 ops) and a key injection (3 additions): ``2 + 5 (4 * 5 + 3)``."""
+
+
+def integer_ops(mode: str, elements: int) -> int:
+    """Integer ops a tile spends drawing ``elements`` dropout factors (the cost estimate of the kernels).
+
+    Per threefry call: :data:`THREEFRY_OPS` plus 2 for its counter (the flat index's multiply-add). Per element:
+    exact, 4 (the two words' xor, the shift to 23 bits, the compare, the select of the factor); fast, 5 (the
+    word select, shift, and-mask, compare and factor select). ``elements`` is a multiple of :func:`group_size`.
+    """
+    per_element = 4 if mode == "exact" else 5
+    return elements // group_size(mode) * (THREEFRY_OPS + 2) + per_element * elements
 
 
 def bits(mode: str) -> int:

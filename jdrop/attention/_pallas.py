@@ -80,7 +80,7 @@ class _Spec(NamedTuple):
     mask_full: tuple[bool, ...]
     precision: Any
     backend: str  # "tpu" or "gpu"
-    interpret: bool
+    interpret: Any  # False, True or a pltpu.InterpretParams: pallas_call's interpret
 
     @property
     def has_bias(self) -> bool:
@@ -121,6 +121,72 @@ def _first_q_block(spec: _Spec, j: Any) -> Any:
     if not spec.skip_causal:
         return 0
     return _div(j * spec.block_k, spec.block_q)
+
+
+# ----------------------------------------------------------------------------------- cost estimate
+
+_PRODUCTS = {"forward": (1, 1), "dkv": (2, 2), "dq": (2, 1), "dbias": (1, 1)}
+"""Per kernel, the tile products over the head dim ``D`` and over ``Dv``: forward ``Q K^T``, ``P~ V``; dK/dV
+``Q K^T``, ``dS^T Q``, ``dO V^T``, ``dO^T P~``; dQ ``Q K^T``, ``dS K``, ``dO V^T``; dbias ``Q K^T``, ``dO V^T``."""
+_SOFTMAX_OPS = {"forward": 3, "dkv": 5, "dq": 5, "dbias": 5}
+"""Per kernel, float ops per logit besides the products: forward max, subtract, sum; backward the two subtractions
+of ``S - max - log_sum``, ``P~ dP~``, ``P delta`` and their difference."""
+
+
+def visited_tiles(spec: _Spec, n_q: int, n_k: int) -> int:
+    """``(query tile, key tile)`` pairs a kernel computes per query head: all, or those causal skipping keeps."""
+    if not spec.skip_causal:
+        return n_q * n_k
+    return sum(min(n_k, ((i + 1) * spec.block_q - 1) // spec.block_k + 1) for i in range(n_q))
+
+
+def cost_estimate(spec: _Spec, kernel: str, q, k, v, bias, mask) -> pl.CostEstimate:
+    """The ``pl.CostEstimate`` of one of the four kernels, from the shapes of its padded operands.
+
+    With ``E = B Hq n bq bk`` the logits the kernel computes (``n``: :func:`visited_tiles`, so causal skipping
+    counts) and ``D``, ``Dv`` the head dims (as padded for the backend):
+
+    - flops: ``2 E (a D + b Dv)`` for its ``a``, ``b`` tile products (``_PRODUCTS``), plus per logit its softmax
+      ops (``_SOFTMAX_OPS``), 1 for a bias (add), 2 for a causal flag or a mask (compare, select) and, with
+      dropout, 1 (the multiply by the factors) plus the mask's integer ops
+      (:func:`jdrop.attention._dropout_mask.integer_ops`: about 123 per logit for the exact mask, a quarter or
+      an eighth of that for the fast ones), counted as flops as XLA's cost analysis counts integer ops;
+    - transcendentals: one ``exp`` per logit, and in the forward pass one ``exp`` per row and key tile (the
+      running max's correction) and one ``log`` per row;
+    - bytes accessed: each block the schedule copies from or to HBM: the tiles of the operand that the kernel
+      walks (k, v per visited tile in the forward and dQ kernels; q, dO and the three per-row float32 residuals
+      per visited tile in the dK/dV kernel; all of them in the dbias kernel), the others once per program, a bias
+      or mask tile per visited tile and the outputs once (the dbias kernel writes every tile, zeros where skipped).
+      The dropout scalars (20 bytes) are left out.
+    """
+    batch, q_heads, q_padded, depth = q.shape
+    kv_heads, k_padded, value_depth = k.shape[1], k.shape[2], v.shape[3]
+    bq, bk = spec.block_q, spec.block_k
+    n_q, n_k = q_padded // bq, k_padded // bk
+    pairs = batch * q_heads * visited_tiles(spec, n_q, n_k)
+    logits = pairs * bq * bk
+    a, b = _PRODUCTS[kernel]
+    per_logit = (_SOFTMAX_OPS[kernel] + (bias is not None) + 2 * (spec.causal or mask is not None)
+                 + spec.has_dropout)
+    flops = 2 * logits * (a * depth + b * value_depth) + per_logit * logits
+    if spec.has_dropout:
+        flops += _dropout_mask.integer_ops(spec.mask_mode, logits)
+    transcendentals = logits + (pairs * bq + batch * q_heads * q_padded if kernel == "forward" else 0)
+    item = q.dtype.itemsize
+    row_tile, col_tile = bq * (depth + value_depth) * item, bk * (depth + value_depth) * item
+    residuals = 4 * bq * (2 if kernel == "forward" else 3)  # float32 per-row values of a query tile
+    extra = sum(x.dtype.itemsize * (bq if x.shape[3] > 1 else 1) * (bk if x.shape[4] > 1 else 1)
+                for x in (bias, mask) if x is not None)  # per visited tile
+    heads_rows = batch * q_heads * n_q
+    if kernel == "forward":
+        moved = heads_rows * (bq * (depth + value_depth) * item + residuals) + pairs * (col_tile + extra)
+    elif kernel == "dkv":
+        moved = pairs * (row_tile + residuals + extra) + 2 * batch * kv_heads * n_k * col_tile
+    elif kernel == "dq":
+        moved = heads_rows * (row_tile + bq * depth * item + residuals) + pairs * (col_tile + extra)
+    else:
+        moved = pairs * (row_tile + col_tile + residuals + extra) + heads_rows * n_k * bq * bk * 4
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(moved))
 
 
 # ----------------------------------------------------------------------------------- tile arithmetic
@@ -410,6 +476,7 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
         params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           scratch_shapes=scratch, compiler_params=params, interpret=spec.interpret,
+                          cost_estimate=cost_estimate(spec, "forward", q, k, v, bias, mask),
                           name="jdrop_attention_forward")(q, k, v, *_optional_args(bias, mask, drop))
 
 
@@ -483,6 +550,7 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
     def grouped(x):  # (B, Hq, Tq, d) -> (B, Hk, G, Tq, d): a free reshape
         return x.reshape(batch, kv_heads, group, *x.shape[2:])
 
+    cost = cost_estimate(spec, "dkv", q, k, v, bias, mask)
     q, do, row_max, log_row_sum, delta = map(grouped, (q, do, row_max, log_row_sum, delta))
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if spec.backend == "tpu":
@@ -528,7 +596,7 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
         kernel = partial(_dkv_kernel_gpu, spec, n_q)
         params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          scratch_shapes=scratch, compiler_params=params, interpret=spec.interpret,
+                          scratch_shapes=scratch, compiler_params=params, interpret=spec.interpret, cost_estimate=cost,
                           name="jdrop_attention_dkv")(q, k, v, do, row_max, log_row_sum, delta,
                                                        *_optional_args(bias, mask, drop))
 
@@ -620,7 +688,8 @@ def _dq(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop)
         out_spec = pl.BlockSpec((None, None, bq, depth), lambda i, b, h: (b, h, i, 0))
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=grid, in_specs=in_specs,
                           out_specs=out_spec, scratch_shapes=scratch, compiler_params=params,
-                          interpret=spec.interpret, name="jdrop_attention_dq")(
+                          interpret=spec.interpret, cost_estimate=cost_estimate(spec, "dq", q, k, v, bias, mask),
+                          name="jdrop_attention_dq")(
         q, k, v, do, row_max, log_row_sum, delta, *_optional_args(bias, mask, drop))
 
 
@@ -674,6 +743,7 @@ def _bias_gradient(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, 
                         grid=(batch, q_heads, n_q, n_k), in_specs=in_specs,
                         out_specs=pl.BlockSpec((None, None, bq, bk), lambda b, h, i, j: (b, h, i, j)),
                         compiler_params=spec.compiler_params(semantics), interpret=spec.interpret,
+                        cost_estimate=cost_estimate(spec, "dbias", q, k, v, bias, mask),
                         name="jdrop_attention_dbias")(q, k, v, do, row_max, log_row_sum, delta,
                                                       *_optional_args(bias, mask, drop))
     ds = ds.reshape(batch, q_heads // spec.group, spec.group, q_padded, k_padded)
@@ -779,22 +849,46 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend() -> tuple[str, bool]:
-    """``(backend, interpret)`` of the kernels: the default backend's, or those of :func:`kernels_for`.
+def check_interpret(interpret: Any) -> Any:
+    """``interpret`` as :func:`jdrop.dot_product_attention` takes it: None, a bool or a ``pltpu.InterpretParams``."""
+    if interpret is None or isinstance(interpret, (bool, np.bool_, pltpu.InterpretParams)):
+        return bool(interpret) if isinstance(interpret, np.bool_) else interpret
+    raise TypeError(f"`interpret` must be None, True, False or a jax.experimental.pallas.tpu.InterpretParams, got "
+                    f"{type(interpret).__name__}: {interpret!r}.")
+
+
+def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
+    """``(backend, interpret)`` of the kernels for :func:`jdrop.dot_product_attention`'s ``interpret``.
+
+    None: those of :func:`kernels_for` within it, else the default backend's, compiled. True: the default
+    backend's kernels (a CPU's: the TPU kernels), interpreted. A ``pltpu.InterpretParams``: the TPU kernels under
+    the TPU interpreter. Within :func:`kernels_for`, its backend.
 
     Raises:
-      ValueError: on a CPU (outside :func:`kernels_for`): the kernels need a TPU or a GPU.
+      ValueError: on a CPU, for compiled kernels outside :func:`kernels_for` (they need a TPU or a GPU), or for a
+        ``pltpu.InterpretParams`` within ``kernels_for("gpu")``.
+      TypeError: for an ``interpret`` of another type.
     """
+    interpret = check_interpret(interpret)
     if _forced:
-        return _forced[-1]
-    platform = jax.default_backend()
-    backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
-    if backend is None:
-        raise ValueError(
-            f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the default backend "
-            f"is {platform!r}. Use implementation='xla' (or None, the default) here."
-        )
-    return backend, False
+        backend, forced = _forced[-1]
+        interpret = forced if interpret is None else interpret
+    else:
+        platform = jax.default_backend()
+        backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "")
+        if not backend and not interpret:
+            raise ValueError(
+                f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the default backend "
+                f"is {platform!r}. Use implementation='xla' (or None, the default) here, or interpret=True to run "
+                "the kernels under Pallas's interpreter."
+            )
+        backend = backend or "tpu"
+    if isinstance(interpret, pltpu.InterpretParams):
+        if backend == "gpu" and _forced:
+            raise ValueError("`interpret`: a pltpu.InterpretParams runs the TPU kernels, not the GPU kernels that "
+                             "kernels_for('gpu') asks for; pass interpret=True there.")
+        backend = "tpu"
+    return backend, bool(interpret) if interpret is None else interpret
 
 
 def attention(
@@ -813,7 +907,7 @@ def attention(
     block_q: int | None,
     block_k: int | None,
     backend: str,
-    interpret: bool,
+    interpret: Any,
 ) -> jax.Array:
     """The Pallas path of :func:`jdrop.dot_product_attention` for checked inputs, ``(batch..., Tq, Hq, Dv)``.
 
