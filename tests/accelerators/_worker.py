@@ -59,8 +59,21 @@ def emit(**event: Any) -> None:
     print(json.dumps(event), flush=True)
 
 
+def die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the test process that started it dies (a cancelled CI job)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def main(target: str) -> None:
     import programs
+
+    die_with_parent()
 
     backend = "gpu" if target == "h100" else "tpu"
     mesh = Mesh([target_device(target)], ("x",))

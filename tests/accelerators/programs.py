@@ -124,15 +124,20 @@ def attention_program(case: Attention) -> Program:
     return build
 
 
-def pallas_matrix() -> list[Attention]:
-    """Every Pallas kernel configuration: the full cross of dtype, head dim, length, causal and rate (flax's
-    exact, broadcast mask); every dropout mask and mode at two dtypes; grouped queries, bias with its gradient, a
-    mask, per-example keys under vmap and a traced rate. Each forward and value_and_grad."""
-    cases = [
+def core_cases() -> list[Attention]:
+    """The Pallas kernels' core: dtype x head dim x length x causal x rate (0 or 0.1 with flax's broadcast mask)."""
+    return [
         Attention(dtype=dtype, head_dim=d, length=t, causal=causal,
                   dropout=DropoutMode.BROADCAST if rate else DropoutMode.NONE)
         for dtype, d, t, causal, rate in itertools.product(DTYPES, (64, 128), (1024, 4096), (False, True), (0, RATE))
     ]
+
+
+def pallas_matrix() -> list[Attention]:
+    """Every Pallas kernel configuration: the full cross of dtype, head dim, length, causal and rate (flax's
+    exact, broadcast mask); every dropout mask and mode at two dtypes; grouped queries, bias with its gradient, a
+    mask, per-example keys under vmap and a traced rate. Each forward and value_and_grad."""
+    cases = core_cases()
     cases += [
         Attention(dtype=dtype, causal=causal, dropout=mode, dropout_mask=mask)
         for dtype, causal, mode, mask in itertools.product(DTYPES, (False, True), DropoutMode, _dropout_mask.MODES)

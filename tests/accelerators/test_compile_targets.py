@@ -1,4 +1,5 @@
-"""Every program of ``programs.py`` compiles for H100 (sm_90a) and TPU v4, v5e and v6e without a device.
+"""Every program of ``programs.py`` compiles for H100 (sm_90a), TPU v5e and v6e (v4: the core of the Pallas matrix)
+without a device.
 
 The target's own compiler runs (XLA:GPU with Triton down to cubin; XLA:TPU with Mosaic), each program in a watched
 worker (``_compile.py``): a compiler that hangs or runs away fails the program's test by name after
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import pytest
 from _targets import results
-from programs import MODEL_PROGRAMS, TRANSFORMERS, pallas_matrix, xla_matrix
+from programs import MODEL_PROGRAMS, TRANSFORMERS, core_cases, pallas_matrix, xla_matrix
 
 GROUP_SIZE = 24
 ATTENTION = [case.name for case in pallas_matrix() + xla_matrix()]
 MODELS = list(MODEL_PROGRAMS)
+V4 = [case._replace(grad=grad).name for case in core_cases() if case.head_dim == 128 for grad in (False, True)]
+"""v4, the older chip, where it is cheap: the Pallas kernels' core matrix at head dim 128."""
 TRANSFORMER_STEPS = [cfg.name for cfg in TRANSFORMERS if cfg.dropout == "jdrop"]
 """jdrop's transformer steps, for v6e: ``test_memory.py`` compiles them (and the models they are compared with)
 for H100 and v5e."""
@@ -22,7 +25,7 @@ PROGRAMS_BY_TARGET = {
     "h100": ATTENTION + MODELS,
     "v5e": ATTENTION + MODELS,
     "v6e": ATTENTION + MODELS + TRANSFORMER_STEPS,
-    "v4": ATTENTION,
+    "v4": V4,
 }
 
 

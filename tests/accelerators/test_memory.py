@@ -33,9 +33,13 @@ def _step_temp(target: str, kind: str, length: int) -> int:
     return _temp(target, "attention-steps", STEPS, attention_step_name(kind, length))
 
 
-@pytest.mark.xdist_group("memory-attention")
+def _per_target(group: str) -> list:
+    """The targets as parameters, each group of a target compiled in one xdist worker."""
+    return [pytest.param(t, marks=pytest.mark.xdist_group(f"{t}-{group}")) for t in TARGETS]
+
+
 @pytest.mark.parametrize("kind", JDROP)
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", _per_target("attention-steps"))
 def test_attention_step_temporaries_are_linear_in_length(target, kind):
     temps = [_step_temp(target, kind, t) for t in LENGTHS]
     flax = [_step_temp(target, FLAX, t) for t in LENGTHS]
@@ -46,9 +50,8 @@ def test_attention_step_temporaries_are_linear_in_length(target, kind):
     assert flax[-1] >= 3.5 * flax[-2], f"flax on {target}: {flax} (expected quadratic)"
 
 
-@pytest.mark.xdist_group("memory-attention")
 @pytest.mark.parametrize("kind", JDROP)
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", _per_target("attention-steps"))
 def test_attention_step_needs_at_most_5_percent_of_flax_at_8192(target, kind):
     ours, flax = _step_temp(target, kind, 8192), _step_temp(target, FLAX, 8192)
     assert ours <= 0.05 * flax, f"{kind} on {target} at T=8192: {ours / 2**20:.0f} MiB vs flax {flax / 2**20:.0f} MiB"
@@ -58,9 +61,8 @@ def _model_temp(target: str, dropout: str, attention: str) -> int:
     return _temp(target, "transformers", MODELS, Transformer(dropout, attention).name)
 
 
-@pytest.mark.xdist_group("memory-transformers")
 @pytest.mark.parametrize("attention", ("xla", "pallas"))
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", _per_target("transformers"))
 def test_transformer_dropout_costs_at_most_5_percent_of_temporaries(target, attention):
     ours, none = _model_temp(target, "jdrop", attention), _model_temp(target, "none", attention)
     flax, flax_none = _model_temp(target, "flax", "flax"), _model_temp(target, "none", "flax")
