@@ -7,7 +7,7 @@ compiled for the target by its own compiler (XLA:GPU for sm_90a, XLA:TPU), on th
 (``tests/accelerators/_compile.py``): deterministic buffer assignments, not measurements of a run.
 
 - Attention training step (value_and_grad w.r.t. q, k, v; B=4, H=8, D=128, bfloat16; dropout 0.1 where the
-  function has it) at T = 2048, 4096, 8192: jdrop (``implementation="xla"`` and ``"pallas"``), flax's
+  function has it) at T = 2048 ... 32768: jdrop (``implementation="xla"`` and ``"pallas"``), flax's
   ``dot_product_attention`` with dropout, and ``jax.nn.dot_product_attention`` (no dropout; ``implementation="xla"``,
   and ``"cudnn"`` for H100, where it compiles without a device).
 - The longest T (a multiple of 1024) whose attention step with B=1 fits the card: arguments + outputs +
@@ -34,12 +34,12 @@ from benchmarks._common import ROOT, MiB, log, machine_description, markdown_tab
 
 sys.path.insert(0, str(ROOT / "tests" / "accelerators"))
 from _compile import Result, compile_on, python_for  # noqa: E402
-from programs import ATTENTION_STEPS, TRANSFORMERS, Transformer, attention_step_name  # noqa: E402
+from programs import ATTENTION_STEPS, TRANSFORMERS, attention_step_name  # noqa: E402
 
 TARGETS = ("h100", "v5e")
 CAPACITY = {"h100": 84942979072, "v5e": 16 * 2**30}
 """Bytes of device memory: the H100 target config's ``device_memory_size`` (79.1 GiB); v5e's 16 GiB HBM."""
-LENGTHS = (2048, 4096, 8192)
+LENGTHS = (2048, 4096, 8192, 16384, 32768)
 GRANULE = 1024
 TIMEOUT_S, MAX_RSS_BYTES = 900.0, 10 * 2**30
 GiB = 2**30
@@ -72,7 +72,7 @@ def _fits(record: dict[str, Any]) -> bool:
 
 
 def _predicted_length(records: Sequence[dict[str, Any]], capacity: int) -> int:
-    """The T at which a quadratic through the three (T, total bytes) points reaches ``capacity``."""
+    """The T at which a least-squares quadratic through the (T, total bytes) points reaches ``capacity``."""
     import numpy as np
 
     ts = np.array([r["length"] for r in records], float)
@@ -96,7 +96,7 @@ def longest_length(target: str, kind: str, out: list[dict[str, Any]]) -> dict[st
             log(f"{target} {kind} T={length}: {'fits' if cache[length] else 'does not fit'}")
         return cache[length]
 
-    probes = [r for r in out if r["kind"] == kind and r["batch"] == 1 and r["status"] == "ok"][:3]
+    probes = [r for r in out if r["kind"] == kind and r["batch"] == 1 and r["status"] == "ok"]
     guess = max(GRANULE, _predicted_length(probes, CAPACITY[target]) // GRANULE * GRANULE)
     low, high = max(GRANULE, int(guess * 0.9) // GRANULE * GRANULE), int(guess * 1.1) // GRANULE * GRANULE + GRANULE
     while not fits(low):
@@ -119,7 +119,7 @@ def measure_target(target: str) -> dict[str, Any]:
         kind, length, batch = names[name]
         records.append(_record(target, result, kind=kind, length=length, batch=batch))
     fits = [longest_length(target, kind, records) for kind in kinds(target)
-            if all(r["status"] == "ok" for r in records if r["kind"] == kind)]
+            if sum(r["status"] == "ok" for r in records if r["kind"] == kind and r["batch"] == 1) >= 3]
     models = {cfg.name: cfg for cfg in TRANSFORMERS}
     transformers = [_record(target, result, dropout=models[name].dropout, attention=models[name].attention)
                     for name, result in _compile(target, list(models)).items()]
@@ -145,23 +145,28 @@ def measure() -> dict[str, Any]:
     return {"machine": machine_description(), "seconds": round(time.monotonic() - start, 1), "targets": results}
 
 
+def _temp_mib(record: dict[str, Any] | None) -> float | None:
+    return None if record is None or record["status"] != "ok" else record["temp_size_in_bytes"] / MiB
+
+
 def table(result: dict[str, Any]) -> str:
-    """Three Markdown tables: the attention steps, the longest T that fits, the transformer steps."""
+    """Three Markdown tables: the attention steps, the longest T that fits, the transformer steps (``-``: the
+    compiler refused the program; the JSON has its message)."""
     steps, fits, models = [], [], []
     for target, found in result["targets"].items():
         by = {(r["kind"], r["length"]): r for r in found["steps"] if r["batch"] == 4}
+        flax = _temp_mib(by.get(("flax-dropout", 8192)))
         for kind in kinds(target):
-            temps = [by[kind, t]["temp_size_in_bytes"] / MiB if by[kind, t]["status"] == "ok" else None
-                     for t in LENGTHS]
-            flax = by["flax-dropout", 8192]["temp_size_in_bytes"]
-            ours = by[kind, 8192]
-            steps.append([target, kind, *temps, ours["temp_size_in_bytes"] / flax if ours["status"] == "ok" else None])
+            temps = [_temp_mib(by.get((kind, t))) for t in LENGTHS]
+            ours = _temp_mib(by.get((kind, 8192)))
+            steps.append([target, kind, *temps, None if ours is None or not flax else ours / flax])
         fits += [[target, f["kind"], f["longest_length"], CAPACITY[target] / GiB] for f in found["fits"]]
-        temp = {(r["dropout"], r["attention"]): r["temp_size_in_bytes"] for r in found["transformers"]}
+        temp = {(r["dropout"], r["attention"]): _temp_mib(r) for r in found["transformers"]}
         for dropout, attention in [("none", "flax"), ("flax", "flax"), ("none", "xla"), ("jdrop", "xla"),
                                    ("none", "pallas"), ("jdrop", "pallas")]:
-            models.append([target, Transformer(dropout, attention).name.split("-l12")[0],
-                           temp[dropout, attention] / MiB, temp[dropout, attention] / temp["none", attention]])
+            ours, none = temp.get((dropout, attention)), temp.get(("none", attention))
+            ratio = None if ours is None or not none else ours / none
+            models.append([target, f"{dropout} dropout, {attention} attention", ours, ratio])
     return "\n\n".join([
         markdown_table(["target", "attention step (B=4, H=8, D=128, bf16)", *(f"MiB at T={t}" for t in LENGTHS),
                         "vs flax at 8192"], steps),
@@ -174,7 +179,11 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accelerator_memory", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accelerator-memory.json")
+    parser.add_argument("--table", action="store_true", help="only print the tables of an earlier --out")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     result = measure()
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))

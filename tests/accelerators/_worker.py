@@ -36,13 +36,19 @@ def target_device(target: str) -> Any:
     return topology.devices[0]
 
 
-def compile_program(function: Any, args: Any, mesh: Mesh, backend: str) -> Any:
-    """``jax.jit(function)`` compiled for ``mesh``'s device with every argument placed there."""
+def compile_program(name: str, mesh: Mesh, backend: str) -> Any:
+    """Program ``name`` built and ``jax.jit``-compiled for ``mesh``'s device, every argument placed there.
+
+    Built inside the target's contexts too: building traces (a flax model's ``init`` runs its attention).
+    """
+    import programs
+
     from jdrop.attention import _pallas
 
     sharding = NamedSharding(mesh, PartitionSpec())
-    placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), _pallas.kernels_for(backend, interpret=False):
+        function, args = programs.build(name)
+        placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
         lowered = jax.jit(function).lower(*placed)
     return lowered.compile()
 
@@ -71,8 +77,6 @@ def die_with_parent() -> None:
 
 
 def main(target: str) -> None:
-    import programs
-
     die_with_parent()
 
     backend = "gpu" if target == "h100" else "tpu"
@@ -83,8 +87,7 @@ def main(target: str) -> None:
         emit(start=name)
         start = time.monotonic()
         try:
-            function, args = programs.build(name)
-            info = describe(compile_program(function, args, mesh, backend))
+            info = describe(compile_program(name, mesh, backend))
             emit(done=name, ok=True, seconds=time.monotonic() - start, info=info)
         except Exception as error:  # the compiler's refusal is this program's result, not the worker's end
             message = "".join(traceback.format_exception_only(type(error), error)).strip()
