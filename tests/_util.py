@@ -11,6 +11,7 @@ from functools import partial
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -169,3 +170,18 @@ def run_on_cpu_devices(script, devices=8, timeout=600):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
+
+
+def pallas_calls(jaxpr):
+    """``{name: cost_estimate}`` of every pallas_call in a closed jaxpr, sub-jaxprs included."""
+    found = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found[eqn.params["name"]] = eqn.params["cost_estimate"]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found.update(pallas_calls(sub.jaxpr))
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found.update(pallas_calls(sub))
+    return found

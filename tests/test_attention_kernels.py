@@ -8,13 +8,15 @@ against a brute-force count of the tiles that hold a visible logit, and the mask
 threefry the kernels run.
 """
 
+import json
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import qkv_input, value_and_grads
+from _util import pallas_calls, qkv_input, value_and_grads
 from jax.experimental.pallas import tpu as pltpu
 
 import jdrop
@@ -99,21 +101,6 @@ def test_interpret_true_runs_kernels_on_cpu_and_interpret_checks():
 # ------------------------------------------------------------------------------------- cost estimates
 
 
-def _pallas_calls(jaxpr):
-    """``{name: cost_estimate}`` of every pallas_call in a closed jaxpr, sub-jaxprs included."""
-    found = {}
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            found[eqn.params["name"]] = eqn.params["cost_estimate"]
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    found.update(_pallas_calls(sub.jaxpr))
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    found.update(_pallas_calls(sub))
-    return found
-
-
 def _estimates(backend, shape, dtype, **options):
     q = jax.ShapeDtypeStruct(shape, dtype)
     bias = jax.ShapeDtypeStruct((1, shape[2], shape[1], shape[1]), jnp.float32)
@@ -124,7 +111,7 @@ def _estimates(backend, shape, dtype, **options):
 
     with _pallas.kernels_for(backend, interpret=False):
         jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, q, q, bias)
-    return _pallas_calls(jaxpr.jaxpr)
+    return pallas_calls(jaxpr.jaxpr)
 
 
 @pytest.mark.parametrize("backend", _pallas.BACKENDS)
@@ -189,3 +176,43 @@ def test_threefry_op_count_is_the_kernels_threefry():
     words = jnp.zeros((4,), jnp.uint32)
     jaxpr = jax.make_jaxpr(masks.threefry2x32)(jnp.uint32(1), jnp.uint32(2), words, words)
     assert sum(eqn.outvars[0].aval.shape == (4,) for eqn in jaxpr.jaxpr.eqns) == _dropout_mask.THREEFRY_OPS
+
+
+# ------------------------------------------------------------------------------------- default tiles per target
+
+
+def test_default_tiles_per_target_follow_the_tile_rules():
+    assert _pallas.compile_target() is None  # a CPU: no accelerator target
+    assert _pallas.tile_sizes("gpu", 4096, 4096, None, None, target=None, itemsize=2) == _pallas.DEFAULT_BLOCKS["gpu"]
+    for (target, itemsize), blocks in _pallas.TARGET_BLOCKS.items():
+        backend = "gpu" if target == "h100" else "tpu"
+        assert _pallas.tile_sizes(backend, 8192, 8192, None, None, target=target, itemsize=itemsize) == blocks
+        assert _pallas.tile_sizes(backend, 8192, 8192, *blocks) == blocks  # tiles the backend's rules accept
+        # short sequences shrink the defaults as before
+        assert _pallas.tile_sizes(backend, 40, 40, None, None, target=target, itemsize=itemsize) <= blocks
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "accelerator_tiles.json"
+
+
+def test_vmem_check_names_the_tiles_before_the_compiler():
+    with pytest.raises(ValueError, match=r"`block_q`=2048 and `block_k`=2048 need about .* MiB of VMEM .* v5e"):
+        _pallas.check_vmem("v5e", 2048, 2048, 128, 128, 4)
+    _pallas.check_vmem("v5e", 1024, 1024, 128, 128, 4)  # accepted by XLA:TPU (see the results)
+    _pallas.check_vmem(None, 4096, 4096, 128, 128, 4)  # no TPU target known: the compiler judges
+    for (target, itemsize), blocks in _pallas.TARGET_BLOCKS.items():
+        if target in _pallas.SCOPED_VMEM_BYTES:
+            _pallas.check_vmem(target, *blocks, 256, 256, itemsize, 4 * blocks[0] * blocks[1])
+
+
+def test_vmem_estimate_agrees_with_the_tpu_compilers_verdicts():
+    # The tiles XLA:TPU compiled or refused (without jdrop's check), recorded by benchmarks.accelerator_tiles.
+    verdicts = [r for r in json.loads(RESULTS.read_text())["results"]
+                if r["case"]["target"] in _pallas.SCOPED_VMEM_BYTES and (r["ok"] or r["error"] == "VmemOom")]
+    assert any(not r["ok"] for r in verdicts) and any(r["ok"] for r in verdicts)
+    for result in verdicts:
+        case = result["case"]
+        bq, bk = case["block_q"], case["block_k"]
+        need = _pallas.vmem_estimate(bq, bk, case["depth"], case["depth"], np.dtype(case["dtype"]).itemsize)
+        fits = need <= _pallas.SCOPED_VMEM_BYTES[case["target"]]
+        assert fits == result["ok"], (case, need / 2**20, result.get("vmem_mib"))

@@ -55,7 +55,25 @@ from jdrop.attention._layout import Layout, _pad_axis
 
 BACKENDS = ("tpu", "gpu")
 DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
-"""Default ``(block_q, block_k)`` per backend: not tuned on hardware yet (no device lent so far)."""
+"""Default ``(block_q, block_k)`` per backend, for targets without an entry in :data:`TARGET_BLOCKS`."""
+TARGET_BLOCKS: dict[tuple[str | None, int], tuple[int, int]] = {
+    # H100, head dim 128, 8 warps, by ptxas -arch=sm_90a -v: 16-bit 128 x 64 has no spills (registers: forward
+    # 185, dK/dV 218, dQ 204) and at most 193 KiB of shared memory (limit 227); 128 x 128 needs 258 KiB (refused),
+    # 64 x 128 spills in dK/dV. float32 spills in dK/dV at every tile (144 bytes at 32 x 64, the fewest; 276 at
+    # 64 x 64, and dQ 60 there too).
+    ("h100", 2): (128, 64),
+    ("h100", 4): (32, 64),
+    # TPU: 512 x 512 is accepted by XLA:TPU for bfloat16 and float32 on each chip, takes an estimated 3.1 / 4.6 MiB of
+    # the 16 MiB scoped VMEM (room for bias and mask tiles), and compiles in a fraction of the time of larger tiles
+    # (v5e value_and_grad, T=4096: 27 s bf16 against 67 s for 512 x 1024 and over 150 s for 1024 x 1024).
+    **{(chip, itemsize): (512, 512) for chip in ("v4", "v5e", "v6e") for itemsize in (2, 4)},
+}
+"""Default ``(block_q, block_k)`` per compile target and itemsize, from what each target's compiler reports
+(``python -m benchmarks.accelerator_tiles sweep``; ``benchmarks/results/accelerator_tiles.json``)."""
+SCOPED_VMEM_BYTES = {"v4": 16 * 2**20, "v5e": 16 * 2**20, "v6e": 32 * 2**20}
+"""XLA:TPU's scoped VMEM limit per chip, as its ``CompileTimeScopedVmemOom`` reports it ("limit 16.00M" on v5e)."""
+_TARGETS = (("H100", "h100"), ("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v6 lite", "v6e"),
+            ("TPU v6e", "v6e"))
 _MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully masked row is uniform
 
 
@@ -94,10 +112,51 @@ class _Spec(NamedTuple):
     def has_dropout(self) -> bool:
         return self.dropout != DropoutMode.NONE
 
+    @property
+    def lane_rows(self) -> bool:
+        """Per-row residuals laid out along lanes, ``(..., 1, Tq)``, rather than ``(..., Tq, 1)``.
+
+        On TPU, whose HBM arrays are tiled ``(8, 128)`` over their last two dims, a ``(..., Tq, 1)`` float32 array
+        takes 128 times its size (a lane-padded ``(Tq, 128)``), ``(..., 1, Tq)`` 8 times. Blocks ``(1, block_q)``
+        need ``block_q`` a multiple of 128 (lanes) or the whole (one-tile) query length.
+        """
+        return self.backend == "tpu" and (self.block_q % 128 == 0 or self.q_length <= self.block_q)
+
     def compiler_params(self, semantics: tuple[Any, ...], warps: int = 4) -> Any:
         if self.backend == "tpu":
             return pltpu.CompilerParams(dimension_semantics=semantics)
         return pltriton.CompilerParams(num_warps=warps, num_stages=2)
+
+
+def _rows_shape(spec: _Spec, lead: tuple[int, ...], q_padded: int) -> tuple[int, ...]:
+    """Shape of a per-row float32 residual (row max, log row sum, delta) with leading dims ``lead``."""
+    return (*lead, 1, q_padded) if spec.lane_rows else (*lead, q_padded, 1)
+
+
+def _rows_block(spec: _Spec, lead: int, index: Callable[..., tuple[Any, ...]]) -> pl.BlockSpec:
+    """Block spec of a per-row residual: ``lead`` squeezed leading dims; ``index(*grid ids)`` their indices and the
+    query tile's."""
+    squeezed = (None,) * lead
+    if spec.lane_rows:
+        return pl.BlockSpec((*squeezed, 1, spec.block_q), lambda *ids: (*index(*ids)[:-1], 0, index(*ids)[-1]))
+    return pl.BlockSpec((*squeezed, spec.block_q, 1), lambda *ids: (*index(*ids), 0))
+
+
+def _load_rows(spec: _Spec, ref) -> jax.Array:
+    """A query tile's per-row residual as a ``(block_q, 1)`` column."""
+    x = ref[...]
+    return x.T if spec.lane_rows else x
+
+
+def _residuals(spec: _Spec, max_ref, lse_ref, delta_ref) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A query tile's row max, log row sum and delta, ``(block_q, 1)`` columns."""
+    return _load_rows(spec, max_ref), _load_rows(spec, lse_ref), _load_rows(spec, delta_ref)
+
+
+def _store_rows(spec: _Spec, ref, column: jax.Array) -> None:
+    """Stores a ``(block_q, 1)`` column; lane-laid rows by a transpose (a reshape is a sublane gather, which TPU v4
+    lacks)."""
+    ref[...] = column.T if spec.lane_rows else column
 
 
 def _div(a: Any, b: int) -> Any:
@@ -430,19 +489,19 @@ def _forward_kernel_tpu(spec: _Spec, n_k: int, *refs):
     @pl.when(j == n_k - 1)
     def _finish():
         o_ref[...] = (acc_scratch[...] / sum_scratch[...]).astype(o_ref.dtype)
-        max_ref[...] = max_scratch[...]
-        lse_ref[...] = jnp.log(sum_scratch[...])
+        _store_rows(spec, max_ref, max_scratch[...])
+        _store_rows(spec, lse_ref, jnp.log(sum_scratch[...]))
 
 
 def _forward(spec: _Spec, q, k, v, bias, mask, drop):
-    """``(out, row_max, log_row_sum)``: out ``(B, Hq, Tq, Dv)``, the residuals ``(B, Hq, Tq, 1)`` float32."""
+    """``(out, row_max, log_row_sum)``: out ``(B, Hq, Tq, Dv)``, the float32 residuals of shape ``_rows_shape``."""
     batch, q_heads, q_padded, depth = q.shape
     k_padded, value_depth = k.shape[2], v.shape[3]
     bq, bk, group = spec.block_q, spec.block_k, spec.group
     n_q, n_k = q_padded // bq, k_padded // bk
     out_shape = [jax.ShapeDtypeStruct((batch, q_heads, q_padded, value_depth), q.dtype),
-                 jax.ShapeDtypeStruct((batch, q_heads, q_padded, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, q_heads, q_padded, 1), jnp.float32)]
+                 jax.ShapeDtypeStruct(_rows_shape(spec, (batch, q_heads), q_padded), jnp.float32),
+                 jax.ShapeDtypeStruct(_rows_shape(spec, (batch, q_heads), q_padded), jnp.float32)]
     if spec.backend == "tpu":
         def last_k(i, j):
             return jnp.minimum(j, _visible_k_blocks(spec, i, n_k) - 1)  # skipped tiles: no new copy
@@ -456,8 +515,7 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
                     pl.BlockSpec((None, None, bk, value_depth), key_tile),
                     *_optional_specs(spec, lambda b, h, i, j: (b, h, i, last_k(i, j)), bq, bk)]
         out_specs = [pl.BlockSpec((None, None, bq, value_depth), lambda b, h, i, j: (b, h, i, 0)),
-                     pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0)),
-                     pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))]
+                     *[_rows_block(spec, 2, lambda b, h, i, j: (b, h, i))] * 2]
         scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                    pltpu.VMEM((bq, value_depth), jnp.float32)]
         kernel = partial(_forward_kernel_tpu, spec, n_k)
@@ -529,7 +587,7 @@ def _dkv_kernel_tpu(spec: _Spec, n_q: int, *refs):
         q, do = q_ref[...], do_ref[...]
         s, allowed = _logits(spec, q, k_ref[...], bias, mask, i, j)
         factors = _factors(spec, _drop(inputs), b * spec.q_heads + kv_head * spec.group + g, i, j)
-        p_dropped, ds = _backward_tile(spec, s, allowed, do, v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
+        p_dropped, ds = _backward_tile(spec, s, allowed, do, v_ref[...], *_residuals(spec, max_ref, lse_ref, delta_ref),
                                        factors)
         d_k_t, d_v_t = _key_gradients_t(spec, p_dropped, ds, q, do)
         dk_scratch[...] += d_k_t
@@ -566,7 +624,7 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
             return pl.BlockSpec((None, None, bk, width), lambda b, h, j, g, i: (b, h, j, 0))
 
         in_specs = [rows(depth), cols(depth), cols(value_depth), rows(do.shape[-1]),
-                    rows(1), rows(1), rows(1),
+                    *[_rows_block(spec, 3, lambda b, h, j, g, i: (b, h, g, first_i(i, j)))] * 3,
                     *_optional_specs(spec, lambda b, h, j, g, i: (b, h * group + g, first_i(i, j), j), bq, bk)]
         out_specs = [cols(depth), cols(value_depth)]
         scratch = [pltpu.VMEM((depth, bk), jnp.float32), pltpu.VMEM((value_depth, bk), jnp.float32)]
@@ -606,7 +664,8 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
 
 def _dq_kernel_gpu(spec: _Spec, n_k: int, *refs):
     (q_ref, k_ref, v_ref, do_ref, max_ref, lse_ref, delta_ref), inputs, (dq_ref,) = _split_refs(spec, refs, 7)
-    q, do, row_max, log_row_sum, delta = q_ref[...], do_ref[...], max_ref[...], lse_ref[...], delta_ref[...]
+    q, do = q_ref[...], do_ref[...]
+    row_max, log_row_sum, delta = _residuals(spec, max_ref, lse_ref, delta_ref)
     i, key_tile = _key_tiles_gpu(spec, q, k_ref, v_ref, inputs)
 
     def body(j, d_q):
@@ -634,8 +693,8 @@ def _dq_kernel_tpu(spec: _Spec, n_k: int, *refs):
         k = k_ref[...]
         s, allowed = _logits(spec, q_ref[...], k, bias, mask, i, j)
         factors = _factors(spec, _drop(inputs), b * spec.q_heads + h, i, j)
-        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
-                               factors)
+        residuals = _residuals(spec, max_ref, lse_ref, delta_ref)
+        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], *residuals, factors)
         dq_scratch[...] += _dot(spec, ds.astype(k.dtype), k, (1, 0))
 
     @pl.when(j == n_k - 1)
@@ -655,7 +714,8 @@ def _row_specs_by_tile(spec: _Spec, q, k, v, index_of, k_block: int, k_index):
         return pl.BlockSpec((None, None, k_block, width), lambda *ids: (
             index_of(*ids)[0], _div(index_of(*ids)[1], group), k_index(*ids), 0))
 
-    return [rows(depth), cols(depth), cols(value_depth), rows(value_depth), rows(1), rows(1), rows(1)]
+    residual = _rows_block(spec, 2, lambda *ids: index_of(*ids)[:3])
+    return [rows(depth), cols(depth), cols(value_depth), rows(value_depth), residual, residual, residual]
 
 
 def _dq(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop):
@@ -705,8 +765,8 @@ def _dbias_kernel(spec: _Spec, n_k: int, *refs):
         mask = None if inputs.mask is None else inputs.mask[...]
         s, allowed = _logits(spec, q_ref[...], k_ref[...], bias, mask, i, j)
         factors = _factors(spec, _drop(inputs), b * spec.q_heads + h, i, j)
-        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], max_ref[...], lse_ref[...], delta_ref[...],
-                               factors)
+        residuals = _residuals(spec, max_ref, lse_ref, delta_ref)
+        _, ds = _backward_tile(spec, s, allowed, do_ref[...], v_ref[...], *residuals, factors)
         ds_ref[...] = ds
 
     if not spec.skip_causal:
@@ -767,7 +827,8 @@ def _attention_fwd(spec: _Spec, q, k, v, bias, mask, drop):
 def _attention_bwd(spec: _Spec, residuals, d_out):
     q, k, v, bias, mask, drop, out, row_max, log_row_sum = residuals
     # rowsum(dP~ * P~) = dO . O: the softmax backward's per-row term, dropout included.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = delta[:, :, None, :] if spec.lane_rows else delta[..., None]
     d_out = d_out.astype(q.dtype)
     args = (q, k, v, d_out, row_max, log_row_sum, delta, bias, mask, drop)
     d_k, d_v = _dkv(spec, *args)
@@ -790,9 +851,57 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def vmem_estimate(block_q: int, block_k: int, depth: int, value_depth: int, itemsize: int,
+                  extra_tile_bytes: int = 0) -> int:
+    """Bytes of VMEM the largest of the TPU kernels (forward, dK/dV, dQ) takes for ``(block_q, block_k)`` tiles.
+
+    Each kernel's blocks, double-buffered by the pipeline, plus its scratch and one live float32 ``(block_q,
+    block_k)`` tile (the logits; the other tile temporaries live in vector registers or reuse it). Lanes pad to 128
+    (head dims, the ``(block_q, 1)`` scratch columns), the lane-laid per-row residuals take 8 sublanes.
+    ``extra_tile_bytes``: a bias or mask tile's bytes (double-buffered too). Validated against XLA:TPU's verdicts
+    (``benchmarks/results/accelerator_tiles.json``): f32 forward 2048 x 2048 refused on v5e (19.46 MiB of 16),
+    1024 x 1024 accepted.
+    """
+    d, dv = _round_up(depth, 128), _round_up(value_depth, 128)
+    rows = 8 * block_q * 4  # a lane-laid per-row residual block
+    q_side, k_side = block_q * (d + dv) * itemsize, block_k * (d + dv) * itemsize
+    blocks = {
+        "forward": (q_side + k_side + 2 * rows + extra_tile_bytes, 2 * block_q * 128 * 4 + block_q * dv * 4),
+        "dkv": (q_side + 2 * k_side + 3 * rows + extra_tile_bytes, block_k * (d + dv) * 4),
+        "dq": (q_side + k_side + block_q * d * itemsize + 3 * rows + extra_tile_bytes, block_q * d * 4),
+    }
+    return max(2 * pipelined + scratch for pipelined, scratch in blocks.values()) + block_q * block_k * 4
+
+
+def check_vmem(target: str | None, block_q: int, block_k: int, depth: int, value_depth: int, itemsize: int,
+               extra_tile_bytes: int = 0) -> None:
+    """Raises ``ValueError`` naming ``block_q``/``block_k`` when the tiles' :func:`vmem_estimate` exceeds the TPU
+    target's scoped VMEM (:data:`SCOPED_VMEM_BYTES`), before XLA:TPU compiles (and refuses) the kernels."""
+    limit = SCOPED_VMEM_BYTES.get(target or "")
+    need = vmem_estimate(block_q, block_k, depth, value_depth, itemsize, extra_tile_bytes)
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"`block_q`={block_q} and `block_k`={block_k} need about {need / 2**20:.1f} MiB of VMEM per kernel "
+            f"(head dims {depth}/{value_depth}, {itemsize}-byte inputs), more than TPU {target}'s scoped "
+            f"{limit / 2**20:.0f} MiB; pass smaller tiles (the defaults, None, fit).")
+
+
+def compile_target() -> str | None:
+    """The device the kernels compile for, as a key of :data:`TARGET_BLOCKS` (``"h100"``, ``"v4"``, ``"v5e"``,
+    ``"v6e"``), or None: the abstract mesh's device (a compile-only target) or the default device."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    if abstract is not None:
+        kind = abstract.device_kind
+    else:
+        kind = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else ""
+    return next((name for marker, name in _TARGETS if marker in kind), None)
+
+
 def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, block_k: int | None,
-               mode: str = "exact") -> tuple[int, int]:
+               mode: str = "exact", *, target: str | None = None, itemsize: int = 4) -> tuple[int, int]:
     """The ``(block_q, block_k)`` of a backend's kernels: the requested (checked) or default tiles, shrunk to fit.
+
+    Defaults: :data:`TARGET_BLOCKS` for ``(target, itemsize)`` where it has them, else :data:`DEFAULT_BLOCKS`.
 
     TPU: ``block_q`` a multiple of 32 (the sublane tiling of int8 and 16-bit buffers), ``block_k`` of 128 (lanes);
     GPU: powers of 2 (Triton's tensors), at least 16 (its matrix units). Fast masks need ``block_q`` to be a
@@ -801,7 +910,7 @@ def tile_sizes(backend: str, q_length: int, k_length: int, block_q: int | None, 
     Raises:
       ValueError: naming ``block_q`` or ``block_k`` when a requested tile breaks its backend's rule.
     """
-    default_q, default_k = DEFAULT_BLOCKS[backend]
+    default_q, default_k = TARGET_BLOCKS.get((target, itemsize), DEFAULT_BLOCKS[backend])
     span = _dropout_mask.group_rows(mode)
     q_unit, k_unit = (math.lcm(32, span), 128) if backend == "tpu" else (max(16, span), 16)
     for name, block, unit in (("block_q", block_q, q_unit), ("block_k", block_k, k_unit)):
@@ -891,6 +1000,19 @@ def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
     return backend, bool(interpret) if interpret is None else interpret
 
 
+def _checked_tiles(backend: str, layout: Layout, block_q: int | None, block_k: int | None, mode: str, interpret: Any,
+                   query: jax.Array, value: jax.Array, n_tiles: int) -> tuple[int, int]:
+    """:func:`tile_sizes` for the compile target (its defaults), checked against its VMEM on TPU (:func:`check_vmem`;
+    ``n_tiles`` bias/mask tiles, at most 4 bytes an element)."""
+    target = None if interpret is not False else compile_target()
+    itemsize = query.dtype.itemsize
+    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, mode, target=target,
+                        itemsize=itemsize)
+    if backend == "tpu":
+        check_vmem(target, bq, bk, query.shape[-1], value.shape[-1], itemsize, n_tiles * 4 * bq * bk)
+    return bq, bk
+
+
 def attention(
     layout: Layout,
     query: jax.Array,
@@ -921,7 +1043,8 @@ def attention(
     if query.dtype == jnp.float64:
         raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64, "
                          "and Triton's is far slower); use implementation='xla' for float64.")
-    bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, dropout_mask)
+    bq, bk = _checked_tiles(backend, layout, block_q, block_k, dropout_mask, interpret, query, value,
+                            (bias is not None) + (mask is not None))
     layout = layout._replace(block_q=bq, block_k=bk)
     batch, q_padded, k_padded = layout.batch, layout.n_q * bq, layout.n_k * bk
     # Triton's tiles are powers of 2 of at least 16 along every axis, the head dims included.
