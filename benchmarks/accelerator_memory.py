@@ -126,6 +126,24 @@ def measure_target(target: str) -> dict[str, Any]:
     return {"steps": records, "fits": fits, "transformers": transformers}
 
 
+def redo(result: dict[str, Any], target: str, implementation: str) -> None:
+    """Recomputes, in ``result``, ``target``'s records of jdrop's ``implementation`` (after a kernel change): its
+    attention steps, its longest T and its transformer steps; everything else is kept."""
+    kind, found = f"jdrop-{implementation}", result["targets"][target]
+    names = {attention_step_name(kind, t, b): (t, b) for t in LENGTHS for b in (4, 1)}
+    steps = [_record(target, r, kind=kind, length=names[n][0], batch=names[n][1])
+             for n, r in _compile(target, list(names)).items()]
+    fit = longest_length(target, kind, steps)
+    models = {cfg.name: cfg for cfg in TRANSFORMERS if cfg.attention == implementation}
+    redone = [_record(target, r, dropout=models[n].dropout, attention=implementation)
+              for n, r in _compile(target, list(models)).items()]
+    found["steps"] = [r for r in found["steps"] if r["kind"] != kind] + steps
+    found["fits"] = [f for f in found["fits"] if f["kind"] != kind] + [fit]
+    found["transformers"] = [r for r in found["transformers"] if r["attention"] != implementation] + redone
+    result.setdefault("redone", []).append({"target": target, "implementation": implementation,
+                                            "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())})
+
+
 def measure() -> dict[str, Any]:
     """Both targets, side by side (one watched worker each)."""
     missing = [t for t in TARGETS if python_for(t) is None]
@@ -180,9 +198,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accelerator_memory", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accelerator-memory.json")
     parser.add_argument("--table", action="store_true", help="only print the tables of an earlier --out")
+    parser.add_argument("--redo", metavar="TARGET:IMPLEMENTATION", action="append", default=[],
+                        help="recompute one target's records of one jdrop implementation in --out (e.g. v5e:pallas)")
     args = parser.parse_args(argv)
-    if args.table:
-        print(table(json.loads(args.out.read_text())))
+    if args.table or args.redo:
+        result = json.loads(args.out.read_text())
+        for item in args.redo:
+            redo(result, *item.split(":"))
+            args.out.write_text(json.dumps(result, indent=1))
+        print(table(result))
         return
     result = measure()
     args.out.write_text(json.dumps(result, indent=1))
