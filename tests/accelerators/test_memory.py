@@ -2,12 +2,12 @@
 for H100 and TPU v5e without a device (deterministic: the compiler's buffer assignment, not a measurement).
 
 - jdrop's attention training step (value_and_grad w.r.t. q, k, v; B=4, H=8, D=128, bfloat16, dropout 0.1) needs
-  temporaries linear in T (each doubling from T=8192 to 32768 under 3x, the last within 10% of 2x), and at T=8192 at most 5% of flax's ``dot_product_attention``
-  with dropout;
+  temporaries linear in T (each doubling from T=8192 to 32768 under 3x, the last within 10% of 2x), and at
+  T=8192 at most 5% of flax's ``dot_product_attention`` with dropout;
 - the 12-block transformer step with jdrop's dropout needs at most 1.05x the temporaries of the same model without
   dropout (same attention implementation). flax's ratio is in ``benchmarks/accelerator_memory.py``'s table.
 
-The numbers are tabled by ``python -m benchmarks.accelerator_memory`` (BENCHMARKS.md, "Accelerator memory").
+The numbers are tabled by ``python -m benchmarks.accelerator_memory`` (BENCHMARKS.md, "Accelerators without a device").
 """
 
 from __future__ import annotations
