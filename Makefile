@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench lint docs wheel-check clean
+.PHONY: demo test test-accelerators bench lint docs wheel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,37 @@ test: $(VENV)/.installed-dev
 	$(PY) -m mypy
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
 	$(PY) -m pytest -q -n auto
+
+# Deviceless compiles for H100 (sm_90a) and TPU v4/v5e/v6e (tests/accelerators/): two toolchain venvs pinned to
+# the jax of $(VENV), each with jdrop installed from this checkout; the tests run from $(VENV) and start the
+# toolchains' pythons in watched subprocesses. No accelerator needed.
+ACCEL_DIR ?= build/accelerator-envs
+TPU_VENV := $(ACCEL_DIR)/tpu
+GPU_VENV := $(ACCEL_DIR)/gpu
+JAX_VERSION = $(shell $(PY) -c 'import jax; print(jax.__version__)')
+ACCEL_DEPS := optax flax
+
+$(TPU_VENV)/.installed: pyproject.toml | $(VENV)/.installed-dev
+	rm -rf $(TPU_VENV)
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install --quiet "jax[tpu]==$(JAX_VERSION)" $(ACCEL_DEPS)
+	$(TPU_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+# jax-cuda12-plugin (XLA:GPU and Triton) and ptxas, not jax[cuda12]: compiling needs no CUDA runtime libraries.
+$(GPU_VENV)/.installed: pyproject.toml | $(VENV)/.installed-dev
+	rm -rf $(GPU_VENV)
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet "jax==$(JAX_VERSION)" "jaxlib==$(JAX_VERSION)" \
+		"jax-cuda12-plugin==$(JAX_VERSION)" nvidia-cuda-nvcc-cu12 $(ACCEL_DEPS)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-accelerators: $(VENV)/.installed-dev $(TPU_VENV)/.installed $(GPU_VENV)/.installed
+	JDROP_TPU_PYTHON=$(abspath $(TPU_VENV))/bin/python JDROP_GPU_PYTHON=$(abspath $(GPU_VENV))/bin/python \
+	JDROP_REQUIRE_ACCELERATORS=1 $(PY) -m pytest -q -n auto --dist loadgroup tests/accelerators
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks
