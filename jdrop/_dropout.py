@@ -47,7 +47,7 @@ class _Static:
 
     kind: _Kind
     scale: str
-    impl: str | None  # the key's PRNG implementation, to rebuild the key from its data
+    impl: Any  # the key's PRNG implementation (a hashable PRNGSpec, custom ones too), to rebuild the key
     mask_shape: tuple[int, ...]
     # Statically the identity (static rate 0, or inverted evaluation with a static rate): the pass returns its
     # input itself, not a product with 1, which XLA:CPU would flush to zero for subnormals outside jit.
@@ -202,7 +202,8 @@ def _mask_from_key(key_data: jax.Array, static: _Static, threshold: jax.Array, s
 
     def draw(key_data: jax.Array, threshold: jax.Array) -> jax.Array:
         key = jax.random.wrap_key_data(key_data, impl=static.impl)
-        return masks.keep_from_bits(masks.random_bits(key, static.mask_shape, broadcast_to=shape), threshold)
+        bits = masks.random_bits(key, static.mask_shape, broadcast_to=shape, dtype=masks.bits_dtype(threshold))
+        return masks.keep_from_bits(bits, threshold)
 
     if tie is None or tie.size == 0:
         return draw(key_data, threshold)
@@ -342,7 +343,7 @@ def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual) -> _C
         identity = static and (rate == 0.0 or scale == "inverted")
         return _Call(x, _Static(_Kind.DETERMINISTIC, scale, None, mask_shape, identity), threshold, valid, None)
     key = require_key(key, what="dropout")
-    options = _Static(_Kind(residual), scale, str(jax.random.key_impl(key)), mask_shape)
+    options = _Static(_Kind(residual), scale, jax.random.key_impl(key), mask_shape)
     return _Call(x, options, threshold, valid, jax.random.key_data(key))
 
 

@@ -36,13 +36,17 @@ from bits), ``_packing`` (1 bit per element). The key checks :func:`canonical_ke
 
 from jdrop._validation import canonical_key as canonical_key
 from jdrop._validation import require_key as require_key
+from jdrop.masks._bits import Layout as Layout
 from jdrop.masks._bits import bits_at as bits_at
 from jdrop.masks._bits import random_bits as random_bits
 from jdrop.masks._bits import threefry2x32 as threefry2x32
+from jdrop.masks._bits import threefry_layout as threefry_layout
 from jdrop.masks._floats import normal_from_bits as normal_from_bits
 from jdrop.masks._floats import uniform_from_bits as uniform_from_bits
 from jdrop.masks._index import index_words as index_words
 from jdrop.masks._keep import THRESHOLD_BITS as THRESHOLD_BITS
+from jdrop.masks._keep import WIDE_THRESHOLD_BITS as WIDE_THRESHOLD_BITS
+from jdrop.masks._keep import bits_dtype as bits_dtype
 from jdrop.masks._keep import broadcast_shape as broadcast_shape
 from jdrop.masks._keep import keep_from_bits as keep_from_bits
 from jdrop.masks._keep import keep_mask as keep_mask
@@ -58,7 +62,10 @@ from jdrop.masks._packing import unpack_bits as unpack_bits
 
 __all__ = [
     "THRESHOLD_BITS",
+    "WIDE_THRESHOLD_BITS",
+    "Layout",
     "bits_at",
+    "bits_dtype",
     "bits_lowering",
     "broadcast_shape",
     "canonical_key",
@@ -75,6 +82,7 @@ __all__ = [
     "require_key",
     "set_bits_lowering",
     "threefry2x32",
+    "threefry_layout",
     "uniform_from_bits",
     "unpack_bits",
 ]
