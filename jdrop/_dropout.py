@@ -1,4 +1,9 @@
-"""The one custom_vjp core of jdrop: ``dropout``, ``dropout_fwd`` and ``dropout_bwd``."""
+"""The one differentiation core of jdrop: ``dropout``, ``dropout_fwd`` and ``dropout_bwd``.
+
+Reverse mode runs :func:`dropout_fwd`'s forward pass and :func:`dropout_bwd` on its residual (the residual
+policies); forward mode (``jax.jvp``, ``jacfwd``, ``linearize``) applies the same :func:`dropout_bwd` to the
+tangent, dropout's Jacobian being diagonal (see ``_train_dropout_jvp``).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from jdrop._validation import (
     require_key,
 )
 
-__all__ = ["DropoutResidual", "Residual", "Scale", "dropout", "dropout_bwd", "dropout_fwd", "keep_and_factor"]
+__all__ = ["DropoutResidual", "Residual", "Scale", "default_residual", "dropout", "dropout_bwd", "dropout_fwd",
+           "keep_and_factor"]
 
 
 class _Kind(enum.Enum):
@@ -260,17 +266,28 @@ def _train_forward(
     return y, DropoutResidual(_SAVE[static.kind](key_data, mask), threshold, valid, static)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train_dropout(static, key_data, x, threshold, valid):
     return _train_forward(static, key_data, x, threshold, valid)[0]
 
 
-def _train_dropout_bwd(static, res, dy):
-    del static
-    return None, dropout_bwd(res, dy), None, None
+@_train_dropout.defjvp
+def _train_dropout_jvp(static, primals, tangents):
+    """``(y, J dx)`` with ``J = diag(m * s)``: the tangent is :func:`dropout_bwd` of the forward pass's residual.
 
-
-_train_dropout.defvjp(_train_forward, _train_dropout_bwd)
+    Dropout is linear and its Jacobian diagonal, so ``J = J^T`` and one function, :func:`dropout_bwd`, is
+    both the forward-mode and the reverse-mode rule. ``lax.custom_linear_solve`` carries it: an
+    application of a linear map whose transpose JAX does not derive but takes from us (``transpose_solve``,
+    here the same :func:`dropout_bwd`). So ``jax.jvp``, ``jacfwd`` and ``linearize`` evaluate it on the
+    tangent; ``jax.grad`` / ``vjp`` linearize this rule, keep exactly :func:`dropout_fwd`'s residual (the key's
+    data, the packed bits or the bool mask: the residual policy) and run :func:`dropout_bwd` on the
+    cotangent, as a custom_vjp would; higher orders (``jax.hessian``) compose, since the tangent of the solve
+    is the solve of the tangent.
+    """
+    key_data, x, threshold, valid = primals
+    y, res = _train_forward(static, key_data, x, threshold, valid)
+    dx = tangents[1]
+    return y, lax.custom_linear_solve(lambda t: t, dx, lambda _, t: dropout_bwd(res, t), symmetric=True)
 
 
 def _regenerated_mask(res: DropoutResidual, dy: jax.Array) -> tuple[jax.Array | None, jax.Array]:
@@ -312,6 +329,20 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
     return _apply(res._static, res._threshold, res._valid, mask, dy)
 
 
+def default_residual(key: jax.Array, mask_shape: tuple[int, ...], threshold: jax.Array) -> str:
+    """The residual policy ``residual=None`` picks for this key: ``"key"`` where regenerating is cheap, else ``"mask"``.
+
+    ``"key"`` when jdrop draws the bits itself with its fused threefry (:func:`jdrop.masks.threefry_layout`:
+    threefry keys, either counter layout, 32- or 64-bit words): the regeneration fuses into the backward
+    pass's multiply and nothing per element is kept. ``"mask"`` for every other key (rbg, unsafe_rbg, philox,
+    a user's implementation, threefry arrays past the fused layouts): their bits come from ``jax.random.bits``,
+    a second full RNG call in the backward pass, slower than reading the 1-byte mask that flax and equinox
+    keep (``benchmarks/key_impls.py`` measures both).
+    """
+    fused = masks.threefry_layout(key, mask_shape, masks.bits_dtype(threshold)) is not None
+    return "key" if fused else "mask"
+
+
 class _Call(NamedTuple):
     """A checked call: a training pass (``key_data`` set) or a deterministic one (``key_data`` None)."""
 
@@ -343,6 +374,7 @@ def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual) -> _C
         identity = static and (rate == 0.0 or scale == "inverted")
         return _Call(x, _Static(_Kind.DETERMINISTIC, scale, None, mask_shape, identity), threshold, valid, None)
     key = require_key(key, what="dropout")
+    residual = default_residual(key, mask_shape, threshold) if residual is None else residual
     options = _Static(_Kind(residual), scale, jax.random.key_impl(key), mask_shape)
     return _Call(x, options, threshold, valid, jax.random.key_data(key))
 
@@ -355,7 +387,7 @@ def dropout_fwd(
     deterministic: bool = False,
     broadcast_dims: Sequence[int] = (),
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> tuple[jax.Array, DropoutResidual]:
     """Dropout's forward pass, returning the output and the residuals for :func:`dropout_bwd`.
 
@@ -381,7 +413,7 @@ def dropout(
     deterministic: bool = False,
     broadcast_dims: Sequence[int] = (),
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Dropout (Hinton et al. 2012; Srivastava et al. 2014), with a custom_vjp backward pass.
 
@@ -399,9 +431,12 @@ def dropout(
     The backward pass is ``dx = dy * m * (1 / keep or 1)``, with the very same mask, read from
     the residual that ``residual`` selects:
 
-    - ``"key"`` (default): nothing per element; the mask is regenerated from the key.
+    - ``"key"``: nothing per element; the mask is regenerated from the key.
     - ``"bits"``: the mask packed 1 bit per element.
     - ``"mask"``: the bool mask, 1 byte per element (as flax, equinox and haiku keep it).
+    - None (default): ``"key"`` for threefry keys (jdrop's fused draw regenerates the mask inside the
+      backward pass's multiply), ``"mask"`` for keys whose bits only ``jax.random.bits`` draws (rbg,
+      unsafe_rbg, philox, user-defined: redrawing them is a second full RNG call).
 
     ``rate`` may be a traced scalar (schedules, sweeps): one compilation serves all rates. A
     static rate outside [0, 1] raises ``ValueError``; a traced one outside [0, 1] makes the
@@ -416,7 +451,7 @@ def dropout(
       deterministic: evaluation mode (no randomness).
       broadcast_dims: dims along which one mask value is shared (e.g. the time axis).
       scale: ``"inverted"`` or ``"classic"``.
-      residual: ``"key"``, ``"bits"`` or ``"mask"``.
+      residual: ``"key"``, ``"bits"``, ``"mask"`` or None (the default for the key's implementation).
 
     Returns:
       The dropped-out array, same shape and dtype as ``x``.

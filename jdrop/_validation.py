@@ -250,9 +250,9 @@ def check_scale(scale: Any) -> Scale:
     return cast(Scale, check_choice(scale, SCALES, name="scale"))
 
 
-def check_residual(residual: Any) -> str:
-    """``residual`` if it is ``"key"``, ``"bits"`` or ``"mask"``, else ``ValueError``."""
-    return check_choice(residual, RESIDUALS, name="residual")
+def check_residual(residual: Any) -> str | None:
+    """``residual`` if it is ``"key"``, ``"bits"``, ``"mask"`` or None (the default per key), else ``ValueError``."""
+    return None if residual is None else check_choice(residual, RESIDUALS, name="residual")
 
 
 def check_alias(name: str, value: Any, default: Any, *, alias: str, alias_value: Any) -> None:

@@ -33,7 +33,7 @@ def feature_dropout(
     batch_axis: int | None = 0,
     deterministic: bool = False,
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Drops whole channels (feature maps) of each example (Tompson et al. 2015, "spatial dropout").
 

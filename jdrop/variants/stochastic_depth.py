@@ -31,7 +31,7 @@ def drop_path(
     scale_by_keep: bool | None = None,
     batch_axis: int | None = 0,
     deterministic: bool = False,
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Stochastic depth (Huang et al. 2016, "Deep Networks with Stochastic Depth"), timm's ``drop_path``.
 
