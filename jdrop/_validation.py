@@ -59,7 +59,7 @@ __all__ = [
     "check_shard_follows",
     "check_shared_key",
     "check_single_key",
-    "check_threefry_key",
+    "check_exact_draw",
     "int_at_least",
     "keep_probability",
     "nan_unless",
@@ -470,16 +470,39 @@ def require_key(key: Any, *, what: str, name: str = "key", eval_hint: str = "det
     return check_single_key(key, name=name)
 
 
-def check_threefry_key(key: jax.Array, *, name: str = "key") -> jax.Array:
-    """``key`` if it is a threefry key (the default), else ``ValueError``: tiles draw counter-based bits."""
-    impl = str(jax.random.key_impl(key))
-    if impl != "threefry2x32":
+def check_exact_draw(draw: str, mask_shape: tuple[int, ...], *, implementation: str, impl: str) -> None:
+    """How attention draws flax's mask (``draw``, see ``jdrop.attention._dropout_mask``), checked for its costs.
+
+    A ``"drawn"`` mask (a key whose bits only ``jax.random`` draws: rbg, unsafe_rbg, philox, a user's
+    implementation, or threefry past the fused layouts) is flax's mask drawn whole, 1 byte per attention
+    weight: it warns (``UserWarning``) that memory is then O(T^2), as flax's is, and says how to get O(T).
+
+    Raises:
+      ValueError: for ``implementation="pallas"`` with any draw but the default ``"exact"`` (the kernels draw
+        partitionable threefry with 32-bit words only), or a drawn mask of ``2**32`` elements or more.
+    """
+    if implementation == "pallas" and draw != "exact":
         raise ValueError(
-            f"`{name}` must be a threefry key (jax.random.key(seed), the default), got a {impl} key: the "
-            "dropout mask is drawn tile by tile from counter-based bits, which only threefry has. For other "
-            "generators use jdrop.attention_dropout on probabilities you compute yourself."
+            f"implementation='pallas' draws flax's dropout mask for threefry keys with jax_threefry_partitionable="
+            f"True and jax_enable_x64=False only; this call needs the {draw!r} draw (a {impl} key under the current "
+            "configs): use implementation='xla', which draws it exactly."
         )
-    return key
+    if draw != "drawn":
+        return
+    size = math.prod(mask_shape)
+    if size >= 2**32:
+        raise ValueError(
+            f"the dropout mask of a {impl} key is drawn whole, and {mask_shape} has 2**32 elements or more; use a "
+            "threefry key (jax.random.key(seed, impl='threefry2x32')), drawn tile by tile in O(T) memory."
+        )
+    warnings.warn(
+        f"jdrop.dot_product_attention: a {impl} key's dropout mask cannot be drawn tile by tile (its bits come "
+        f"from jax.random for the whole array at once), so flax's mask {mask_shape} is drawn whole ({size} bytes, "
+        "O(T^2) memory, as flax's own). For O(T) memory pass a threefry key as dropout_rng "
+        "(jax.random.key(seed, impl='threefry2x32'), or fold your key into one).",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ attention

@@ -25,7 +25,7 @@ from jdrop._validation import (
     check_not_sequence_parallel,
     check_rate,
     check_shared_key,
-    check_threefry_key,
+    check_exact_draw,
     positive_int,
     require_key,
 )
@@ -68,14 +68,20 @@ def _checked_bias_and_mask(layout: Layout, bias: Any, mask: Any) -> tuple[jax.Ar
 
 
 def _dropout(mask_shape: tuple[int, ...], dropout_rng: Any, rate: float | jax.Array, dtype: Any,
-             dropout_mask: str) -> Drop:
-    """The kernel's dropout operands for a training pass, after checking the key and the (global) mask's size."""
+             dropout_mask: str, implementation: str) -> tuple[Drop, str]:
+    """The kernel's dropout operands for a training pass and how tiles draw the mask (see ``_dropout_mask``).
+
+    Flax's mask for any key: a threefry key is drawn tile by tile in the counter layout and word width of the
+    current configs; any other key's mask is drawn whole up front (1 byte per element), with a warning.
+    """
     rng = require_key(dropout_rng, what="jdrop.dot_product_attention", name="dropout_rng")
-    check_threefry_key(rng, name="dropout_rng")
     check_mask_rows(math.prod(mask_shape[:-1]))
     if dropout_mask != "exact":
-        return _dropout_mask.operands(rng, rate, dtype, dropout_mask)
-    return dropout_operands(rng, rate, dtype)
+        return _dropout_mask.operands(rng, rate, dtype, dropout_mask), dropout_mask
+    key_data, threshold, factor = dropout_operands(rng, rate, dtype)
+    draw, operand = _dropout_mask.exact_draw(rng, threshold, mask_shape)
+    check_exact_draw(draw, mask_shape, implementation=implementation, impl=str(jax.random.key_impl(rng)))
+    return (operand, threshold, factor), draw
 
 
 def _config(layout: Layout, mode: DropoutMode, bias: jax.Array | None, masked: bool, causal: bool,
@@ -284,7 +290,8 @@ def dot_product_attention(
                                                      dropout_mask)
     pallas = _pallas_backend() if implementation == "pallas" else None
     mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
-    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, query.dtype, dropout_mask)
+    drop, draw = (None, dropout_mask) if mode == DropoutMode.NONE else _dropout(
+        mask_shape, dropout_rng, rate, query.dtype, dropout_mask, implementation)
     if module is not None:
         from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
 
@@ -292,14 +299,14 @@ def dot_product_attention(
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
     if ring is not None:
         return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, bool(is_causal),
-                               precision)
+                               precision, draw)
     if pallas is not None:
         kernels, backend, interpret = pallas
         return kernels.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
                                  precision=precision, is_causal=bool(is_causal), block_q=block_q, block_k=block_k,
                                  backend=backend, interpret=interpret)
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
-    cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision, dropout_mask)
+    cfg = _config(layout, mode, bias, mask is not None, bool(is_causal), precision, draw)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
     return layout.from_query_tiles(attention(cfg, ops))
 
@@ -349,7 +356,8 @@ def _mask_shape(layout: Layout, ring: Ring | None, per_element: bool) -> tuple[i
 
 def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: tuple[int, int, int, int],
                     query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
-                    mask: jax.Array | None, drop: Drop | None, causal: bool, precision: Any) -> jax.Array:
+                    mask: jax.Array | None, drop: Drop | None, causal: bool, precision: Any,
+                    draw: str = "exact") -> jax.Array:
     """The checked, scaled local shards through the ring (:mod:`jdrop.attention._ring`), back in their layout."""
     if drop is not None:
         check_shared_key(drop[0], query, sequence_axis=ring.axis_name,
@@ -358,7 +366,7 @@ def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: t
     chunk = ring.chunk_layout(layout)
     ops = ring.operands(chunk, query, key, value, bias, mask, drop)
     cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, causal, precision,
-                  "exact")
+                  draw)
     return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))
 
 

@@ -37,28 +37,57 @@ from jdrop import masks
 from jdrop._dropout import _keep_and_factor
 from jdrop._validation import check_rate, keep_probability, rate_is_valid
 
-__all__ = ["MODES", "SUBLANES", "bits", "first_rows", "group_rows", "group_size", "operands", "tile_keep"]
+__all__ = ["EXACT_DRAWS", "MODES", "SUBLANES", "bits", "exact_draw", "first_rows", "group_rows", "group_size", "operands", "tile_keep"]
 
 MODES = ("exact", "fast16", "fast8")
 """The values of ``dropout_mask``."""
+EXACT_DRAWS = ("exact", "exact64", "original", "original64", "drawn")
+"""How a tile draws flax's mask (``"exact"``'s draw for the key and configs at hand, :func:`exact_draw`):
+``"exact"``: partitionable threefry, 32-bit words (JAX's defaults); ``"exact64"``: the same with 64-bit words
+(``jax_enable_x64``: flax's Python-float keep probability makes bernoulli draw float64 uniforms);
+``"original"`` / ``"original64"``: threefry with ``jax_threefry_partitionable=False``, whose counters depend on
+the mask's size (carried as a third key word); ``"drawn"``: every other key (rbg, unsafe_rbg, philox, a user's
+implementation, or a threefry mask past the fused layouts): the whole mask drawn by ``jax.random`` up front,
+1 byte per element, and each tile reads its part."""
 SUBLANES = 8
 """Rows between the members of a fast group: one (8, 128) vector tile of 32-bit values (TPU), so in-kernel
 reshapes only move whole tiles."""
 
 
 def bits(mode: str) -> int:
-    """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s), 16 or 8."""
-    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8}[mode]
+    """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s; 52 in x64), 16 or 8."""
+    if mode in EXACT_DRAWS:
+        return masks.WIDE_THRESHOLD_BITS if mode.endswith("64") else masks.THRESHOLD_BITS
+    return {"fast16": 16, "fast8": 8}[mode]
 
 
 def group_size(mode: str) -> int:
     """Elements per threefry call: 1 (exact), or the 64 bits of one call's two words in ``bits``-bit uniforms."""
-    return 1 if mode == "exact" else 64 // bits(mode)
+    return 1 if mode in EXACT_DRAWS else 64 // bits(mode)
 
 
 def group_rows(mode: str) -> int:
     """Rows a block of groups spans, ``group_size * SUBLANES`` (1 for exact): tiles are multiples of it."""
-    return 1 if mode == "exact" else group_size(mode) * SUBLANES
+    return 1 if mode in EXACT_DRAWS else group_size(mode) * SUBLANES
+
+
+def exact_draw(key: jax.Array, threshold: jax.Array, shape: tuple[int, ...]) -> tuple[str, jax.Array]:
+    """``(draw, key operand)`` of flax's mask ``bernoulli(key, keep, shape)`` under the key's implementation and
+    the current configs (see :data:`EXACT_DRAWS`).
+
+    The operand is the threefry key's data (``uint32[2]``, or ``uint32[3]`` with the mask's size for the
+    original layout), or, for a ``"drawn"`` mask, the flat bool mask itself: ``keep_from_bits(random_bits)``,
+    exactly :func:`jdrop.keep_mask`'s, materialised (O(size) memory).
+    """
+    dtype = masks.bits_dtype(threshold)
+    layout = masks.threefry_layout(key, shape, dtype)
+    wide = "64" if layout is not None and layout.wide else ""
+    if layout is None:
+        return "drawn", masks.keep_from_bits(masks.random_bits(key, shape, dtype=dtype), threshold).reshape(-1)
+    data = jax.random.key_data(key)
+    if layout.partitionable:
+        return "exact" + wide, data
+    return "original" + wide, jnp.concatenate([data, jnp.asarray([layout.size], jnp.uint32)])
 
 
 def operands(key: jax.Array, rate: float | jax.Array, dtype: Any, mode: str) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -73,7 +102,15 @@ def operands(key: jax.Array, rate: float | jax.Array, dtype: Any, mode: str) -> 
     threshold = jnp.ceil(keep * np.float32(2**width)).astype(jnp.uint32) << np.uint32(masks.THRESHOLD_BITS - width)
     _, factor = _keep_and_factor(threshold, rate_is_valid(check_rate(rate)), scale="inverted", train=True,
                                  dtype=jnp.promote_types(dtype, jnp.float32))
-    return jax.random.key_data(key), threshold, factor
+    return _threefry_words(key), threshold, factor
+
+
+def _threefry_words(key: jax.Array) -> jax.Array:
+    """A threefry key's data, or for another implementation two words it draws (``jax.random.bits``): the fast
+    masks' counters are threefry's, keyed by the call's key either way."""
+    if str(jax.random.key_impl(key)) == "threefry2x32":
+        return jax.random.key_data(key)
+    return jax.random.bits(key, (2,), jnp.uint32)
 
 
 def first_rows(n_rows: int, mode: str) -> jax.Array:
@@ -81,7 +118,7 @@ def first_rows(n_rows: int, mode: str) -> jax.Array:
 
     Exact: every row. Fast: the first row of each group, block-major (block ``g``'s rows ``R g + [0, 8)``).
     """
-    if mode == "exact":
+    if mode in EXACT_DRAWS:
         return lax.broadcasted_iota(jnp.int32, (n_rows, 1), 0)
     index = lax.broadcasted_iota(jnp.int32, (n_rows // group_size(mode), 1), 0)
     return (index >> 3) * group_rows(mode) + (index & (SUBLANES - 1))
@@ -94,8 +131,8 @@ def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Arr
     ``(..., n_rows, n_cols)`` array: exact, ``keep_from_bits(bits_at(...))``; fast, each counter's two words split
     into its group's uniforms (see the module docstring).
     """
-    if mode == "exact":
-        return masks.keep_from_bits(masks.bits_at(key_data, high, low), threshold)
+    if mode in EXACT_DRAWS:
+        return _exact_keep(key_data, high, low, threshold, mode)
     n, width = group_size(mode), bits(mode)
     t0, t1 = jnp.broadcast_arrays(*masks.threefry2x32(key_data[0], key_data[1], high, low))
     *lead, rows, cols = t0.shape
@@ -106,3 +143,15 @@ def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Arr
     # The reshape back to the tile's rows moves 32-bit values (whole (8, 128) tiles on TPU), not booleans.
     uniform = ((word >> shift) & np.uint32(2**width - 1)).reshape(*lead, rows * n, cols)
     return uniform < (threshold >> np.uint32(masks.THRESHOLD_BITS - width))
+
+
+def _exact_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Array, mode: str) -> jax.Array:
+    """Flax's keep decisions at flat indices ``(high, low)``, drawn as :func:`exact_draw`'s ``mode`` says."""
+    if mode == "drawn":  # the whole mask, at most 2**32 elements: ``high`` is 0
+        return jnp.take(key_data, jnp.broadcast_to(low, jnp.broadcast_shapes(jnp.shape(high), low.shape)))
+    wide = mode.endswith("64")
+    if mode.startswith("original"):
+        layout = masks.Layout(False, key_data[2], wide)
+    else:
+        layout = masks.Layout(True, 0, wide) if wide else None
+    return masks.keep_from_bits(masks.bits_at(key_data, high, low, layout), threshold)
