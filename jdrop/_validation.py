@@ -27,6 +27,7 @@ __all__ = [
     "RESIDUALS",
     "SCALES",
     "MissingKeyError",
+    "StaticRate",
     "canonical_axis",
     "KEY_FIRST",
     "canonical_key",
@@ -90,12 +91,28 @@ def _is_tracer(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+class StaticRate(float):
+    """A static real scalar given as an array or numpy scalar: a Python float that remembers its ``dtype``.
+
+    ``jax.random.bernoulli(key, 1 - rate)`` draws uniforms in the dtype of ``1 - rate``: JAX's default float
+    for a Python number (float64 under ``jax_enable_x64``), the array's own dtype otherwise, so
+    :func:`keep_probability` needs it; everything else sees a float.
+    """
+
+    dtype: np.dtype
+
+    def __new__(cls, value: Any, dtype: Any) -> StaticRate:
+        rate = super().__new__(cls, float(value))
+        rate.dtype = np.dtype(dtype)
+        return rate
+
+
 def _real_scalar(value: Any, *, name: str, expected: str) -> float | jax.Array:
     """``value`` as a Python float (static) or a float32 scalar array (traced); ``TypeError`` otherwise."""
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
     if isinstance(value, numbers.Real):
-        return float(value)
+        return StaticRate(value, value.dtype) if hasattr(value, "dtype") else float(value)
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         dtype = np.dtype(value.dtype) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else None
         real = dtype is not None and dtype != np.bool_
@@ -105,7 +122,7 @@ def _real_scalar(value: Any, *, name: str, expected: str) -> float | jax.Array:
             raise ValueError(f"`{name}` must be a scalar, got shape {tuple(value.shape)}.")
         if _is_tracer(value):  # float64 stays float64 (under jax_enable_x64), as jax.random sees it
             return jnp.asarray(value, jnp.float64 if dtype == np.float64 else jnp.float32)
-        return float(value)
+        return StaticRate(value, dtype)
     raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
 
 
@@ -196,13 +213,15 @@ def keep_probability(rate: Any) -> jax.Array:
     The dtype is the one ``jax.random.bernoulli(key, 1 - rate)`` draws its uniforms in, so that the keep
     test is its test: a static rate (a Python number, as flax and equinox pass it) is subtracted in
     float64 and rounded once to JAX's default float: float32, or float64 under ``jax_enable_x64`` (then
-    the uniforms have 52 bits, drawn from 64-bit words). A traced rate keeps its dtype (float32, or
+    the uniforms have 52 bits, drawn from 64-bit words); a static array or numpy scalar by its dtype (float64
+    only under x64, float32 otherwise: :class:`StaticRate`). A traced rate keeps its dtype (float32, or
     float64 under x64; other dtypes become float32) and is clipped into [0, 1] for the threshold only
     (callers that scale also poison the output with NaN when it was out of range).
     """
     rate = check_rate(rate)
     if isinstance(rate, float):
-        return jnp.asarray(np.asarray(1.0 - rate, jax.dtypes.canonicalize_dtype(np.float64)))
+        wide = np.float64 if getattr(rate, "dtype", np.float64) == np.float64 else np.float32
+        return jnp.asarray(np.asarray(1.0 - rate, jax.dtypes.canonicalize_dtype(wide)))
     return jnp.clip(1.0 - jax.lax.stop_gradient(rate), 0.0, 1.0)
 
 
