@@ -407,10 +407,10 @@ def default_key_shape() -> tuple[int, ...]:
     ``(2,)`` for threefry2x32 (and philox4x32), ``(4,)`` for rbg, unsafe_rbg and threefry4x32, ``(1,)``
     for philox2x32: the trailing shape of a raw ``uint32`` key from ``jax.random.PRNGKey(seed)``.
     """
-    return _key_shape_of(str(jax.config.jax_default_prng_impl))
+    return _key_shape_of(str(jax.config.jax_default_prng_impl))  # type: ignore[attr-defined]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _key_shape_of(impl: str) -> tuple[int, ...]:
     del impl  # the cache key: the shape is read under the current default
     return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
@@ -454,7 +454,7 @@ def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
             return jax.random.wrap_key_data(key)
         if jnp.issubdtype(key.dtype, jnp.floating):
             raise TypeError(f"`{name}` must be a PRNG key, got {_describe(key)}: {KEY_FIRST}.")
-    impl = jax.config.jax_default_prng_impl
+    impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]
     raise TypeError(
         f"`{name}` must be a PRNG key: jax.random.key(seed) (or a raw uint32 key from jax.random.PRNGKey(seed), "
         f"whose trailing shape is {default_key_shape()} under jax_default_prng_impl={impl!r}); got "

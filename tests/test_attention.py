@@ -113,8 +113,9 @@ def test_float64_equals_naive_attention_tightly(x64):
     q, k, v = qkv_input(dtype=jnp.float64)
     bias = normal_input((1, 1, 37, 45), seed=3, dtype=jnp.float64)
     rate = 0.3
-    keep_mask = jax.random.bernoulli(RNG, np.float32(1 - rate), (1, 1, 37, 45))
-    keep = float(masks.realised_keep(masks.keep_threshold(jnp.float32(1 - rate))))
+    # Under x64 flax's Python-float keep probability makes bernoulli draw float64 uniforms: so does jdrop.
+    keep_mask = jax.random.bernoulli(RNG, 1 - rate, (1, 1, 37, 45))
+    keep = float(masks.realised_keep(masks.keep_threshold(jnp.float64(1 - rate))))
 
     def naive(q, k, v, b):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q / np.sqrt(8.0), k) + b

@@ -18,6 +18,7 @@ from jdrop._validation import (
     check_broadcastable,
     check_choice,
     check_deterministic,
+    check_exact_draw,
     check_float_dtype,
     check_float_input,
     check_mask_rows,
@@ -25,7 +26,6 @@ from jdrop._validation import (
     check_not_sequence_parallel,
     check_rate,
     check_shared_key,
-    check_exact_draw,
     positive_int,
     require_key,
 )
@@ -67,13 +67,15 @@ def _checked_bias_and_mask(layout: Layout, bias: Any, mask: Any) -> tuple[jax.Ar
     return bias, None if mask is None else mask.astype(bool)
 
 
-def _dropout(mask_shape: tuple[int, ...], dropout_rng: Any, rate: float | jax.Array, dtype: Any,
-             dropout_mask: str, implementation: str) -> tuple[Drop, str]:
-    """The kernel's dropout operands for a training pass and how tiles draw the mask (see ``_dropout_mask``).
+def _dropout(mode: DropoutMode, mask_shape: tuple[int, ...], dropout_rng: Any, rate: float | jax.Array, dtype: Any,
+             dropout_mask: str, implementation: str) -> tuple[Drop | None, str]:
+    """The kernel's dropout operands (None without dropout) and how tiles draw the mask (see ``_dropout_mask``).
 
     Flax's mask for any key: a threefry key is drawn tile by tile in the counter layout and word width of the
     current configs; any other key's mask is drawn whole up front (1 byte per element), with a warning.
     """
+    if mode == DropoutMode.NONE:
+        return None, dropout_mask
     rng = require_key(dropout_rng, what="jdrop.dot_product_attention", name="dropout_rng")
     check_mask_rows(math.prod(mask_shape[:-1]))
     if dropout_mask != "exact":
@@ -290,8 +292,7 @@ def dot_product_attention(
                                                      dropout_mask)
     pallas = _pallas_backend() if implementation == "pallas" else None
     mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
-    drop, draw = (None, dropout_mask) if mode == DropoutMode.NONE else _dropout(
-        mask_shape, dropout_rng, rate, query.dtype, dropout_mask, implementation)
+    drop, draw = _dropout(mode, mask_shape, dropout_rng, rate, query.dtype, dropout_mask, implementation)
     if module is not None:
         from jdrop.interop._sow import sow_attention_weights  # the one flax-facing part, on demand
 

@@ -37,7 +37,8 @@ from jdrop import masks
 from jdrop._dropout import _keep_and_factor
 from jdrop._validation import check_rate, keep_probability, rate_is_valid
 
-__all__ = ["EXACT_DRAWS", "MODES", "SUBLANES", "bits", "exact_draw", "first_rows", "group_rows", "group_size", "operands", "tile_keep"]
+__all__ = ["EXACT_DRAWS", "MODES", "SUBLANES", "bits", "exact_draw", "first_rows", "group_rows", "group_size",
+           "operands", "tile_keep"]
 
 MODES = ("exact", "fast16", "fast8")
 """The values of ``dropout_mask``."""
@@ -150,8 +151,6 @@ def _exact_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.A
     if mode == "drawn":  # the whole mask, at most 2**32 elements: ``high`` is 0
         return jnp.take(key_data, jnp.broadcast_to(low, jnp.broadcast_shapes(jnp.shape(high), low.shape)))
     wide = mode.endswith("64")
-    if mode.startswith("original"):
-        layout = masks.Layout(False, key_data[2], wide)
-    else:
-        layout = masks.Layout(True, 0, wide) if wide else None
+    original = mode.startswith("original")
+    layout = masks.Layout(not original, key_data[2] if original else 0, wide)
     return masks.keep_from_bits(masks.bits_at(key_data, high, low, layout), threshold)

@@ -79,7 +79,7 @@ def threefry_layout(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.uint3
         return None
     size = math.prod(int(d) for d in shape)
     wide = np.dtype(dtype) == np.uint64
-    if jax.config.jax_threefry_partitionable:
+    if jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]
         return Layout(True, size, wide) if size < 2**32 else None
     return Layout(False, size, wide) if size * (2 if wide else 1) < 2**32 - 1 else None
 

@@ -13,7 +13,16 @@ from jdrop._typing import KeyLike
 from jdrop._validation import canonical_axis, keep_probability
 from jdrop.masks._bits import random_bits
 
-__all__ = ["THRESHOLD_BITS", "WIDE_THRESHOLD_BITS", "bits_dtype", "broadcast_shape", "keep_from_bits", "keep_mask", "keep_threshold", "realised_keep"]
+__all__ = [
+    "THRESHOLD_BITS",
+    "WIDE_THRESHOLD_BITS",
+    "bits_dtype",
+    "broadcast_shape",
+    "keep_from_bits",
+    "keep_mask",
+    "keep_threshold",
+    "realised_keep",
+]
 
 THRESHOLD_BITS = 23
 """Resolution of the keep test: keep iff ``(bits >> 9) < ceil(keep * 2**23)`` (bernoulli's rule in float32)."""
