@@ -211,7 +211,9 @@ def _mask_from_key(key_data: jax.Array, static: _Static, threshold: jax.Array, s
         bits = masks.random_bits(key, static.mask_shape, broadcast_to=shape, dtype=masks.bits_dtype(threshold))
         return masks.keep_from_bits(bits, threshold)
 
-    if tie is None or tie.size == 0:
+    # Only threefry's draw is staged: JAX batches the staging conditional under jax.vmap (a batched cotangent or
+    # tangent, as in jacrev / jacfwd), and rbg's and unsafe_rbg's bits under vmap are not the unbatched bits.
+    if tie is None or tie.size == 0 or str(static.impl) != "threefry2x32":
         return draw(key_data, threshold)
     return _staged_on_cpu(draw, key_data, threshold, tie)
 
