@@ -420,7 +420,8 @@ def dropout(
     """Dropout (Hinton et al. 2012; Srivastava et al. 2014), with a custom_vjp backward pass.
 
     With ``m ~ Bernoulli(keep)`` per element (shared along ``broadcast_dims``),
-    ``keep = ceil((1 - rate) * 2**23) / 2**23`` (within 2**-23 of ``1 - rate``)::
+    ``keep = ceil((1 - rate) * 2**23) / 2**23`` (within 2**-23 of ``1 - rate``; ``2**52`` when the rate
+    enters as float64, under ``jax_enable_x64``: see :func:`jdrop.keep_mask`)::
 
         scale="inverted":  train  y = m * x / keep      eval  y = x
         scale="classic":   train  y = m * x             eval  y = keep * x
@@ -440,14 +441,18 @@ def dropout(
       backward pass's multiply), ``"mask"`` for keys whose bits only ``jax.random.bits`` draws (rbg,
       unsafe_rbg, philox, user-defined: redrawing them is a second full RNG call).
 
+    Autodiff: reverse mode (``grad``, ``vjp``, ``jacrev``) and forward mode (``jvp``, ``jacfwd``,
+    ``linearize``) and their compositions (``hessian``), all with the forward pass's mask.
+
     ``rate`` may be a traced scalar (schedules, sweeps): one compilation serves all rates. A
     static rate outside [0, 1] raises ``ValueError``; a traced one outside [0, 1] makes the
     output and gradient NaN rather than silently using another rate. ``rate = 1`` gives zeros
     and zero gradients; ``rate = 0`` returns ``x`` unchanged. No gradient flows to ``rate``.
 
     Args:
-      key: a PRNG key (``jax.random.key``; a legacy ``PRNGKey`` is accepted). May be None when
-        ``deterministic``.
+      key: a PRNG key of any implementation: typed (``jax.random.key(seed, impl=...)``, user-defined
+        ones too) or raw from ``jax.random.PRNGKey`` under any ``jax_default_prng_impl``. It comes first,
+        as in ``jax.random``. May be None when ``deterministic``.
       x: floating array (float16, bfloat16, float32, float64); the output has its dtype.
       rate: drop probability in [0, 1].
       deterministic: evaluation mode (no randomness).

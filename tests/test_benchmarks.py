@@ -122,3 +122,14 @@ def test_sequence_parallel_suite_reports_memory_and_balance():
     assert rows[1]["temp_vs_one_device"] == 1.0 and rows[1]["temp_mib"] > 0
     assert rows[8]["balance"] == 1.0 and rows[8]["median_s"] is None
     assert "critical path" in sequence_parallel.table(list(rows.values()))
+
+
+def test_key_impls_suite_times_every_policy_against_bernoulli_for_every_implementation():
+    from benchmarks import key_impls
+
+    result = key_impls.measure(rounds=1, shape=(16, 16))
+    names = {(row["impl"], row["candidate"]) for row in result["rows"]}
+    assert names == {(impl, name) for impl in key_impls.IMPLS
+                     for name in ("bernoulli", "jdrop[default]", "jdrop[key]", "jdrop[bits]", "jdrop[mask]")}
+    assert all(row["ratio_to_bernoulli"] > 0 for row in result["rows"])
+    assert "| rbg" in key_impls.table(result)

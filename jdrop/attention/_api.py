@@ -146,8 +146,10 @@ def dot_product_attention(
     ``flax.linen.dot_product_attention`` draws for the same ``dropout_rng``: ``shape`` is
     ``(batch..., heads, Tq, Tk)``, or ``(1, ..., 1, Tq, Tk)`` (one mask for every batch row and head)
     with ``broadcast_dropout=True``. ``keep`` is the realised keep probability
-    ``ceil((1 - rate) * 2**23) / 2**23`` (within ``2**-23`` of flax's ``1 - rate``), so the output
-    is unbiased exactly. Same arguments as flax's function: it is a drop-in ``attention_fn`` for
+    ``ceil((1 - rate) * 2**23) / 2**23`` (within ``2**-23`` of flax's ``1 - rate``; under ``jax_enable_x64``
+    flax's Python-float keep probability makes bernoulli draw float64 uniforms, and so does this function:
+    ``2**52``), so the output is unbiased exactly. Reverse-mode autodiff and ``jax.hessian``
+    (forward-over-reverse) are supported; ``jax.jvp``/``jacfwd``/``linearize`` are not (a custom_vjp). Same arguments as flax's function: it is a drop-in ``attention_fn`` for
     ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``, and gives
     their outputs for the same rngs, to float rounding.
 
@@ -214,9 +216,11 @@ def dot_product_attention(
       mask: bool, broadcastable to ``(batch..., heads, Tq, Tk)``; False entries are masked out. A row
         masked entirely gets a uniform softmax over its keys, as in flax.
       broadcast_dropout: one dropout mask for all batch rows and heads (flax's default).
-      dropout_rng: a threefry PRNG key (``jax.random.key`` or ``PRNGKey``; other implementations
-        have no counter-based bits and raise ``ValueError``). Needed in training when the rate is
-        not statically 0.
+      dropout_rng: a PRNG key of any implementation (typed, or raw from ``PRNGKey``). Threefry keys
+        draw the mask tile by tile (O(T) memory) under every ``jax_threefry_partitionable`` and
+        ``jax_enable_x64``; other implementations (rbg, unsafe_rbg, philox, user-defined) have no
+        counter-based bits: flax's mask is drawn whole (O(T^2) bytes, as flax's) with a warning.
+        Needed in training when the rate is not statically 0.
       dropout_rate: drop probability in [0, 1], a Python float or a traced scalar (one compilation
         serves all rates; a traced rate outside [0, 1] makes the output NaN). 1 gives zeros.
       deterministic: evaluation mode (no dropout; the rng is ignored). A Python bool.
@@ -254,7 +258,7 @@ def dot_product_attention(
       ``(batch..., Tq, heads, Dv)`` in ``dtype``.
 
     Raises:
-      ValueError: for a bad ``dropout_rate``, a missing, non-single or non-threefry ``dropout_rng`` in
+      ValueError: for a bad ``dropout_rate``, a missing or non-single ``dropout_rng`` in
         training, mismatched shapes, custom einsums, block sizes below 1, an unknown
         ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take; with
         ``axis_name``: an unbound axis, a mask or bias that varies along both queries and keys,

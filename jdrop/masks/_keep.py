@@ -88,8 +88,11 @@ def broadcast_shape(shape: Sequence[int], broadcast_dims: Sequence[int] = ()) ->
 def keep_mask(key: KeyLike, shape: Sequence[int], rate: ArrayLike, *, broadcast_dims: Sequence[int] = ()) -> jax.Array:
     """The exact bool keep mask that :func:`jdrop.dropout` uses for this key, shape and rate.
 
-    ``m_i = [u_i < 1 - rate]`` with ``u`` uniform on the 2**-23 grid drawn from ``key``; equal to
-    ``jax.random.bernoulli(key, 1 - rate, mask_shape)`` broadcast to ``shape``, where
+    ``m_i = [u_i < 1 - rate]`` with ``u`` uniform on the 2**-23 grid drawn from ``key`` (the 2**-52 grid, from
+    64-bit words, when the rate enters as float64: a Python number or float64 array under ``jax_enable_x64``,
+    as bernoulli takes ``1 - rate``); equal to
+    ``jax.random.bernoulli(key, 1 - rate, mask_shape)`` for every key implementation and config, broadcast
+    to ``shape``, where
     ``mask_shape`` has size 1 along ``broadcast_dims`` (the mask is shared along those dims).
     ``P(m_i = 1) = ceil((1 - rate) * 2**23) / 2**23``.
 
