@@ -149,7 +149,8 @@ def dot_product_attention(
     ``ceil((1 - rate) * 2**23) / 2**23`` (within ``2**-23`` of flax's ``1 - rate``; under ``jax_enable_x64``
     flax's Python-float keep probability makes bernoulli draw float64 uniforms, and so does this function:
     ``2**52``), so the output is unbiased exactly. Reverse-mode autodiff and ``jax.hessian``
-    (forward-over-reverse) are supported; ``jax.jvp``/``jacfwd``/``linearize`` are not (a custom_vjp). Same arguments as flax's function: it is a drop-in ``attention_fn`` for
+    (forward-over-reverse) are supported; ``jax.jvp``/``jacfwd``/``linearize`` are not (a custom_vjp).
+    Same arguments as flax's function: it is a drop-in ``attention_fn`` for
     ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``, and gives
     their outputs for the same rngs, to float rounding.
 
