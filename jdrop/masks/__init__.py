@@ -13,8 +13,11 @@ JAX's XLA:CPU lowering of threefry is a rolled loop that XLA cannot fuse with it
 bits are materialised (4 bytes per element written and read again) and the loop runs slowly.
 Here the 20 rounds are written out in ``jnp`` integer ops, so XLA fuses them into the consumer
 (the dropout multiply, or the backward pass's multiply), on every backend, and nothing per element
-is ever stored. Other key implementations (``rbg``, ``unsafe_rbg``, custom ones) use
-``jax.random.bits`` directly: they are already fast where they are meant to run.
+is ever stored. With ``jax_threefry_partitionable=False`` JAX pairs the counters of the array's two halves
+instead; the unrolled draw follows that layout too (:class:`Layout`), and under ``jax_enable_x64`` it draws
+the 64-bit words of a float64 ``bernoulli``. Other key implementations (``rbg``, ``unsafe_rbg``, philox,
+user-defined ones), and threefry arrays past those layouts, use ``jax.random.bits`` directly: jdrop's
+fused path is used only where its bits are provably JAX's (:func:`threefry_layout`).
 
 How bits become a keep decision
 -------------------------------
@@ -23,7 +26,9 @@ The keep test is ``(bits >> 9) < ceil(keep * 2**23)``, which is exactly
 the mask of ``jdrop.dropout`` is the mask of ``flax.linen.Dropout`` and ``equinox.nn.Dropout`` for
 the same key, and the realised keep probability ``ceil(keep * 2**23) / 2**23`` differs from
 ``1 - rate`` by less than ``2**-23`` (the contract allows ``2**-16``). Inverted scaling divides by
-that realised probability, so ``E[dropout(x)] = x`` holds exactly, not just up to quantisation.
+that realised probability, so ``E[dropout(x)] = x`` holds exactly, not just up to quantisation. When the
+rate enters as float64 (a Python number or float64 array under ``jax_enable_x64``, as bernoulli takes
+``1 - rate``), the test is ``(bits64 >> 12) < ceil(keep * 2**52)`` on 64-bit words, float64 bernoulli's.
 
 The files
 ---------
