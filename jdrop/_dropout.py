@@ -332,17 +332,18 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
 
 
 def default_residual(key: jax.Array, mask_shape: tuple[int, ...], threshold: jax.Array) -> str:
-    """The residual policy ``residual=None`` picks for this key: ``"key"`` where regenerating is cheap, else ``"mask"``.
+    """The residual policy ``residual=None`` picks for this key: ``"key"`` where regenerating is cheap, else ``"bits"``.
 
     ``"key"`` when jdrop draws the bits itself with its fused threefry (:func:`jdrop.masks.threefry_layout`:
     threefry keys, either counter layout, 32- or 64-bit words): the regeneration fuses into the backward
-    pass's multiply and nothing per element is kept. ``"mask"`` for every other key (rbg, unsafe_rbg, philox,
-    a user's implementation, threefry arrays past the fused layouts): their bits come from ``jax.random.bits``,
-    a second full RNG call in the backward pass, slower than reading the 1-byte mask that flax and equinox
-    keep (``benchmarks/key_impls.py`` measures both).
+    pass's multiply and nothing per element is kept. ``"bits"`` (the mask packed 1 bit per element) for every
+    other key (rbg, unsafe_rbg, philox, a user's implementation, threefry arrays past the fused layouts): their
+    bits come only from ``jax.random.bits``, and drawing them again in the backward pass is a second full RNG
+    call; the packed mask is read instead, at an eighth of the memory of the bool mask flax and equinox keep
+    (``benchmarks/key_impls.py`` measures every policy against plain bernoulli dropout).
     """
     fused = masks.threefry_layout(key, mask_shape, masks.bits_dtype(threshold)) is not None
-    return "key" if fused else "mask"
+    return "key" if fused else "bits"
 
 
 class _Call(NamedTuple):
@@ -438,7 +439,7 @@ def dropout(
     - ``"bits"``: the mask packed 1 bit per element.
     - ``"mask"``: the bool mask, 1 byte per element (as flax, equinox and haiku keep it).
     - None (default): ``"key"`` for threefry keys (jdrop's fused draw regenerates the mask inside the
-      backward pass's multiply), ``"mask"`` for keys whose bits only ``jax.random.bits`` draws (rbg,
+      backward pass's multiply), ``"bits"`` for keys whose bits only ``jax.random.bits`` draws (rbg,
       unsafe_rbg, philox, user-defined: redrawing them is a second full RNG call).
 
     Autodiff: reverse mode (``grad``, ``vjp``, ``jacrev``) and forward mode (``jvp``, ``jacfwd``,

@@ -80,8 +80,8 @@ def test_a_custom_prng_implementation_is_accepted_and_rebuilt():
 # ------------------------------------------------------------------------------------------ residual per key
 
 
-@pytest.mark.parametrize(("impl", "policy"), [("threefry2x32", "key"), ("rbg", "mask"), ("unsafe_rbg", "mask"),
-                                              ("philox4x32", "mask")])
+@pytest.mark.parametrize(("impl", "policy"), [("threefry2x32", "key"), ("rbg", "bits"), ("unsafe_rbg", "bits"),
+                                              ("philox4x32", "bits")])
 def test_default_residual_depends_on_the_key(impl, policy):
     _, res = jdrop.dropout_fwd(KEYS[impl], jnp.ones((4, 8)), 0.3)
     assert res.policy == policy
