@@ -68,9 +68,12 @@ def test_a_raw_key_of_another_implementation_names_the_default_shape():
 
 
 def test_a_custom_prng_implementation_is_accepted_and_rebuilt():
-    import key_config_checks
+    import importlib.util
 
-    key = jax.random.key(3, impl=key_config_checks.custom_impl())
+    spec = importlib.util.spec_from_file_location("key_config_checks", CHECKS)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    key = jax.random.key(3, impl=checks.custom_impl())
     x = jnp.arange(1.0, 9.0)
     np.testing.assert_array_equal(jdrop.keep_mask(key, (8,), 0.5), jax.random.bernoulli(key, 0.5, (8,)))
     grad = jax.grad(lambda x: jdrop.dropout(key, x, 0.5, residual="key").sum())(x)  # rebuilds the key from data
