@@ -1,4 +1,9 @@
-"""The one custom_vjp core of jdrop: ``dropout``, ``dropout_fwd`` and ``dropout_bwd``."""
+"""The one differentiation core of jdrop: ``dropout``, ``dropout_fwd`` and ``dropout_bwd``.
+
+Reverse mode runs :func:`dropout_fwd`'s forward pass and :func:`dropout_bwd` on its residual (the residual
+policies); forward mode (``jax.jvp``, ``jacfwd``, ``linearize``) applies the same :func:`dropout_bwd` to the
+tangent, dropout's Jacobian being diagonal (see ``_train_dropout_jvp``).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from jdrop._validation import (
     warn_deprecated,
 )
 
-__all__ = ["DropoutResidual", "Residual", "Scale", "dropout", "dropout_bwd", "dropout_fwd", "keep_and_factor"]
+__all__ = ["DropoutResidual", "Residual", "Scale", "default_residual", "dropout", "dropout_bwd", "dropout_fwd",
+           "keep_and_factor"]
 
 
 class _Kind(enum.Enum):
@@ -47,7 +53,7 @@ class _Static:
 
     kind: _Kind
     scale: str
-    impl: str | None  # the key's PRNG implementation, to rebuild the key from its data
+    impl: Any  # the key's PRNG implementation (a hashable PRNGSpec, custom ones too), to rebuild the key
     mask_shape: tuple[int, ...]
     # Statically the identity (static rate 0, or inverted evaluation with a static rate): the pass returns its
     # input itself, not a product with 1, which XLA:CPU would flush to zero for subnormals outside jit.
@@ -201,9 +207,12 @@ def _mask_from_key(key_data: jax.Array, static: _Static, threshold: jax.Array, s
 
     def draw(key_data: jax.Array, threshold: jax.Array) -> jax.Array:
         key = jax.random.wrap_key_data(key_data, impl=static.impl)
-        return masks.keep_from_bits(masks.random_bits(key, static.mask_shape, broadcast_to=shape), threshold)
+        bits = masks.random_bits(key, static.mask_shape, broadcast_to=shape, dtype=masks.bits_dtype(threshold))
+        return masks.keep_from_bits(bits, threshold)
 
-    if tie is None or tie.size == 0:
+    # Only threefry's draw is staged: JAX batches the staging conditional under jax.vmap (a batched cotangent or
+    # tangent, as in jacrev / jacfwd), and rbg's and unsafe_rbg's bits under vmap are not the unbatched bits.
+    if tie is None or tie.size == 0 or str(static.impl) != "threefry2x32":
         return draw(key_data, threshold)
     return _staged_on_cpu(draw, key_data, threshold, tie)
 
@@ -258,17 +267,28 @@ def _train_forward(
     return y, DropoutResidual(_SAVE[static.kind](key_data, mask), threshold, valid, static)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train_dropout(static, key_data, x, threshold, valid):
     return _train_forward(static, key_data, x, threshold, valid)[0]
 
 
-def _train_dropout_bwd(static, res, dy):
-    del static
-    return None, dropout_bwd(res, dy), None, None
+@_train_dropout.defjvp
+def _train_dropout_jvp(static, primals, tangents):
+    """``(y, J dx)`` with ``J = diag(m * s)``: the tangent is :func:`dropout_bwd` of the forward pass's residual.
 
-
-_train_dropout.defvjp(_train_forward, _train_dropout_bwd)
+    Dropout is linear and its Jacobian diagonal, so ``J = J^T`` and one function, :func:`dropout_bwd`, is
+    both the forward-mode and the reverse-mode rule. ``lax.custom_linear_solve`` carries it: an
+    application of a linear map whose transpose JAX does not derive but takes from us (``transpose_solve``,
+    here the same :func:`dropout_bwd`). So ``jax.jvp``, ``jacfwd`` and ``linearize`` evaluate it on the
+    tangent; ``jax.grad`` / ``vjp`` linearize this rule, keep exactly :func:`dropout_fwd`'s residual (the key's
+    data, the packed bits or the bool mask: the residual policy) and run :func:`dropout_bwd` on the
+    cotangent, as a custom_vjp would; higher orders (``jax.hessian``) compose, since the tangent of the solve
+    is the solve of the tangent.
+    """
+    key_data, x, threshold, valid = primals
+    y, res = _train_forward(static, key_data, x, threshold, valid)
+    dx = tangents[1]
+    return y, lax.custom_linear_solve(lambda t: t, dx, lambda _, t: dropout_bwd(res, t), symmetric=True)
 
 
 def _regenerated_mask(res: DropoutResidual, dy: jax.Array) -> tuple[jax.Array | None, jax.Array]:
@@ -310,6 +330,21 @@ def dropout_bwd(res: DropoutResidual, dy: jax.Array) -> jax.Array:
     return _apply(res._static, res._threshold, res._valid, mask, dy)
 
 
+def default_residual(key: jax.Array, mask_shape: tuple[int, ...], threshold: jax.Array) -> str:
+    """The residual policy ``residual=None`` picks for this key: ``"key"`` where regenerating is cheap, else ``"bits"``.
+
+    ``"key"`` when jdrop draws the bits itself with its fused threefry (:func:`jdrop.masks.threefry_layout`:
+    threefry keys, either counter layout, 32- or 64-bit words): the regeneration fuses into the backward
+    pass's multiply and nothing per element is kept. ``"bits"`` (the mask packed 1 bit per element) for every
+    other key (rbg, unsafe_rbg, philox, a user's implementation, threefry arrays past the fused layouts): their
+    bits come only from ``jax.random.bits``, and drawing them again in the backward pass is a second full RNG
+    call; the packed mask is read instead, at an eighth of the memory of the bool mask flax and equinox keep
+    (``benchmarks/key_impls.py`` measures every policy against plain bernoulli dropout).
+    """
+    fused = masks.threefry_layout(key, mask_shape, masks.bits_dtype(threshold)) is not None
+    return "key" if fused else "bits"
+
+
 class _Call(NamedTuple):
     """A checked call: a training pass (``key_data`` set) or a deterministic one (``key_data`` None)."""
 
@@ -341,7 +376,8 @@ def _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual) -> _C
         identity = static and (rate == 0.0 or scale == "inverted")
         return _Call(x, _Static(_Kind.DETERMINISTIC, scale, None, mask_shape, identity), threshold, valid, None)
     key = require_key(key, what="dropout")
-    options = _Static(_Kind(residual), scale, str(jax.random.key_impl(key)), mask_shape)
+    residual = default_residual(key, mask_shape, threshold) if residual is None else residual
+    options = _Static(_Kind(residual), scale, jax.random.key_impl(key), mask_shape)
     return _Call(x, options, threshold, valid, jax.random.key_data(key))
 
 
@@ -353,7 +389,7 @@ def dropout_fwd(
     deterministic: bool = False,
     broadcast_dims: Sequence[int] = (),
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> tuple[jax.Array, DropoutResidual]:
     """Dropout's forward pass, returning the output and the residuals for :func:`dropout_bwd`.
 
@@ -379,12 +415,13 @@ def dropout(
     deterministic: bool = False,
     broadcast_dims: Sequence[int] = (),
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Dropout (Hinton et al. 2012; Srivastava et al. 2014), with a custom_vjp backward pass.
 
     With ``m ~ Bernoulli(keep)`` per element (shared along ``broadcast_dims``),
-    ``keep = ceil((1 - rate) * 2**23) / 2**23`` (within 2**-23 of ``1 - rate``)::
+    ``keep = ceil((1 - rate) * 2**23) / 2**23`` (within 2**-23 of ``1 - rate``; ``2**52`` when the rate
+    enters as float64, under ``jax_enable_x64``: see :func:`jdrop.keep_mask`)::
 
         scale="inverted":  train  y = m * x / keep      eval  y = x
         scale="classic":   train  y = m * x             eval  y = keep * x
@@ -397,9 +434,15 @@ def dropout(
     The backward pass is ``dx = dy * m * (1 / keep or 1)``, with the very same mask, read from
     the residual that ``residual`` selects:
 
-    - ``"key"`` (default): nothing per element; the mask is regenerated from the key.
+    - ``"key"``: nothing per element; the mask is regenerated from the key.
     - ``"bits"``: the mask packed 1 bit per element.
     - ``"mask"``: the bool mask, 1 byte per element (as flax, equinox and haiku keep it).
+    - None (default): ``"key"`` for threefry keys (jdrop's fused draw regenerates the mask inside the
+      backward pass's multiply), ``"bits"`` for keys whose bits only ``jax.random.bits`` draws (rbg,
+      unsafe_rbg, philox, user-defined: redrawing them is a second full RNG call).
+
+    Autodiff: reverse mode (``grad``, ``vjp``, ``jacrev``) and forward mode (``jvp``, ``jacfwd``,
+    ``linearize``) and their compositions (``hessian``), all with the forward pass's mask.
 
     ``rate`` may be a traced scalar (schedules, sweeps): one compilation serves all rates. A
     static rate outside [0, 1] raises ``ValueError``; a traced one outside [0, 1] makes the
@@ -407,14 +450,15 @@ def dropout(
     and zero gradients; ``rate = 0`` returns ``x`` unchanged. No gradient flows to ``rate``.
 
     Args:
-      key: a PRNG key (``jax.random.key``; a legacy ``PRNGKey`` is accepted). May be None when
-        ``deterministic``.
+      key: a PRNG key of any implementation: typed (``jax.random.key(seed, impl=...)``, user-defined
+        ones too) or raw from ``jax.random.PRNGKey`` under any ``jax_default_prng_impl``. It comes first,
+        as in ``jax.random``. May be None when ``deterministic``.
       x: floating array (float16, bfloat16, float32, float64); the output has its dtype.
       rate: drop probability in [0, 1].
       deterministic: evaluation mode (no randomness).
       broadcast_dims: dims along which one mask value is shared (e.g. the time axis).
       scale: ``"inverted"`` or ``"classic"``.
-      residual: ``"key"``, ``"bits"`` or ``"mask"``.
+      residual: ``"key"``, ``"bits"``, ``"mask"`` or None (the default for the key's implementation).
 
     Returns:
       The dropped-out array, same shape and dtype as ``x``.

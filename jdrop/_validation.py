@@ -9,6 +9,7 @@ NaN outputs and gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -26,8 +27,11 @@ __all__ = [
     "SCALES",
     "JdropDeprecationWarning",
     "MissingKeyError",
+    "StaticRate",
     "canonical_axis",
+    "KEY_FIRST",
     "canonical_key",
+    "default_key_shape",
     "check_alias",
     "check_callable",
     "check_channel_and_batch_axes",
@@ -43,7 +47,7 @@ __all__ = [
     "check_residual",
     "check_scale",
     "check_single_key",
-    "check_threefry_key",
+    "check_exact_draw",
     "int_at_least",
     "keep_probability",
     "nan_unless",
@@ -89,12 +93,28 @@ def _is_tracer(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+class StaticRate(float):
+    """A static real scalar given as an array or numpy scalar: a Python float that remembers its ``dtype``.
+
+    ``jax.random.bernoulli(key, 1 - rate)`` draws uniforms in the dtype of ``1 - rate``: JAX's default float
+    for a Python number (float64 under ``jax_enable_x64``), the array's own dtype otherwise, so
+    :func:`keep_probability` needs it; everything else sees a float.
+    """
+
+    dtype: np.dtype
+
+    def __new__(cls, value: Any, dtype: Any) -> StaticRate:
+        rate = super().__new__(cls, float(value))
+        rate.dtype = np.dtype(dtype)
+        return rate
+
+
 def _real_scalar(value: Any, *, name: str, expected: str) -> float | jax.Array:
     """``value`` as a Python float (static) or a float32 scalar array (traced); ``TypeError`` otherwise."""
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
     if isinstance(value, numbers.Real):
-        return float(value)
+        return StaticRate(value, value.dtype) if hasattr(value, "dtype") else float(value)
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         dtype = np.dtype(value.dtype) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else None
         real = dtype is not None and dtype != np.bool_
@@ -102,7 +122,9 @@ def _real_scalar(value: Any, *, name: str, expected: str) -> float | jax.Array:
             raise TypeError(f"`{name}` must be a real scalar, got an array of dtype {value.dtype}.")
         if tuple(value.shape) != ():
             raise ValueError(f"`{name}` must be a scalar, got shape {tuple(value.shape)}.")
-        return jnp.asarray(value, jnp.float32) if _is_tracer(value) else float(value)
+        if _is_tracer(value):  # float64 stays float64 (under jax_enable_x64), as jax.random sees it
+            return jnp.asarray(value, jnp.float64 if dtype == np.float64 else jnp.float32)
+        return StaticRate(value, dtype)
     raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
 
 
@@ -188,22 +210,28 @@ def poison_invalid(x: jax.Array, valid: jax.Array | bool) -> jax.Array:
 
 
 def keep_probability(rate: Any) -> jax.Array:
-    """``1 - rate`` as a float32 scalar after checking ``rate`` (see :func:`check_rate`).
+    """``1 - rate`` as a float scalar after checking ``rate`` (see :func:`check_rate`), as bernoulli sees it.
 
-    A static rate is subtracted in float64 and rounded once, as ``jax.random.bernoulli(key,
-    1 - rate)`` would see it; a traced one is clipped into [0, 1] for the threshold only (callers
-    that scale also poison the output with NaN when it was out of range).
+    The dtype is the one ``jax.random.bernoulli(key, 1 - rate)`` draws its uniforms in, so that the keep
+    test is its test: a static rate (a Python number, as flax and equinox pass it) is subtracted in
+    float64 and rounded once to JAX's default float: float32, or float64 under ``jax_enable_x64`` (then
+    the uniforms have 52 bits, drawn from 64-bit words); a static array or numpy scalar by its dtype (float64
+    only under x64, float32 otherwise: :class:`StaticRate`). A traced rate keeps its dtype (float32, or
+    float64 under x64; other dtypes become float32) and is clipped into [0, 1] for the threshold only
+    (callers that scale also poison the output with NaN when it was out of range).
     """
     rate = check_rate(rate)
     if isinstance(rate, float):
-        return jnp.asarray(np.float32(1.0 - rate))
+        wide = np.float64 if getattr(rate, "dtype", np.float64) == np.float64 else np.float32
+        return jnp.asarray(np.asarray(1.0 - rate, jax.dtypes.canonicalize_dtype(wide)))
     return jnp.clip(1.0 - jax.lax.stop_gradient(rate), 0.0, 1.0)
 
 
 def check_float_input(x: Any, *, name: str = "x") -> jax.Array:
     """Returns ``x`` as a floating array, or raises ``TypeError`` naming ``name``.
 
-    Integer, bool and complex arrays are rejected: dropout's scaling has no exact meaning for them.
+    Integer, bool and complex arrays are rejected: dropout's scaling has no exact meaning for them. A PRNG key
+    (typed, or shaped like a raw key) is named as such: every random op of jdrop takes the key first.
     """
     if not (isinstance(x, (jax.Array, np.ndarray, np.generic)) or _is_tracer(x)) and not (
         hasattr(x, "__jax_array__")
@@ -212,11 +240,14 @@ def check_float_input(x: Any, *, name: str = "x") -> jax.Array:
             f"`{name}` must be a floating-point array (float16, bfloat16, float32 or float64), "
             f"got {type(x).__name__}. Wrap Python data with jnp.asarray(..., jnp.float32)."
         )
+    if _is_typed_key(x):
+        raise TypeError(f"`{name}` must be a floating-point array, got a PRNG key ({x.dtype}): {KEY_FIRST}.")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
+        hint = f" If it is a raw key from jax.random.PRNGKey, {KEY_FIRST}." if _is_raw_key(x) else ""
         raise TypeError(
             f"`{name}` must be a floating-point array (float16, bfloat16, float32 or float64), "
-            f"got dtype {x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."
+            f"got dtype {x.dtype}. Cast it first, e.g. x.astype(jnp.float32).{hint}"
         )
     return x
 
@@ -240,9 +271,9 @@ def check_scale(scale: Any) -> Scale:
     return cast(Scale, check_choice(scale, SCALES, name="scale"))
 
 
-def check_residual(residual: Any) -> str:
-    """``residual`` if it is ``"key"``, ``"bits"`` or ``"mask"``, else ``ValueError``."""
-    return check_choice(residual, RESIDUALS, name="residual")
+def check_residual(residual: Any) -> str | None:
+    """``residual`` if it is ``"key"``, ``"bits"``, ``"mask"`` or None (the default per key), else ``ValueError``."""
+    return None if residual is None else check_choice(residual, RESIDUALS, name="residual")
 
 
 def check_alias(name: str, value: Any, default: Any, *, alias: str, alias_value: Any) -> None:
@@ -362,25 +393,64 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
-    """Returns ``key`` as a typed PRNG key array, accepting legacy raw ``uint32`` keys.
+def default_key_shape() -> tuple[int, ...]:
+    """The data shape of one key of the default PRNG implementation (``jax_default_prng_impl``), read now.
 
-    Accepted: a typed key (``jax.random.key(seed)``, any implementation) or a raw ``uint32`` key
-    of the default implementation (``jax.random.PRNGKey(seed)``, trailing dimension 2).
+    ``(2,)`` for threefry2x32 (and philox4x32), ``(4,)`` for rbg, unsafe_rbg and threefry4x32, ``(1,)``
+    for philox2x32: the trailing shape of a raw ``uint32`` key from ``jax.random.PRNGKey(seed)``.
+    """
+    return _key_shape_of(str(jax.config.jax_default_prng_impl))  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _key_shape_of(impl: str) -> tuple[int, ...]:
+    del impl  # the cache key: the shape is read under the current default
+    return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+
+
+def _is_raw_key(value: Any) -> bool:
+    """A ``uint32`` array whose trailing dims are the default implementation's key shape."""
+    shape = default_key_shape()
+    dtype = getattr(value, "dtype", None)
+    return (dtype == np.uint32 and len(value.shape) >= len(shape)
+            and tuple(value.shape[len(value.shape) - len(shape):]) == shape)
+
+
+def _is_typed_key(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+KEY_FIRST = ("the key comes first: jdrop's random functions take (key, x, ...) in that order, as jax.random "
+             "does, e.g. jdrop.dropout(key, x, rate); check the order of the arguments")
+"""The one wording of the swapped-arguments error (a key passed as the data, or data as the key)."""
+
+
+def canonical_key(key: Any, *, name: str = "key") -> jax.Array:
+    """Returns ``key`` as a typed PRNG key array, accepting raw ``uint32`` keys of the default implementation.
+
+    Accepted: a typed key of any implementation (``jax.random.key(seed, impl=...)``, one from
+    ``jax.extend.random.define_prng_impl``), or a raw ``uint32`` key from ``jax.random.PRNGKey(seed)``:
+    an array whose trailing dims are the key shape of the default implementation (``jax_default_prng_impl``:
+    ``(2,)`` for threefry2x32, ``(4,)`` for rbg and unsafe_rbg; see :func:`default_key_shape`), wrapped
+    with that implementation, as ``jax.random`` does.
 
     Raises:
-      TypeError: for anything else (an int seed, a float array, a string), naming ``name``.
+      TypeError: for anything else (an int seed, a float array, a string, a raw key of another shape),
+        naming ``name``; a floating array (data where the key goes) also says that the key comes first.
     """
+    if _is_typed_key(key):
+        return key  # type: ignore[no-any-return]
     if isinstance(key, (jax.Array, np.ndarray)) or hasattr(key, "dtype"):
-        dtype = key.dtype
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            return key  # type: ignore[no-any-return]
-        if dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+        if _is_raw_key(key):
             return jax.random.wrap_key_data(key)
+        if jnp.issubdtype(key.dtype, jnp.floating):
+            raise TypeError(f"`{name}` must be a PRNG key, got {_describe(key)}: {KEY_FIRST}.")
+    impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]
     raise TypeError(
-        f"`{name}` must be a PRNG key: jax.random.key(seed) (or a legacy uint32 key from "
-        f"jax.random.PRNGKey(seed)); got {_describe(key)}. To make one from an int seed, "
-        f"call jax.random.key(seed)."
+        f"`{name}` must be a PRNG key: jax.random.key(seed) (or a raw uint32 key from jax.random.PRNGKey(seed), "
+        f"whose trailing shape is {default_key_shape()} under jax_default_prng_impl={impl!r}); got "
+        f"{_describe(key)}. To make one from an int seed, call jax.random.key(seed)."
     )
 
 
@@ -411,13 +481,37 @@ def require_key(key: Any, *, what: str, name: str = "key", eval_hint: str = "det
     return check_single_key(key, name=name)
 
 
-def check_threefry_key(key: jax.Array, *, name: str = "key") -> jax.Array:
-    """``key`` if it is a threefry key (the default), else ``ValueError``: tiles draw counter-based bits."""
-    impl = str(jax.random.key_impl(key))
-    if impl != "threefry2x32":
+def check_exact_draw(draw: str, mask_shape: tuple[int, ...], *, implementation: str, impl: str) -> None:
+    """How attention draws flax's mask (``draw``, see ``jdrop.attention._dropout_mask``), checked for its costs.
+
+    A ``"drawn"`` mask (a key whose bits only ``jax.random`` draws: rbg, unsafe_rbg, philox, a user's
+    implementation, or threefry past the fused layouts) is flax's mask drawn whole, 1 byte per attention
+    weight: it warns (``UserWarning``) that memory is then O(T^2), as flax's is, and says how to get O(T).
+
+    Raises:
+      ValueError: for ``implementation="pallas"`` with any draw but the default ``"exact"`` (the kernels draw
+        partitionable threefry with 32-bit words only), or a drawn mask of ``2**32`` elements or more.
+    """
+    if implementation == "pallas" and draw != "exact":
         raise ValueError(
-            f"`{name}` must be a threefry key (jax.random.key(seed), the default), got a {impl} key: the "
-            "dropout mask is drawn tile by tile from counter-based bits, which only threefry has. For other "
-            "generators use jdrop.attention_dropout on probabilities you compute yourself."
+            f"implementation='pallas' draws flax's dropout mask for threefry keys with jax_threefry_partitionable="
+            f"True and jax_enable_x64=False only; this call needs the {draw!r} draw (a {impl} key under the current "
+            "configs): use implementation='xla', which draws it exactly."
         )
-    return key
+    if draw != "drawn":
+        return
+    size = math.prod(mask_shape)
+    if size >= 2**32:
+        raise ValueError(
+            f"the dropout mask of a {impl} key is drawn whole, and {mask_shape} has 2**32 elements or more; use a "
+            "threefry key (jax.random.key(seed, impl='threefry2x32')), drawn tile by tile in O(T) memory."
+        )
+    warnings.warn(
+        f"jdrop.dot_product_attention: a {impl} key's dropout mask cannot be drawn tile by tile (its bits come "
+        f"from jax.random for the whole array at once), so flax's mask {mask_shape} is drawn whole ({size} bytes, "
+        "O(T^2) memory, as flax's own). For O(T) memory pass a threefry key as dropout_rng "
+        "(jax.random.key(seed, impl='threefry2x32'), or fold your key into one).",
+        UserWarning,
+        stacklevel=4,
+    )
+

@@ -173,7 +173,7 @@ def _check_input(params: MLPParams, x: ArrayLike) -> jax.Array:
 # ------------------------------------------------------------------------------------ the maths
 
 
-def _layer_keys(key_data: jax.Array, impl: str, num_layers: int) -> jax.Array:
+def _layer_keys(key_data: jax.Array, impl: Any, num_layers: int) -> jax.Array:
     """``fold_in(example key, l)`` for every layer ``l`` and example: key data ``(L, B, *key)``.
 
     One :func:`jdrop.masks.fold_in` derives all of them (a tiny, separate computation).
@@ -185,7 +185,7 @@ def _layer_keys(key_data: jax.Array, impl: str, num_layers: int) -> jax.Array:
 
 @partial(jax.jit, static_argnums=(3, 4, 5))
 def _drop_examples(
-    key_data: jax.Array, h: jax.Array, rate: jax.Array, scale: str, impl: str, residual: str
+    key_data: jax.Array, h: jax.Array, rate: jax.Array, scale: str, impl: Any, residual: str
 ) -> tuple[jax.Array, DropoutResidual]:
     """``dropout_fwd`` of one example ``(d,)`` with its key, or of every row of a batch with its own key.
 
@@ -339,8 +339,10 @@ def _train_arguments(params, x, key, rates, scale):
     """The custom_vjp's arguments: the static options, and the key data of every example."""
     example_keys = _example_keys(key, x)
     active = tuple(not (isinstance(r, float) and r == 0.0) for r in rates)
-    static = (active, scale, str(jax.random.key_impl(example_keys)))
-    rates_array = tuple(jnp.asarray(r, jnp.float32) for r in rates)
+    static = (active, scale, jax.random.key_impl(example_keys))
+    # A static rate enters as JAX's default float (float64 under x64), as bernoulli(key, 1 - rate) takes it.
+    rates_array = tuple(jnp.asarray(r, jax.dtypes.canonicalize_dtype(np.float64) if isinstance(r, float)
+                                    else jnp.float32) for r in rates)
     return static, params, x, jax.random.key_data(example_keys), rates_array
 
 

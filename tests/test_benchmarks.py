@@ -152,3 +152,14 @@ def test_mask_training_runs_and_pairs_by_seed(tmp_path):
     assert [(r["mode"], r["seed"]) for r in report["runs"]] == [("exact", 0), ("hash8", 0), ("exact", 1), ("hash8", 1)]
     summary = {row["mode"]: row for row in report["summary"]}
     assert summary["exact"]["mean_diff_vs_exact"] == 0.0 and summary["hash8"]["seeds"] == 2
+
+
+def test_key_impls_suite_times_every_policy_against_bernoulli_for_every_implementation():
+    from benchmarks import key_impls
+
+    result = key_impls.measure(rounds=1, shape=(16, 16))
+    names = {(row["impl"], row["candidate"]) for row in result["rows"]}
+    assert names == {(impl, name) for impl in key_impls.IMPLS
+                     for name in ("bernoulli", "jdrop[default]", "jdrop[key]", "jdrop[bits]", "jdrop[mask]")}
+    assert all(row["ratio_to_bernoulli"] > 0 for row in result["rows"])
+    assert "| rbg" in key_impls.table(result)

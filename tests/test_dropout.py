@@ -249,14 +249,22 @@ def test_gradient_finite_differences_float64(key, x64):
         np.testing.assert_allclose(numerical, jnp.sum(grad * direction), rtol=1e-9)
 
 
-def test_float64_same_mask_as_float32(key, x64):
+def test_x64_mask_is_bernoullis_for_how_the_rate_enters(key, x64):
+    # Under x64 a Python-float rate enters as float64, as flax and equinox pass it to bernoulli, which then
+    # draws float64 uniforms (52 bits of a 64-bit word); a float32 array rate keeps float32 uniforms.
     x = signed_input(SHAPE, dtype=jnp.float64)
     y = jax.jit(lambda x: jdrop.dropout(key, x, 0.3))(x)
     assert y.dtype == jnp.float64
+    mask64 = jax.random.bernoulli(key, 1 - 0.3, SHAPE)
+    np.testing.assert_array_equal(y != 0, mask64)
+    keep64 = np.ceil(0.7 * 2.0**52) / 2.0**52
+    np.testing.assert_allclose(y, np.asarray(x) / keep64 * np.asarray(mask64), rtol=1e-15)
+    y32 = jdrop.dropout(key, x, jnp.float32(0.3))
+    np.testing.assert_array_equal(y32 != 0, jax.random.bernoulli(key, 1 - jnp.float32(0.3), SHAPE))
     with jax.enable_x64(False):
         mask32 = jdrop.keep_mask(key, SHAPE, 0.3)
-    np.testing.assert_array_equal(y != 0, mask32)
-    np.testing.assert_allclose(y, np.asarray(x) / np.float64(realised_keep(0.3)) * np.asarray(mask32), rtol=1e-15)
+    np.testing.assert_array_equal(y32 != 0, mask32)
+    assert (mask64 != mask32).any()  # the two draws differ: the rate's dtype decides
 
 
 def test_x64_does_not_leak():

@@ -20,8 +20,8 @@ from jdrop._shard_map import explicit_axes, on_auto_axes, spec_of
 from jdrop._validation import (
     check_choice,
     check_deterministic,
+    check_exact_draw,
     check_rate,
-    check_threefry_key,
     positive_int,
     require_key,
 )
@@ -75,15 +75,23 @@ def _checked_bias_and_mask(layout: Layout, bias: Any, mask: Any) -> tuple[jax.Ar
     return bias, None if mask is None else mask.astype(bool)
 
 
-def _dropout(mask_shape: tuple[int, ...], dropout_rng: Any, rate: float | jax.Array, dtype: Any,
-             dropout_mask: str) -> Drop:
-    """The kernel's dropout operands for a training pass, after checking the key and the (global) mask's size."""
+def _dropout(mode: DropoutMode, mask_shape: tuple[int, ...], dropout_rng: Any, rate: float | jax.Array, dtype: Any,
+             dropout_mask: str, implementation: str) -> tuple[Drop | None, str]:
+    """The kernel's dropout operands (None without dropout) and how tiles draw the mask (see ``_dropout_mask``).
+
+    Flax's mask for any key: a threefry key is drawn tile by tile in the counter layout and word width of the
+    current configs; any other key's mask is drawn whole up front (1 byte per element), with a warning.
+    """
+    if mode == DropoutMode.NONE:
+        return None, dropout_mask
     rng = require_key(dropout_rng, what="jdrop.dot_product_attention", name="dropout_rng")
-    check_threefry_key(rng, name="dropout_rng")
     check_mask_rows(math.prod(mask_shape[:-1]))
     if dropout_mask != "exact":
-        return _dropout_mask.operands(rng, rate, dtype, dropout_mask)
-    return dropout_operands(rng, rate, dtype)
+        return _dropout_mask.operands(rng, rate, dtype, dropout_mask), dropout_mask
+    key_data, threshold, factor = dropout_operands(rng, rate, dtype)
+    draw, operand = _dropout_mask.exact_draw(rng, threshold, mask_shape)
+    check_exact_draw(draw, mask_shape, implementation=implementation, impl=str(jax.random.key_impl(rng)))
+    return (operand, threshold, factor), draw
 
 
 def _config(layout: Layout, mode: DropoutMode, bias: jax.Array | None, masked: bool, causal: bool,
@@ -147,8 +155,11 @@ def dot_product_attention(
     ``flax.linen.dot_product_attention`` draws for the same ``dropout_rng``: ``shape`` is
     ``(batch..., heads, Tq, Tk)``, or ``(1, ..., 1, Tq, Tk)`` (one mask for every batch row and head)
     with ``broadcast_dropout=True``. ``keep`` is the realised keep probability
-    ``ceil((1 - rate) * 2**23) / 2**23`` (within ``2**-23`` of flax's ``1 - rate``), so the output
-    is unbiased exactly. Same arguments as flax's function: it is a drop-in ``attention_fn`` for
+    ``ceil((1 - rate) * 2**23) / 2**23`` (within ``2**-23`` of flax's ``1 - rate``; under ``jax_enable_x64``
+    flax's Python-float keep probability makes bernoulli draw float64 uniforms, and so does this function:
+    ``2**52``), so the output is unbiased exactly. Reverse-mode autodiff and ``jax.hessian``
+    (forward-over-reverse) are supported; ``jax.jvp``/``jacfwd``/``linearize`` are not (a custom_vjp).
+    Same arguments as flax's function: it is a drop-in ``attention_fn`` for
     ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``, and gives
     their outputs for the same rngs, to float rounding.
 
@@ -256,9 +267,11 @@ def dot_product_attention(
       mask: bool, broadcastable to ``(batch..., heads, Tq, Tk)``; False entries are masked out. A row
         masked entirely gets a uniform softmax over its keys, as in flax.
       broadcast_dropout: one dropout mask for all batch rows and heads (flax's default).
-      dropout_rng: a threefry PRNG key (``jax.random.key`` or ``PRNGKey``; other implementations
-        have no counter-based bits and raise ``ValueError``). Needed in training when the rate is
-        not statically 0.
+      dropout_rng: a PRNG key of any implementation (typed, or raw from ``PRNGKey``). Threefry keys
+        draw the mask tile by tile (O(T) memory) under every ``jax_threefry_partitionable`` and
+        ``jax_enable_x64``; other implementations (rbg, unsafe_rbg, philox, user-defined) have no
+        counter-based bits: flax's mask is drawn whole (O(T^2) bytes, as flax's) with a warning.
+        Needed in training when the rate is not statically 0.
       dropout_rate: drop probability in [0, 1], a Python float or a traced scalar (one compilation
         serves all rates; a traced rate outside [0, 1] makes the output NaN). 1 gives zeros.
       deterministic: evaluation mode (no dropout; the rng is ignored). A Python bool.
@@ -306,7 +319,7 @@ def dot_product_attention(
       ``(batch..., Tq, heads, Dv)`` in ``dtype``.
 
     Raises:
-      ValueError: for a bad ``dropout_rate``, a missing, non-single or non-threefry ``dropout_rng`` in
+      ValueError: for a bad ``dropout_rate``, a missing or non-single ``dropout_rng`` in
         training, mismatched shapes, custom einsums, block sizes below 1, an unknown
         ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take; with
         ``axis_name``: an unbound axis, a mask or bias that varies along both queries and keys,
@@ -350,15 +363,15 @@ def dot_product_attention(
     pallas = _pallas_backend(implementation, interpret)
     mask_shape = _mask_shape(layout, ring, mode == DropoutMode.PER_ELEMENT)
     real = jnp.finfo(query.dtype).dtype  # complex inputs: the mask's factors are real
-    drop = None if mode == DropoutMode.NONE else _dropout(mask_shape, dropout_rng, rate, real, dropout_mask)
+    drop, draw = _dropout(mode, mask_shape, dropout_rng, rate, real, dropout_mask, implementation)
     if module is not None:
         sow_attention_weights(module, query, key, bias, mask, bool(is_causal), precision=precision,
                               force_fp32_for_softmax=bool(force_fp32_for_softmax))
     if query.size == 0 or key.shape[-3] == 0 or value.shape[-1] == 0 or jnp.iscomplexobj(query):
         return _whole_matrix(query, key, value, bias, mask, bool(is_causal), precision, drop, mask_shape,
                              dropout_rng, rate)
-    run = partial(_attend, layout, mode, mask_shape, ring, pallas, bool(is_causal), precision, dropout_mask,
-                  block_q, block_k)
+    run = partial(_attend, layout, mode, mask_shape, ring, pallas, bool(is_causal), precision, draw, block_q,
+                  block_k)
     args = (query, key, value, bias, mask, drop)
     axes = explicit_axes(args)
     if axes:  # under jax.set_mesh with explicit axes: the kernels run on Auto axes, the output sharded as flax's
@@ -405,20 +418,25 @@ def _output_spec(query: jax.Array, value: jax.Array) -> P:
 
 
 def _attend(layout: Layout, mode: DropoutMode, mask_shape: tuple[int, int, int, int], ring: Ring | None,
-            pallas: tuple[Any, str, bool] | None, causal: bool, precision: Any, dropout_mask: str,
+            pallas: tuple[Any, str, bool] | None, causal: bool, precision: Any, draw: str,
             block_q: int | None, block_k: int | None, query: jax.Array, key: jax.Array, value: jax.Array,
             bias: jax.Array | None, mask: jax.Array | None, drop: Drop | None) -> jax.Array:
-    """The checked inputs through the ring, the Pallas kernels or the xla kernel: ``(batch..., Tq, Hq, Dv)``."""
+    """The checked inputs through the ring, the Pallas kernels or the xla kernel: ``(batch..., Tq, Hq, Dv)``.
+
+    ``draw`` is how the tiles draw the mask (a ``dropout_mask`` mode, or the layout of flax's exact mask for the
+    current key and configs: see ``_dropout_mask``); the kernels take the ``"exact"`` draw and the fast modes only.
+    """
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # scaled once, as flax does
     if ring is not None:
-        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, causal, precision)
+        return _ring_attention(ring, layout, mode, mask_shape, query, key, value, bias, mask, drop, causal, precision,
+                               draw)
     if pallas is not None:
         kernels, backend, interpret = pallas
-        return kernels.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=dropout_mask,
+        return kernels.attention(layout, query, key, value, bias, mask, drop, dropout=mode, dropout_mask=draw,
                                  precision=precision, is_causal=causal, block_q=block_q, block_k=block_k,
                                  backend=backend, interpret=interpret)
     bias, mask = (None if x is None else layout.internal(x) for x in (bias, mask))
-    cfg = _config(layout, mode, bias, mask is not None, causal, precision, dropout_mask)
+    cfg = _config(layout, mode, bias, mask is not None, causal, precision, draw)
     ops = Operands(layout.query_tiles(query), layout.key_tiles(key), layout.key_tiles(value), bias, mask, drop)
     return layout.from_query_tiles(attention(cfg, ops))
 
@@ -474,7 +492,8 @@ def _mask_shape(layout: Layout, ring: Ring | None, per_element: bool) -> tuple[i
 
 def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: tuple[int, int, int, int],
                     query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
-                    mask: jax.Array | None, drop: Drop | None, causal: bool, precision: Any) -> jax.Array:
+                    mask: jax.Array | None, drop: Drop | None, causal: bool, precision: Any,
+                    draw: str = "exact") -> jax.Array:
     """The checked, scaled local shards through the ring (:mod:`jdrop.attention._ring`), back in their layout."""
     if drop is not None:
         check_shared_key(drop[0], query, sequence_axis=ring.axis_name,
@@ -483,7 +502,7 @@ def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: t
     chunk = ring.chunk_layout(layout)
     ops = ring.operands(chunk, query, key, value, bias, mask, drop)
     cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, causal, precision,
-                  "exact")
+                  draw)
     return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))
 
 

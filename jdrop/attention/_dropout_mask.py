@@ -43,11 +43,19 @@ from jdrop._dropout import _keep_and_factor
 from jdrop._validation import check_rate, keep_probability, rate_is_valid
 from jdrop.attention import _hash_mask
 
-__all__ = ["MODES", "SUBLANES", "THREEFRY_OPS", "bits", "first_rows", "group_rows", "group_size", "integer_ops",
-           "operands", "tile_keep", "tile_keep_at"]
+__all__ = ["EXACT_DRAWS", "MODES", "SUBLANES", "THREEFRY_OPS", "bits", "exact_draw", "first_rows", "group_rows",
+           "group_size", "integer_ops", "operands", "tile_keep", "tile_keep_at"]
 
 MODES = ("exact", "fast16", "fast8", "hash8")
 """The values of ``dropout_mask``."""
+EXACT_DRAWS = ("exact", "exact64", "original", "original64", "drawn")
+"""How a tile draws flax's mask (``"exact"``'s draw for the key and configs at hand, :func:`exact_draw`):
+``"exact"``: partitionable threefry, 32-bit words (JAX's defaults); ``"exact64"``: the same with 64-bit words
+(``jax_enable_x64``: flax's Python-float keep probability makes bernoulli draw float64 uniforms);
+``"original"`` / ``"original64"``: threefry with ``jax_threefry_partitionable=False``, whose counters depend on
+the mask's size (carried as a third key word); ``"drawn"``: every other key (rbg, unsafe_rbg, philox, a user's
+implementation, or a threefry mask past the fused layouts): the whole mask drawn by ``jax.random`` up front,
+1 byte per element, and each tile reads its part."""
 SUBLANES = 8
 """Rows between the members of a fast group: one (8, 128) vector tile of 32-bit values (TPU), so in-kernel
 reshapes only move whole tiles."""
@@ -74,20 +82,41 @@ def integer_ops(mode: str, elements: int, block_k: int = 128) -> int:
 
 
 def bits(mode: str) -> int:
-    """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s), 16 or 8."""
-    return {"exact": masks.THRESHOLD_BITS, "fast16": 16, "fast8": 8, "hash8": 8}[mode]
+    """Bits of the uniform each keep test compares: 23 (exact: ``jax.random.bernoulli``'s; 52 in x64), 16 or 8."""
+    if mode in EXACT_DRAWS:
+        return masks.WIDE_THRESHOLD_BITS if mode.endswith("64") else masks.THRESHOLD_BITS
+    return {"fast16": 16, "fast8": 8, "hash8": 8}[mode]
 
 
 def group_size(mode: str) -> int:
     """Rows per counter: 1 (exact), the 64 bits of one call's two words in ``bits``-bit uniforms (fast), 4 (hash8)."""
     if mode == "hash8":
         return _hash_mask.MEMBERS
-    return 1 if mode == "exact" else 64 // bits(mode)
+    return 1 if mode in EXACT_DRAWS else 64 // bits(mode)
 
 
 def group_rows(mode: str) -> int:
     """Rows a block of groups spans, ``group_size * SUBLANES`` (1 for exact): tiles are multiples of it."""
-    return 1 if mode == "exact" else group_size(mode) * SUBLANES
+    return 1 if mode in EXACT_DRAWS else group_size(mode) * SUBLANES
+
+
+def exact_draw(key: jax.Array, threshold: jax.Array, shape: tuple[int, ...]) -> tuple[str, jax.Array]:
+    """``(draw, key operand)`` of flax's mask ``bernoulli(key, keep, shape)`` under the key's implementation and
+    the current configs (see :data:`EXACT_DRAWS`).
+
+    The operand is the threefry key's data (``uint32[2]``, or ``uint32[3]`` with the mask's size for the
+    original layout), or, for a ``"drawn"`` mask, the flat bool mask itself: ``keep_from_bits(random_bits)``,
+    exactly :func:`jdrop.keep_mask`'s, materialised (O(size) memory).
+    """
+    dtype = masks.bits_dtype(threshold)
+    layout = masks.threefry_layout(key, shape, dtype)
+    wide = "64" if layout is not None and layout.wide else ""
+    if layout is None:
+        return "drawn", masks.keep_from_bits(masks.random_bits(key, shape, dtype=dtype), threshold).reshape(-1)
+    data = jax.random.key_data(key)
+    if layout.partitionable:
+        return "exact" + wide, data
+    return "original" + wide, jnp.concatenate([data, jnp.asarray([layout.size], jnp.uint32)])
 
 
 def operands(key: jax.Array, rate: float | jax.Array, dtype: Any, mode: str) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -105,7 +134,15 @@ def operands(key: jax.Array, rate: float | jax.Array, dtype: Any, mode: str) -> 
                                  dtype=jnp.promote_types(dtype, jnp.float32))
     if mode == "hash8":  # the same realised keep and factor as fast8; the test's bound is hash8's own
         threshold = _hash_mask.threshold(keep)
-    return jax.random.key_data(key), threshold, factor
+    return _threefry_words(key), threshold, factor
+
+
+def _threefry_words(key: jax.Array) -> jax.Array:
+    """A threefry key's data, or for another implementation two words it draws (``jax.random.bits``): the fast
+    masks' counters are threefry's, keyed by the call's key either way."""
+    if str(jax.random.key_impl(key)) == "threefry2x32":
+        return jax.random.key_data(key)
+    return jax.random.bits(key, (2,), jnp.uint32)
 
 
 def first_rows(n_rows: int, mode: str) -> jax.Array:
@@ -113,7 +150,7 @@ def first_rows(n_rows: int, mode: str) -> jax.Array:
 
     Exact: every row. Fast: the first row of each group, block-major (block ``g``'s rows ``R g + [0, 8)``).
     """
-    if mode == "exact":
+    if mode in EXACT_DRAWS:
         return lax.broadcasted_iota(jnp.int32, (n_rows, 1), 0)
     index = lax.broadcasted_iota(jnp.int32, (n_rows // group_size(mode), 1), 0)
     return (index >> 3) * group_rows(mode) + (index & (SUBLANES - 1))
@@ -126,8 +163,8 @@ def tile_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Arr
     ``(..., n_rows, n_cols)`` array: exact, ``keep_from_bits(bits_at(...))``; fast, each counter's two words split
     into its group's uniforms (see the module docstring).
     """
-    if mode == "exact":
-        return masks.keep_from_bits(masks.bits_at(key_data, high, low), threshold)
+    if mode in EXACT_DRAWS:
+        return _exact_keep(key_data, high, low, threshold, mode)
     n, width = group_size(mode), bits(mode)
     t0, t1 = jnp.broadcast_arrays(*masks.threefry2x32(key_data[0], key_data[1], high, low))
     *lead, rows, cols = t0.shape
@@ -152,3 +189,13 @@ def tile_keep_at(key_data: Any, rows: jax.Array, cols: jax.Array, n_cols: int, n
         return _hash_mask.tile_keep(key_data, rows, cols, threshold)
     high, low = masks.index_words(rows, cols, n_cols, n_rows=n_rows)
     return tile_keep(key_data, high, low, threshold, mode)
+
+
+def _exact_keep(key_data: Any, high: jax.Array, low: jax.Array, threshold: jax.Array, mode: str) -> jax.Array:
+    """Flax's keep decisions at flat indices ``(high, low)``, drawn as :func:`exact_draw`'s ``mode`` says."""
+    if mode == "drawn":  # the whole mask, at most 2**32 elements: ``high`` is 0
+        return jnp.take(key_data, jnp.broadcast_to(low, jnp.broadcast_shapes(jnp.shape(high), low.shape)))
+    wide = mode.endswith("64")
+    original = mode.startswith("original")
+    layout = masks.Layout(not original, key_data[2] if original else 0, wide)
+    return masks.keep_from_bits(masks.bits_at(key_data, high, low, layout), threshold)

@@ -71,7 +71,7 @@ class Dropout(eqx.Module):
     inference: bool
     # Static: they choose the computation, and are strings (not arrays) in any case.
     scale: Scale = eqx.field(static=True)
-    residual: Residual = eqx.field(static=True)
+    residual: Residual | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -80,7 +80,7 @@ class Dropout(eqx.Module):
         *,
         deterministic: bool | None = None,
         scale: Scale = "inverted",
-        residual: Residual = "key",
+        residual: Residual | None = None,
     ):
         """**Arguments:**
 
@@ -89,7 +89,8 @@ class Dropout(eqx.Module):
             applied. May be toggled with `equinox.nn.inference_mode` or overridden at call time.
         - `deterministic`: Deprecated alternative to `inference` (as in equinox).
         - `scale`: `"inverted"` (default, equinox's) or `"classic"`.
-        - `residual`: `"key"` (default), `"bits"` or `"mask"`: what the backward pass keeps.
+        - `residual`: `"key"`, `"bits"` or `"mask"`: what the backward pass keeps (None: the default
+          per key implementation, see `jdrop.dropout`).
         """
         if deterministic is not None:
             inference = deterministic

@@ -70,7 +70,8 @@ class Dropout(nn.Dropout):
         requires).
       rng_collection: the rng collection name to use when requesting an rng key.
       scale: ``"inverted"`` (default, flax's) or ``"classic"``.
-      residual: ``"key"`` (default), ``"bits"`` or ``"mask"``: what the backward pass keeps.
+      residual: ``"key"``, ``"bits"`` or ``"mask"``: what the backward pass keeps (None: the
+        default per key implementation, see :func:`jdrop.dropout`).
 
     Example::
 
@@ -88,7 +89,7 @@ class Dropout(nn.Dropout):
     """
 
     scale: Scale = "inverted"
-    residual: Residual = "key"
+    residual: Residual | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self.scale, self.residual)

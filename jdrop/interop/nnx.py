@@ -81,7 +81,8 @@ class Dropout(nnx.Dropout):
       rng_collection: the rng collection name to use when requesting an rng key.
       rngs: an ``nnx.Rngs`` (its ``rng_collection`` stream is forked) or an ``nnx.RngStream``.
       scale: ``"inverted"`` (default, flax's) or ``"classic"``.
-      residual: ``"key"`` (default), ``"bits"`` or ``"mask"``: what the backward pass keeps.
+      residual: ``"key"``, ``"bits"`` or ``"mask"``: what the backward pass keeps (None: the
+        default per key implementation, see :func:`jdrop.dropout`).
 
     Example::
 
@@ -109,7 +110,7 @@ class Dropout(nnx.Dropout):
         rng_collection: str = "dropout",
         rngs: nnx.Rngs | nnx.RngStream | None = None,
         scale: Scale = "inverted",
-        residual: Residual = "key",
+        residual: Residual | None = None,
     ):
         _check_fields(scale, residual)
         super().__init__(

@@ -13,8 +13,11 @@ JAX's XLA:CPU lowering of threefry is a rolled loop that XLA cannot fuse with it
 bits are materialised (4 bytes per element written and read again) and the loop runs slowly.
 Here the 20 rounds are written out in ``jnp`` integer ops, so XLA fuses them into the consumer
 (the dropout multiply, or the backward pass's multiply), on every backend, and nothing per element
-is ever stored. Other key implementations (``rbg``, ``unsafe_rbg``, custom ones) use
-``jax.random.bits`` directly: they are already fast where they are meant to run.
+is ever stored. With ``jax_threefry_partitionable=False`` JAX pairs the counters of the array's two halves
+instead; the unrolled draw follows that layout too (:class:`Layout`), and under ``jax_enable_x64`` it draws
+the 64-bit words of a float64 ``bernoulli``. Other key implementations (``rbg``, ``unsafe_rbg``, philox,
+user-defined ones), and threefry arrays past those layouts, use ``jax.random.bits`` directly: jdrop's
+fused path is used only where its bits are provably JAX's (:func:`threefry_layout`).
 
 How bits become a keep decision
 -------------------------------
@@ -23,7 +26,9 @@ The keep test is ``(bits >> 9) < ceil(keep * 2**23)``, which is exactly
 the mask of ``jdrop.dropout`` is the mask of ``flax.linen.Dropout`` and ``equinox.nn.Dropout`` for
 the same key, and the realised keep probability ``ceil(keep * 2**23) / 2**23`` differs from
 ``1 - rate`` by less than ``2**-23`` (the contract allows ``2**-16``). Inverted scaling divides by
-that realised probability, so ``E[dropout(x)] = x`` holds exactly, not just up to quantisation.
+that realised probability, so ``E[dropout(x)] = x`` holds exactly, not just up to quantisation. When the
+rate enters as float64 (a Python number or float64 array under ``jax_enable_x64``, as bernoulli takes
+``1 - rate``), the test is ``(bits64 >> 12) < ceil(keep * 2**52)`` on 64-bit words, float64 bernoulli's.
 
 The files
 ---------
@@ -36,13 +41,17 @@ from bits), ``_packing`` (1 bit per element). The key checks :func:`canonical_ke
 
 from jdrop._validation import canonical_key as canonical_key
 from jdrop._validation import require_key as require_key
+from jdrop.masks._bits import Layout as Layout
 from jdrop.masks._bits import bits_at as bits_at
 from jdrop.masks._bits import random_bits as random_bits
 from jdrop.masks._bits import threefry2x32 as threefry2x32
+from jdrop.masks._bits import threefry_layout as threefry_layout
 from jdrop.masks._floats import normal_from_bits as normal_from_bits
 from jdrop.masks._floats import uniform_from_bits as uniform_from_bits
 from jdrop.masks._index import index_words as index_words
 from jdrop.masks._keep import THRESHOLD_BITS as THRESHOLD_BITS
+from jdrop.masks._keep import WIDE_THRESHOLD_BITS as WIDE_THRESHOLD_BITS
+from jdrop.masks._keep import bits_dtype as bits_dtype
 from jdrop.masks._keep import broadcast_shape as broadcast_shape
 from jdrop.masks._keep import keep_from_bits as keep_from_bits
 from jdrop.masks._keep import keep_mask as keep_mask
@@ -58,7 +67,10 @@ from jdrop.masks._packing import unpack_bits as unpack_bits
 
 __all__ = [
     "THRESHOLD_BITS",
+    "WIDE_THRESHOLD_BITS",
+    "Layout",
     "bits_at",
+    "bits_dtype",
     "bits_lowering",
     "broadcast_shape",
     "canonical_key",
@@ -75,6 +87,7 @@ __all__ = [
     "require_key",
     "set_bits_lowering",
     "threefry2x32",
+    "threefry_layout",
     "uniform_from_bits",
     "unpack_bits",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jdrop._typing import KeyLike
 from jdrop._validation import canonical_key, check_index_offset, check_single_key, int_at_least
@@ -56,7 +57,22 @@ def fold_in(key: KeyLike, data: Any) -> jax.Array:
     key = canonical_key(key)
     data = jnp.asarray(data).astype(jnp.uint32)
     shape = jnp.broadcast_shapes(key.shape, data.shape)
-    return _fold_in(jnp.broadcast_to(key, shape), jnp.broadcast_to(data, shape))
+    key, data = jnp.broadcast_to(key, shape), jnp.broadcast_to(data, shape)
+    if str(jax.random.key_impl(key)) in _NOT_BATCHABLE:
+        return _fold_in_each(key, data)
+    return _fold_in(key, data)
+
+
+_NOT_BATCHABLE = ("unsafe_rbg",)
+"""Implementations whose ``fold_in`` under ``jax.vmap`` is not the per-key ``fold_in`` (unsafe_rbg's batched
+draw depends on the whole batch): :func:`fold_in` folds their keys one at a time instead."""
+
+
+@jax.jit
+def _fold_in_each(key: jax.Array, data: jax.Array) -> jax.Array:
+    """``jax.random.fold_in`` of each key and datum in a loop (``lax.map``): exactly the per-key results."""
+    flat = lax.map(lambda pair: jax.random.fold_in(*pair), (key.reshape(-1), data.reshape(-1)))
+    return flat.reshape(key.shape)
 
 
 @jax.jit

@@ -31,7 +31,7 @@ def _alpha_dropout(
     rate: ArrayLike,
     broadcast_dims: Sequence[int],
     deterministic: Any,
-    residual: Residual,
+    residual: Residual | None,
 ) -> jax.Array:
     x = check_float_input(x)
     deterministic = check_deterministic(deterministic)
@@ -55,7 +55,7 @@ def alpha_dropout(
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool = False,
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Alpha dropout (Klambauer et al. 2017, "Self-Normalizing Neural Networks"), for SELU networks.
 
@@ -96,7 +96,7 @@ def feature_alpha_dropout(
     channel_axis: int = -1,
     batch_axis: BatchAxis = AUTO,
     deterministic: bool = False,
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Alpha dropout of whole channels: :func:`alpha_dropout` with one mask value per (example, channel).
 

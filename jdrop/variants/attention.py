@@ -22,7 +22,7 @@ def attention_dropout(
     broadcast_dims: Sequence[int] = (),
     deterministic: bool = False,
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Dropout on attention weights (Vaswani et al. 2017) whose backward pass keeps no mask.
 

@@ -36,7 +36,7 @@ def feature_dropout(
     batch_axis: BatchAxis = AUTO,
     deterministic: bool = False,
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Drops whole channels (feature maps) of each example (Tompson et al. 2015, "spatial dropout").
 

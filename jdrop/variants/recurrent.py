@@ -20,7 +20,7 @@ def locked_dropout(
     time_axis: int | None,
     deterministic: bool = False,
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Locked ("variational") dropout: the same mask at every time step (Gal & Ghahramani 2016).
 
@@ -68,7 +68,7 @@ def embedding_dropout(
     *,
     deterministic: bool = False,
     scale: Scale = "inverted",
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Embedding dropout: whole word types dropped (Gal & Ghahramani 2016, sec. 4; Merity et al. 2017).
 
@@ -105,7 +105,7 @@ def zoneout(
     rate: ArrayLike,
     *,
     deterministic: bool = False,
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Zoneout (Krueger et al. 2017): each unit keeps its previous value with probability ``rate``.
 

@@ -34,7 +34,7 @@ def drop_path(
     scale_by_keep: bool | None = None,
     batch_axis: BatchAxis = AUTO,
     deterministic: bool = False,
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """Stochastic depth (Huang et al. 2016, "Deep Networks with Stochastic Depth"), timm's ``drop_path``.
 

@@ -24,7 +24,7 @@ def dropconnect(
     *,
     scale: Scale = "inverted",
     deterministic: bool = False,
-    residual: Residual = "key",
+    residual: Residual | None = None,
 ) -> jax.Array:
     """DropConnect (Wan et al. 2013, "Regularization of Neural Networks using DropConnect").
 
