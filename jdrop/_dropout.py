@@ -417,7 +417,7 @@ def dropout(
     scale: Scale = "inverted",
     residual: Residual | None = None,
 ) -> jax.Array:
-    """Dropout (Hinton et al. 2012; Srivastava et al. 2014), with a custom_vjp backward pass.
+    """Dropout (Hinton et al. 2012; Srivastava et al. 2014); the backward pass reuses the forward pass's mask.
 
     With ``m ~ Bernoulli(keep)`` per element (shared along ``broadcast_dims``),
     ``keep = ceil((1 - rate) * 2**23) / 2**23`` (within 2**-23 of ``1 - rate``; ``2**52`` when the rate
