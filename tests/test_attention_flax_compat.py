@@ -304,10 +304,10 @@ def test_second_derivatives_of_causal_attention_equal_flax(dropout, x64):
     rate = 0.3 if dropout else 0.0
     options = {"dropout_rng": RNG, "dropout_rate": rate} if dropout else {}
     causal = nn.make_causal_mask(jnp.ones((2, 11)))
-    # flax's float64 formula with the mask it draws for float32 (bernoulli of a float32 keep probability:
-    # under x64 flax's own call would draw from float64 uniforms) and jdrop's realised keep probability.
-    keep_mask = jax.random.bernoulli(RNG, np.float32(1 - rate), (1, 1, 11, 11))
-    keep = float(masks.realised_keep(masks.keep_threshold(jnp.float32(1 - rate))))
+    # flax's float64 formula with flax's own mask (under x64 a Python-float keep probability makes bernoulli draw
+    # float64 uniforms, and jdrop draws the same) and jdrop's realised keep probability (2**-52 steps).
+    keep_mask = jax.random.bernoulli(RNG, 1 - rate, (1, 1, 11, 11))
+    keep = float(masks.realised_keep(masks.keep_threshold(jnp.float64(1 - rate))))
 
     def reference(q, k, v):
         weights = nn.dot_product_attention_weights(q, k, mask=causal)
