@@ -22,13 +22,16 @@ none of them; a submodule imports its framework when it is first used::
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jdrop._validation import check_rate, check_residual, check_scale
+from jdrop._validation import check_float_input, check_rate, check_residual, check_scale
 from jdrop.train._state import register_builder
+from jdrop.variants.stochastic_depth import drop_path
 
 _SUBMODULES = ("equinox", "linen", "nnx")
 
@@ -72,3 +75,16 @@ def _concrete_rate(rate: ArrayLike) -> float | None:
     """
     rate = check_rate(rate)
     return rate if isinstance(rate, float) else None
+
+
+def _drop_path_module(inputs: Any, rate: Any, deterministic: bool, draw_key: Callable[[], Any],
+                      options: dict[str, Any]) -> Any:
+    """The flax DropPath modules' call: flax's Python-level decisions for rates 0 and 1 (no key drawn), then
+    :func:`jdrop.drop_path` with the key ``draw_key()`` gives (from the module's rng stream)."""
+    known = _concrete_rate(rate)
+    if known == 0.0 or deterministic:
+        return drop_path(None, inputs, rate, deterministic=True, **options)
+    if known == 1.0:
+        return jnp.zeros_like(check_float_input(inputs))
+    return drop_path(draw_key(), inputs, rate, **options)
+

@@ -37,9 +37,8 @@ from jdrop._batching import AUTO, BatchAxis
 from jdrop._dropout import dropout
 from jdrop._typing import Residual, Scale
 from jdrop._validation import check_float_input
-from jdrop.interop import _check_fields, _concrete_rate
+from jdrop.interop import _check_fields, _concrete_rate, _drop_path_module
 from jdrop.interop._linen_train import LinenApply, train_state, variables
-from jdrop.variants.stochastic_depth import drop_path
 
 __all__ = ["DropPath", "Dropout", "LinenApply", "train_state", "variables"]
 
@@ -175,12 +174,6 @@ class DropPath(nn.Module):
           Array of ``inputs``' shape and dtype.
         """
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        rate = _concrete_rate(self.rate)
-        options: dict[str, Any] = dict(batch_axis=self.batch_axis, scale=self.scale)
-        if rate == 0.0 or deterministic:
-            return drop_path(None, inputs, self.rate, deterministic=True, **options)
-        if rate == 1.0:
-            return jnp.zeros_like(check_float_input(inputs))
-        if rng is None:
-            rng = self.make_rng(self.rng_collection)
-        return drop_path(rng, inputs, self.rate, **options)
+        return _drop_path_module(inputs, self.rate, deterministic,
+                                 lambda: self.make_rng(self.rng_collection) if rng is None else rng,
+                                 dict(batch_axis=self.batch_axis, scale=self.scale))

@@ -37,9 +37,8 @@ from flax import nnx
 from jdrop._batching import AUTO, BatchAxis
 from jdrop._dropout import Residual, Scale, dropout
 from jdrop._validation import check_float_input
-from jdrop.interop import _check_fields, _concrete_rate
+from jdrop.interop import _check_fields, _concrete_rate, _drop_path_module
 from jdrop.interop._nnx_train import NnxApply, merge, train_state
-from jdrop.variants.stochastic_depth import drop_path
 
 __all__ = ["DropPath", "Dropout", "NnxApply", "merge", "train_state"]
 
@@ -252,11 +251,7 @@ class DropPath(nnx.Module):
             deterministic = self.deterministic
         if deterministic is None:
             raise ValueError(_NO_DETERMINISTIC.format(layer="DropPath"))
-        rate = _concrete_rate(self.rate)
-        options: dict[str, Any] = dict(batch_axis=self.batch_axis, scale=self.scale)
-        if rate == 0.0 or deterministic:
-            return drop_path(None, inputs, self.rate, deterministic=True, **options)
-        if rate == 1.0:
-            return jnp.zeros_like(check_float_input(inputs))
-        key = _draw_key(self.rngs if rngs is None else rngs, self.rng_collection, "DropPath")
-        return drop_path(key, inputs, self.rate, **options)
+        stream = self.rngs if rngs is None else rngs
+        return _drop_path_module(inputs, self.rate, deterministic,
+                                 lambda: _draw_key(stream, self.rng_collection, "DropPath"),
+                                 dict(batch_axis=self.batch_axis, scale=self.scale))
