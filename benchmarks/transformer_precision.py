@@ -8,7 +8,8 @@ evaluated in float64 with the same masks:
 
 - float64 changes no mask: flax draws ``jax.random.bernoulli(rng, keep, shape)``, which in float64 mode would
   compare 52-bit uniforms with a float64 ``keep``; the reference runs flax's model with ``keep`` cast to float32
-  (:func:`float32_bernoulli`), which draws exactly the float32 run's masks. jdrop's masks never depend on the dtype.
+  (:func:`float32_bernoulli`), which draws exactly the float32 run's masks; both models get the rate as a float32
+  scalar there, from which jdrop draws (as bernoulli does) the float32 run's masks too.
 - The two models differ on purpose in one respect: jdrop divides by the *realised* keep probability
   ``ceil(keep * 2**23) / 2**23`` (unbiased), flax by ``1 - rate``. At rate 0.1 that is a relative 1.06e-7 per
   dropout; at rates whose ``keep * 2**23`` is an integer (0.25, 0.5, ...) the two are the same function, and their
@@ -101,6 +102,8 @@ def gradients(
     import jax
     import jax.numpy as jnp
 
+    if x64:  # a float32 rate: under x64 flax's bernoulli and jdrop draw the float32 run's masks from it
+        cfg = dataclasses.replace(cfg, rate=np.float32(cfg.rate))
     model = _model(framework, kind, cfg, remat)
     params = jax.jit(transformer.variant(framework, transformer.FLAX, False, cfg).init)(jax.random.key(0))
     x = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.length), 0, cfg.vocab)
