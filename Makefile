@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-accelerators bench lint docs wheel-check clean
+.PHONY: demo test test-integration test-accelerators bench lint docs wheel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ test: $(VENV)/.installed-dev
 	$(PY) -m ruff check jdrop tests benchmarks
 	$(PY) -m mypy
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto -m "not integration"
+
+# The slow end-to-end checks (pytest marker "integration"): every notebook executed, flax's own attention test files
+# with jdrop as their attention_fn, the transformer proofs against flax in float64, sequence-parallel rings on 8
+# simulated devices, and two-process training.
+test-integration: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -n auto -m integration
 
 # Deviceless compiles for H100 (sm_90a) and TPU v4/v5e/v6e (tests/accelerators/): two toolchain venvs pinned to
 # the jax of $(VENV), each with jdrop installed from this checkout; the tests run from $(VENV) and start the

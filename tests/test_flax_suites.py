@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from _util import exclusive
 
+pytestmark = pytest.mark.integration  # flax's own test files, from its sdist
+
 ROOT = Path(__file__).resolve().parents[1]
 FLAX_VERSION = metadata.version("flax")
 SUITES = {

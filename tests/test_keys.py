@@ -198,3 +198,27 @@ def test_reverse_mode_keeps_the_residual_policies_memory(policy):
     ours = temp(lambda k, x, rate, policy: jdrop.dropout(k, x, rate, residual=policy))
     assert ours == temp(_custom_vjp_dropout)
     assert ours <= {"key": 1024 * 1024 + 4096, "bits": 1024 * 1024 // 8 + 4096, "mask": 4096}[policy]
+
+
+def test_keys_are_rebuilt_with_their_own_implementation():
+    """Key data is re-wrapped with the key's own implementation, never the global default.
+
+    The one exception is the raw legacy key (``jax.random.PRNGKey``), which IS a key of the default implementation.
+    Behaviour under each default is checked in its own interpreter (above) for the raw key; this covers typed keys
+    of every implementation under every default, where a missing ``impl=`` would silently draw another mask.
+    """
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "jdrop").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr == "wrap_key_data" and not any(k.arg == "impl" for k in node.keywords):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == ["jdrop/_validation.py:" + str(_raw_key_wrap_line())], offenders
+
+
+def _raw_key_wrap_line() -> int:
+    lines = (ROOT / "jdrop" / "_validation.py").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if "return jax.random.wrap_key_data(key)" in line)

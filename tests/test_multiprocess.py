@@ -9,6 +9,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration  # several Python processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,6 +31,7 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 1
 
 
+@pytest.mark.integration  # every notebook, executed: minutes
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("JDROP_NOTEBOOK_SMALL", "1")
@@ -46,6 +47,7 @@ def test_notebook_runs(path, monkeypatch):
     assert images, "the notebook shows its results as plots"
 
 
+@pytest.mark.integration
 def test_a_deprecated_spelling_fails_a_notebook(tmp_path, monkeypatch):
     """The guard works: a cell that calls jdrop.mlp.apply(..., train=True) stops the notebook with the warning."""
     root = str(Path(__file__).resolve().parents[1])

@@ -65,6 +65,7 @@ def _assert_matches_references(record: dict, single_error: float, where: str) ->
         assert error <= tol, f"{where}: output/gradients differ from {reference} by {error:.3g} > {tol:.3g}"
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 @pytest.mark.parametrize("devices", [1, 2, 4, 8])
 @pytest.mark.parametrize("case", ["broadcast", "causal_per_element"])
 def test_ring_equals_single_device_flax_and_float64(measured, case, devices):
@@ -75,6 +76,7 @@ def test_ring_equals_single_device_flax_and_float64(measured, case, devices):
                                f"{case} on {devices} devices")
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 @pytest.mark.parametrize("mesh", ["data2_seq4", "data2_seq2_heads2"])
 def test_batch_and_head_sharding_compose_with_the_ring(measured, mesh):
     # Grouped queries (4 heads, 2 key/value heads), a key-padding mask and a key bias (B, 1, 1, T) that travel
@@ -83,6 +85,7 @@ def test_batch_and_head_sharding_compose_with_the_ring(measured, mesh):
     _assert_matches_references(measured[f"meshes/{mesh}"], measured["meshes/single_error_vs_float64"], mesh)
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_single_device_attention_inside_a_data_parallel_shard_map(measured):
     # Without axis_name, inside shard_map over the batch: the loop carries take the operands' mesh axes, and a
     # bias replicated over the devices gets the sum of their gradients. Same order of terms per example as
@@ -91,6 +94,7 @@ def test_single_device_attention_inside_a_data_parallel_shard_map(measured):
     assert record["error_vs_jdrop"] <= 16 * EPS32 * record["scale"]
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_traced_rate_rate_zero_and_rate_one(measured):
     # One executable for every rate; rate 0 and 0.3 equal the single-device call (float tolerance: same order of
     # terms within a tile, another across shards), rate 1 gives zeros and zero gradients, 1.5 NaN.
@@ -100,6 +104,7 @@ def test_traced_rate_rate_zero_and_rate_one(measured):
     assert measured["rate/1.5"]["all_nan"]
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_bfloat16_is_as_accurate_as_the_single_device_call(measured):
     record = measured["bfloat16"]
     assert record["dtype"] == "bfloat16"
@@ -109,6 +114,7 @@ def test_bfloat16_is_as_accurate_as_the_single_device_call(measured):
     assert record["error_vs_float64"] <= record["single_error_vs_float64"] + bf16_eps * record["scale"]
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_flax_attention_fn_inside_shard_map(measured):
     # linen's MultiHeadDotProductAttention with attention_fn=partial(jdrop.dot_product_attention, axis_name="seq")
     # applied inside shard_map (parameters replicated, the sequence sharded over 4 devices) gives the unsharded
@@ -118,6 +124,7 @@ def test_flax_attention_fn_inside_shard_map(measured):
     assert record["error_vs_jdrop"] <= tol and record["error_vs_flax"] <= tol
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_readme_recipe_runs_and_equals_one_device(measured):
     # The sequence-parallel guide's flax language model, batch over 2 devices and sequence over 4 (zigzag), one SGD
     # step: the loss and the updated parameters of the same step on one device (a mean over 8 x 128 tokens: float32
@@ -127,6 +134,7 @@ def test_readme_recipe_runs_and_equals_one_device(measured):
     assert record["params_error"] <= 1e-5
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_per_device_memory_falls_as_devices_grow(measured):
     memory = {int(n): v for n, v in measured["memory"].items()}  # causal, load-balanced, T = 2048
     assert memory[8] < memory[4] < memory[2] < memory[1]
@@ -146,11 +154,13 @@ def test_per_device_memory_falls_as_devices_grow(measured):
     ("key_varies_along_ring", "varies along the sequence axis"),
     ("causal_cross_lengths", "query and key shards of one length"),
 ])
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_unsupported_inputs_raise_clear_errors(measured, attempt, message):
     assert measured[f"error/{attempt}"] is not None, f"{attempt} was accepted"
     assert message in measured[f"error/{attempt}"]
 
 
+@pytest.mark.integration  # one subprocess with 8 simulated devices runs every ring check: minutes
 def test_zigzag_layout_is_the_documented_permutation(measured):
     # Device d holds chunks d and 2N - 1 - d (of 2N); to_zigzag moves contiguous shards there, from_zigzag back.
     assert measured["layouts"] == {"positions_are_zigzag": True, "to_zigzag_permutes": True, "round_trip": True}

@@ -26,6 +26,8 @@ pytest.importorskip("flax")
 
 from benchmarks import transformer, transformer_precision  # noqa: E402
 
+pytestmark = pytest.mark.integration  # transformer-size models against flax in float64: minutes
+
 CFG = dataclasses.replace(transformer.QUICK, length=40, batch=2, width=32, heads=2, depth=2, rate=0.25,
                           broadcast_dropout=False, attention_blocks=(16, 16))
 """Per-(row, head) attention dropout over 3 x 3 tiles of 16 (the last one padded), at rate 0.25 (keep * 2**23 exact)."""
