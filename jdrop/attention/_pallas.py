@@ -77,8 +77,11 @@ TARGET_BLOCKS: dict[tuple[str | None, int], tuple[int, int]] = {
 (``python -m benchmarks.accelerator_tiles sweep``; ``benchmarks/results/accelerator_tiles.json``)."""
 SCOPED_VMEM_BYTES = {"v4": 16 * 2**20, "v5e": 16 * 2**20, "v6e": 32 * 2**20}
 """XLA:TPU's scoped VMEM limit per chip, as its ``CompileTimeScopedVmemOom`` reports it ("limit 16.00M" on v5e)."""
-_TARGETS = (("H100", "h100"), ("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v6 lite", "v6e"),
-            ("TPU v6e", "v6e"))
+SHARED_MEMORY_BYTES = {"h100": 232448}
+"""Shared memory one GPU thread block may take, per target: H100's (and H200's: the same SM) 227 KiB opt-in limit,
+as XLA:GPU reports it when it refuses a kernel ("requested 263680, available: 232448")."""
+_TARGETS = (("H100", "h100"), ("H200", "h100"), ("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"),
+            ("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"))
 _MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully masked row is uniform
 
 

@@ -73,3 +73,11 @@ def test_a_worker_that_cannot_start_fails_every_program_once(tmp_path):
                        max_rss_bytes=2**30)
     assert {r.status for r in results.values()} == {"crash"}
     assert "missing.py" in results["p"].message
+
+
+def test_a_long_job_list_does_not_deadlock_the_pipes(worker):
+    # More names than a pipe holds (64 KiB), each answered with more output than a pipe holds: the names are fed
+    # while the answers are read.
+    names = [f"ok-{i:05d}-" + "x" * 400 for i in range(400)]
+    results = run_jobs(worker, names, timeout_s=60.0, max_rss_bytes=2**30)
+    assert len(results) == len(names) and all(result.ok for result in results.values())
