@@ -4,7 +4,8 @@ Each compile runs in its own process of an environment with the target's toolcha
 (:func:`benchmarks.accelerator_tiles.run_case`, through :mod:`benchmarks._watchdog`): a compiler that loops fails the
 test with the case it was compiling. The environments are found through ``JDROP_TPU_PYTHON`` (``jax[tpu]`` pinned
 to the project's jax) and ``JDROP_GPU_PYTHON`` (``jax-cuda12-plugin`` and ``nvidia-cuda-nvcc-cu12``); the H100
-target config through ``JDROP_H100_TARGET_CONFIG`` (default ``tests/accelerators/h100_sxm.txtpb``). Without them the tests are skipped.
+target config through ``JDROP_H100_TARGET_CONFIG`` (default ``tests/accelerators/h100_sxm.txtpb``). Without them
+the tests are skipped.
 """
 
 import itertools
