@@ -291,11 +291,13 @@ def _write_shared_memory(path: Path, results: list[dict[str, Any]]) -> None:
         else:
             row["error"] = f"{result.get('error')}: {result.get('message', '')}"[:300]
         rows.append(row)
-    header = {"command": "JDROP_GPU_PYTHON=... PYTHONPATH=. python -m benchmarks.accelerator_tiles shared-memory",
+    header = {"command": "JDROP_GPU_PYTHON=... PYTHONPATH=. python -m benchmarks.accelerator_tiles shared-memory "
+                         "--jobs 2",
               "what": "shared memory (bytes) of each Triton kernel of value_and_grad, [num_warps, bytes], by the "
                       "Triton of jax-cuda12-plugin for sm_90a (XLA:GPU refuses a kernel past 232448 bytes); "
                       "defaults: T=512, B=1, H=1, dropout 0.1 exact, non-causal, no bias/mask",
-              "toolchains": {"jax": "0.10.2", "jax-cuda12-plugin": "0.10.2"}}
+              "toolchains": {"jax": "0.10.2", "jax-cuda12-plugin": "0.10.2"},
+              "checked_by": "tests/test_shared_memory_model.py (jdrop.attention._pallas.shared_memory_estimate)"}
     path.write_text(json.dumps({**header, "results": rows}, indent=None, separators=(",", ":")).replace(
         '{"case"', '\n{"case"') + "\n")
 

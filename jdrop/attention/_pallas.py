@@ -993,7 +993,7 @@ def check_shared_memory(spec: _Spec, kernel: str, depth: int, value_depth: int, 
     trace time, before XLA:GPU compiles (and refuses) the kernel. Only where the estimate is exact or a lower
     bound above the limit: a tile the compiler takes is never refused."""
     limit = SHARED_MEMORY_BYTES.get(spec.target or "")
-    if limit is None:
+    if limit is None or spec.target is None:
         return
     need, exact = shared_memory_estimate(kernel, spec.block_q, spec.block_k, depth, value_depth, itemsize,
                                          spec.mask_mode if spec.has_dropout else None, bias=spec.has_bias,

@@ -61,6 +61,22 @@ def test_h100_default_tiles_fit_registers_and_shared_memory(dtype):
         assert kernel["shared_memory_bytes"] <= 232448, kernel  # H100's per-block opt-in limit
 
 
+@needs_gpu
+@pytest.mark.parametrize(("dtype", "fits", "refused", "kernel", "need"), [
+    ("bfloat16", (128, 64), (128, 128), "dK/dV", 263680),  # 198144 bytes at most vs 263680
+    ("float32", (128, 64), (64, 128), "dQ", 262144),  # 229376 (of 232448) vs 262144
+])
+def test_h100_shared_memory_boundary_compiles_or_raises_jdrops_error(dtype, fits, refused, kernel, need):
+    # The tile that fits compiles; the one past the 232448 bytes a thread block takes raises jdrop's ValueError
+    # while tracing, where XLA:GPU would refuse it at compile time ("Shared memory size limit exceeded").
+    case = {"target": "h100", "dtype": dtype, "length": 1024}
+    _compiled({**case, "block_q": fits[0], "block_k": fits[1]}, timeout=300)
+    result = accelerator_tiles.run_case({**case, "block_q": refused[0], "block_k": refused[1]}, timeout=300)
+    assert not result["ok"] and result["error"] == "ValueError", result
+    assert f"`block_q`={refused[0]} and `block_k`={refused[1]} need {need} bytes" in result["message"], result
+    assert f"{kernel} kernel" in result["message"] and "232448" in result["message"]
+
+
 # ------------------------------------------------------------------------------------- TPU
 
 
