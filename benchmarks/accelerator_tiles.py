@@ -26,6 +26,7 @@ results JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,14 +45,15 @@ GPU_TARGETS = ("h100",)
 DEFAULT_CASE = {"target": "v5e", "dtype": "bfloat16", "depth": 128, "length": 1024, "batch": 1, "heads": 1,
                 "causal": False, "rate": 0.1, "dropout_mask": "exact", "what": "vag", "implementation": "pallas",
                 "block_q": None, "block_k": None, "registers": False, "unchecked": False, "bias": False,
-                "mask": False, "kv_heads": None, "shared_memory": False}
+                "mask": False, "kv_heads": None, "shared_memory": False, "kernels_for": True}
 """A case: the target, the inputs ``(batch, length, heads, depth)``, the options, and ``what``: ``"fwd"`` (the
 output) or ``"vag"`` (``value_and_grad`` of its sum w.r.t. q, k, v, and the bias when there is one);
 ``unchecked``: without jdrop's VMEM and shared-memory checks, to record the compiler's own verdict on the tiles;
 ``bias``/``mask``: a full ``(batch, heads, length, length)`` float bias (in the inputs' dtype) / random bool mask;
 ``kv_heads``: fewer key/value heads than query heads (grouped queries); ``shared_memory`` (H100): only each Triton
 kernel's shared memory, by the toolchain's Triton (what XLA:GPU checks against the card's limit), without
-XLA:GPU's compile."""
+XLA:GPU's compile; ``kernels_for``: pick the backend with ``_pallas.kernels_for`` (False: from the abstract mesh's
+device alone, the public way)."""
 
 
 def python_for(target: str) -> str | None:
@@ -111,7 +113,8 @@ def _lowered(case: dict[str, Any]) -> Any:
     argnums = (0, 1, 2, 4) if case["bias"] else (0, 1, 2)
     fn = attend if case["what"] == "fwd" else jax.value_and_grad(attend, argnums=argnums)
     backend = "gpu" if case["target"] in GPU_TARGETS else "tpu"
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), _pallas.kernels_for(backend, interpret=False):
+    forced = _pallas.kernels_for(backend, interpret=False) if case["kernels_for"] else contextlib.nullcontext()
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), forced:
         return jax.jit(fn).lower(x, kv, kv, key_data, bias)
 
 

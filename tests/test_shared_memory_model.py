@@ -133,3 +133,31 @@ def test_the_model_agrees_with_xla_gpus_own_verdicts():
         assert (need <= LIMIT) == result["ok"], (case, need, result.get("message"))
         if not result["ok"]:
             assert f"requested {need}," in result["message"]  # XLA:GPU's figure is the model's
+
+
+def _abstract_mesh(device_kind, platform):
+    """A one-device abstract mesh of an accelerator, as ``Mesh([compile-only device]).abstract_mesh`` gives (those
+    devices need the target's toolchain; tests/accelerators uses the real ones)."""
+    from jax._src.mesh import AbstractDevice  # no public constructor
+
+    device = AbstractDevice(device_kind=device_kind, num_cores=None, platform=platform)
+    return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA GH200 480GB"])
+def test_pallas_compiles_for_the_abstract_meshs_gpu_and_checks_its_shared_memory(kind):
+    q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu")):
+        assert _pallas.resolve_backend(None) == ("gpu", False)  # no kernels_for: the target's kernels, compiled
+        assert _pallas.compile_target() == "h100"  # H200 and GH200: the same SM and limit
+        jax.eval_shape(jax.grad(_attend), q)
+        with pytest.raises(ValueError, match=r"`block_q`=128 and `block_k`=128 need 263680 bytes"):
+            jax.eval_shape(jax.grad(lambda q: _attend(q, 128, 128)), q)
+
+
+def test_pallas_compiles_for_the_abstract_meshs_tpu_and_refuses_a_cpu_target():
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("TPU v5 lite", "tpu")):
+        assert _pallas.resolve_backend(None) == ("tpu", False)
+        assert _pallas.compile_target() == "v5e"
+    with pytest.raises(ValueError, match=r"needs a TPU .* target platform is 'cpu'.*use_abstract_mesh"):
+        _pallas.resolve_backend(None)

@@ -1019,6 +1019,13 @@ def check_vmem(target: str | None, block_q: int, block_k: int, depth: int, value
             f"{limit / 2**20:.0f} MiB; pass smaller tiles (the defaults, None, fit).")
 
 
+def target_platform() -> str:
+    """The platform the kernels are traced for: the abstract mesh's device's (``jax.sharding.use_abstract_mesh``
+    of a mesh of compile-only devices from ``jax.experimental.topologies``), else the default backend's."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    return abstract.platform if abstract is not None else jax.default_backend()
+
+
 def compile_target() -> str | None:
     """The device the kernels compile for, as a key of :data:`TARGET_BLOCKS` (``"h100"``, ``"v4"``, ``"v5e"``,
     ``"v6e"``), or None: the abstract mesh's device (a compile-only target) or the default device."""
@@ -1102,8 +1109,10 @@ def check_interpret(interpret: Any) -> Any:
 def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
     """``(backend, interpret)`` of the kernels for :func:`jdrop.dot_product_attention`'s ``interpret``.
 
-    None: those of :func:`kernels_for` within it, else the default backend's, compiled. True: the default
-    backend's kernels (a CPU's: the TPU kernels), interpreted. A ``pltpu.InterpretParams``: the TPU kernels under
+    None: those of :func:`kernels_for` within it, else those of :func:`target_platform` (the compile target's:
+    a compile-only TPU or GPU device's, under ``jax.sharding.use_abstract_mesh`` of a mesh of it, which is how
+    a CPU host compiles ``implementation="pallas"`` ahead of time for an accelerator; otherwise the default
+    backend's), compiled. True: that platform's kernels (a CPU's: the TPU kernels), interpreted. A ``pltpu.InterpretParams``: the TPU kernels under
     the TPU interpreter. Within :func:`kernels_for`, its backend.
 
     Raises:
@@ -1116,13 +1125,15 @@ def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
         backend, forced = _forced[-1]
         interpret = forced if interpret is None else interpret
     else:
-        platform = jax.default_backend()
+        platform = target_platform()
         backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "")
         if not backend and not interpret:
             raise ValueError(
-                f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the default backend "
-                f"is {platform!r}. Use implementation='xla' (or None, the default) here, or interpret=True to run "
-                "the kernels under Pallas's interpreter."
+                f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the target platform "
+                f"is {platform!r}. Use implementation='xla' (or None, the default) here, interpret=True to run the "
+                "kernels under Pallas's interpreter, or, to compile ahead of time for an accelerator from this host, "
+                "trace under jax.sharding.use_abstract_mesh of a mesh of its compile-only devices "
+                "(jax.experimental.topologies)."
             )
         backend = backend or "tpu"
     if isinstance(interpret, pltpu.InterpretParams):

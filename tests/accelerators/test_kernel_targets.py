@@ -77,6 +77,13 @@ def test_h100_shared_memory_boundary_compiles_or_raises_jdrops_error(dtype, fits
     assert f"{kernel} kernel" in result["message"] and "232448" in result["message"]
 
 
+@needs_gpu
+def test_h100_pallas_compiles_ahead_of_time_from_the_abstract_mesh_alone():
+    # The public way: under jax.sharding.use_abstract_mesh of a compile-only H100, implementation="pallas" takes the
+    # Triton kernels, compiled (no _pallas.kernels_for), and its default tiles.
+    _compiled({"target": "h100", "length": 1024, "kernels_for": False}, timeout=300)
+
+
 # ------------------------------------------------------------------------------------- TPU
 
 
@@ -85,6 +92,11 @@ def test_h100_shared_memory_boundary_compiles_or_raises_jdrops_error(dtype, fits
 def test_tpu_compiles_value_and_grad_with_dropout(chip):
     for causal, mode in ((True, "exact"), (False, "fast8")):
         _compiled({"target": chip, "causal": causal, "dropout_mask": mode, "length": 2048, "batch": 2, "heads": 4})
+
+
+@needs_tpu
+def test_tpu_pallas_compiles_ahead_of_time_from_the_abstract_mesh_alone():
+    _compiled({"target": "v5e", "length": 1024, "kernels_for": False})
 
 
 @needs_tpu
