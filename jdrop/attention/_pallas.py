@@ -1112,8 +1112,8 @@ def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
     None: those of :func:`kernels_for` within it, else those of :func:`target_platform` (the compile target's:
     a compile-only TPU or GPU device's, under ``jax.sharding.use_abstract_mesh`` of a mesh of it, which is how
     a CPU host compiles ``implementation="pallas"`` ahead of time for an accelerator; otherwise the default
-    backend's), compiled. True: that platform's kernels (a CPU's: the TPU kernels), interpreted. A ``pltpu.InterpretParams``: the TPU kernels under
-    the TPU interpreter. Within :func:`kernels_for`, its backend.
+    backend's), compiled. True: that platform's kernels (a CPU's: the TPU kernels), interpreted. A
+    ``pltpu.InterpretParams``: the TPU kernels under the TPU interpreter. Within :func:`kernels_for`, its backend.
 
     Raises:
       ValueError: on a CPU, for compiled kernels outside :func:`kernels_for` (they need a TPU or a GPU), or for a
