@@ -946,19 +946,23 @@ def shared_memory_estimate(kernel: str, block_q: int, block_k: int, depth: int, 
       the float32 dropout-factor tile's conversion ``4 bq bk`` (threefry masks, for ``bq = 64`` or ``bk <= 4 W``)
       or the probability tile ``2 bq bk`` (none when ``n = 2`` without a conversion). float32: ``n = 1``,
       scratch ``4 bk max(r, Dv)`` (forward) and ``4 bk D`` (dQ) for ``bq >= 64``, else ``4 r bk`` and 0;
-    - dK/dV, 16-bit: ``K + V + n (Q + dO) + 3 (4 bq) + 4 bq bk`` (``n = 2`` for ``bq >= 64``; the three float32
-      per-row residuals; the conversion of the logit-sized tiles), whatever the dropout;
-    - a mask adds its int8 tile, ``bq bk``, to each kernel; a bias its tile, ``s bq bk``, to the forward and dQ
-      kernels where it is staged (16-bit ``bq >= 128``, float32 ``bq >= 64``); with both, the larger of the two.
+    - dK/dV, whatever the dropout or bias: 16-bit ``K + V + n (Q + dO) + 3 (4 bq) + 4 bq bk`` (``n = 2`` for
+      ``bq >= 64``; the three float32 per-row residuals; the conversion of the logit-sized tiles); float32
+      ``K + V + 3 (4 bq) + max(Q + min(Q, 2048 W), 8 bq bk)``: the query tile with its transpose, done through
+      ``2048 W`` bytes of scratch at a time, or the two float32 logit-sized tiles (``P~``, ``dS``) the
+      products read;
+    - a mask adds its int8 tile, ``bq bk``, to each kernel (16-bit); a bias its tile, ``s bq bk``, to the
+      forward and dQ kernels where it is staged (16-bit ``bq >= 128``, float32 ``bq >= 64``, at head dim 128);
+      with both, the larger of the two.
 
     Which buffers a kernel gets follows Triton's choices (how many pipeline copies, which tile it rematerializes
     in the product's layout rather than converting): the rules above are those the toolchain made over
     ``block_q, block_k`` in 16..256 at head dims 64, 128 and 256, 16-bit and float32 inputs, with and without
     dropout (``benchmarks/results/h100_shared_memory.json``), where the estimate is exact. Elsewhere it is a lower
-    bound (``exact`` False), checked on every measured point: float32 dK/dV (whose query-side tiles Triton
-    sometimes stages and sometimes transposes through scratch: the key-side tiles, the residuals and the larger of
-    a query tile and two float32 logit-sized tiles), a bias, a dropout mode at a head dim where it was not
-    measured (the explicit buffers once) and the bias-gradient kernel (a query tile).
+    bound (``exact`` False), checked on every measured point: the forward and dQ kernels with a bias and a mask
+    (their tiles share scratch by rules not modelled) or with a bias at another head dim than 128, a float32 mask
+    (not measured), a dropout mode at a head dim where it was not measured (the explicit buffers once) and the
+    bias-gradient kernel (a query tile).
 
     Returns:
       ``(bytes, exact)``.
@@ -974,17 +978,23 @@ def shared_memory_estimate(kernel: str, block_q: int, block_k: int, depth: int, 
         return q_tile, False
     if kernel == "dkv":
         residuals = 3 * 4 * block_q
-        if itemsize == 4:
-            return k_tile + v_tile + residuals + max(q_tile, 8 * block_q * block_k), False
+        if itemsize == 4:  # query-side tiles transposed through scratch, 2048 W bytes at a time, or staged
+            warps = 4 if depth <= 64 else 8
+            query_side = max(q_tile + min(q_tile, 2048 * warps), 8 * block_q * block_k)
+            return k_tile + v_tile + residuals + query_side, not mask
         stages = 2 if block_q >= 64 else 1
         do_tile = block_q * value_depth * itemsize
         need = k_tile + v_tile + stages * (q_tile + do_tile) + residuals + 4 * block_q * block_k + mask_tile
-        return need, not bias
+        return need, True
     if kernel not in ("forward", "dq"):
         raise ValueError(f"`kernel` must be 'forward', 'dq', 'dkv' or 'dbias', got {kernel!r}.")
     need, exact = _row_kernel_smem(kernel, block_q, block_k, depth, value_depth, itemsize, dropout_mask)
-    staged_bias = itemsize * block_q * block_k if bias and block_q >= (64 if itemsize == 4 else 128) else 0
-    return need + max(staged_bias, mask_tile), exact and not bias
+    if not bias:
+        return need + (mask_tile if itemsize == 2 else 0), exact and not (mask and itemsize == 4)
+    # A bias tile is staged for 16-bit bq >= 128 and float32 bq >= 64 (measured at head dim 128).
+    staged = depth == 128 and block_q >= (64 if itemsize == 4 else 128)
+    staged_bias = itemsize * block_q * block_k if staged else 0
+    return need + max(staged_bias, mask_tile if itemsize == 2 else 0), exact and depth == 128 and not mask
 
 
 def check_shared_memory(spec: _Spec, kernel: str, depth: int, value_depth: int, itemsize: int) -> None:
