@@ -31,9 +31,13 @@ of arrays; each backend has its own thin shell around it (block specs, grid and 
 Both shells run on CPU under ``interpret=True`` or the TPU interpreter's ``pltpu.InterpretParams`` (the
 ``interpret`` argument of :func:`jdrop.dot_product_attention`; the tests compare them with the xla path there, the
 TPU interpreter with its race detector on), lower for their target on any machine, and compile for H100 and TPU
-v4/v5e/v6e without a device (``tests/accelerators``, ``benchmarks/accelerator_tiles.py``). Default tiles are per
-compile target (:data:`TARGET_BLOCKS`, from those compilers' register, shared-memory and VMEM reports); TPU tiles
-past the chip's scoped VMEM raise a ``ValueError`` before compiling (:func:`check_vmem`). Every ``pallas_call``
+v4/v5e/v6e without a device (``tests/accelerators``, ``benchmarks/accelerator_tiles.py``): the compile target is
+the abstract mesh's device (:func:`target_platform`, :func:`compile_target`), so tracing under
+``jax.sharding.use_abstract_mesh`` of a compile-only TPU or H100 picks its kernels. Default tiles are per compile
+target (:data:`TARGET_BLOCKS`, from those compilers' register, shared-memory and VMEM reports); tiles a target
+cannot hold raise a ``ValueError`` naming ``block_q``/``block_k`` before its compiler runs: TPU scoped VMEM
+(:func:`check_vmem`), H100/H200 shared memory per GPU kernel (:func:`check_shared_memory`, from Triton's
+allocation as :func:`shared_memory_estimate` models it; default tiles shrink to fit). Every ``pallas_call``
 carries a ``pl.CostEstimate`` (:func:`cost_estimate`), which XLA:TPU's ``cost_analysis()`` adds up (the Triton
 lowering of jax 0.10.2 drops it).
 """
