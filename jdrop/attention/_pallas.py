@@ -965,8 +965,8 @@ def shared_memory_estimate(kernel: str, block_q: int, block_k: int, depth: int, 
     dropout (``benchmarks/results/h100_shared_memory.json``), where the estimate is exact. Elsewhere it is a lower
     bound (``exact`` False), checked on every measured point: the forward and dQ kernels with a bias and a mask
     (their tiles share scratch by rules not modelled) or with a bias at another head dim than 128, a float32 mask
-    (not measured), a dropout mode at a head dim where it was not measured (the explicit buffers once) and the
-    bias-gradient kernel (a query tile).
+    (not measured), a head dim or dropout mode where the rules were not measured (the explicit buffers once) and
+    the bias-gradient kernel (a query tile).
 
     Returns:
       ``(bytes, exact)``.
@@ -982,6 +982,8 @@ def shared_memory_estimate(kernel: str, block_q: int, block_k: int, depth: int, 
         return q_tile, False
     if kernel == "dkv":
         residuals = 3 * 4 * block_q
+        if depth not in (64, 128, 256):  # not measured: the key-side tiles, a query tile and the residuals
+            return k_tile + v_tile + q_tile + residuals, False
         if itemsize == 4:  # query-side tiles transposed through scratch, 2048 W bytes at a time, or staged
             warps = 4 if depth <= 64 else 8
             query_side = max(q_tile + min(q_tile, 2048 * warps), 8 * block_q * block_k)
