@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _write_shared_memory(args.out, _parallel(shared_memory_cases(), args.jobs, args.timeout))
         return
     targets = [t for t in args.targets if python_for(t)]
-    results = run_cases(sweep_cases(targets), timeout=args.timeout)
+    results = run_cases(sweep_cases(targets), timeout=args.timeout, progress=True)
     args.out.write_text(json.dumps({"command": "python -m benchmarks.accelerator_tiles sweep", "results": results},
                                    indent=1) + "\n")
 
