@@ -18,9 +18,12 @@ Usage (``JDROP_TPU_PYTHON`` / ``JDROP_GPU_PYTHON``: the python of such an enviro
 
     PYTHONPATH=. $JDROP_TPU_PYTHON -m benchmarks.accelerator_tiles case '{"target": "v5e", "block_q": 512}'
     PYTHONPATH=. python -m benchmarks.accelerator_tiles sweep --out benchmarks/results/accelerator_tiles.json
+    PYTHONPATH=. python -m benchmarks.accelerator_tiles shared-memory --jobs 2
 
-``case`` prints one JSON line (the result); ``sweep`` runs the tile ladders below in subprocesses and writes the
-results JSON.
+``case`` prints one JSON line (the result); ``sweep`` runs the tile ladders below, ``shared-memory`` the H100
+shared-memory grid (:func:`shared_memory_cases`, each Triton kernel's bytes without XLA:GPU's compile; the data
+``tests/test_shared_memory_model.py`` checks jdrop's model against), each case in a worker of the target's
+environment under the compile watchdog (:mod:`benchmarks._watchdog`), and write the results JSON.
 """
 
 from __future__ import annotations
