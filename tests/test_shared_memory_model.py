@@ -144,7 +144,8 @@ def _abstract_mesh(device_kind, platform):
     return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
 
 
-@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA GH200 480GB"])
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+                                  "NVIDIA GH200 480GB"])
 def test_pallas_compiles_for_the_abstract_meshs_gpu_and_checks_its_shared_memory(kind):
     q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
     with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu")):
