@@ -110,9 +110,14 @@ def test_default_h100_tiles_shrink_to_fit_shared_memory(monkeypatch):
     # Head dim 256, 16-bit: the default 128 x 64 needs 361984 bytes in dK/dV (measured: the grid's 128 x 64 at
     # head dim 256); tiles left to jdrop halve, the larger first, until every kernel fits: 64 x 64 (213760).
     assert _pallas.shared_memory_estimate("dkv", 128, 64, 256, 256, 2)[0] > LIMIT
-    assert _pallas._fit_shared_memory("h100", (128, 64), (False, False), (256, 256), 2, False) == (64, 64)
+    options = {"mode": "exact", "bias": False, "mask": False}
+    assert _pallas._fit_shared_memory("h100", (128, 64), (False, False), (16, 16), (256, 256), 2, options) == (64, 64)
     # A caller's block_q is kept: block_k alone cannot make room, and the dK/dV kernel's check names the tiles.
-    assert _pallas._fit_shared_memory("h100", (128, 64), (True, False), (256, 256), 2, False) == (128, 16)
+    assert _pallas._fit_shared_memory("h100", (128, 64), (True, False), (16, 16), (256, 256), 2, options) == (128, 16)
+    # No tile below the mode's least block_q (fast8: 64): float32 at head dim 512 keeps block_q at 64.
+    fast8 = {"mode": "fast8", "bias": True, "mask": True}
+    bq, bk = _pallas._fit_shared_memory("h100", (128, 64), (False, False), (64, 16), (512, 512), 4, fast8)
+    assert bq == 64 and bk >= 16
     monkeypatch.setattr(_pallas, "compile_target", lambda: "h100")
     q = jax.ShapeDtypeStruct((1, 1024, 2, 256), jnp.bfloat16)
     with _pallas.kernels_for("gpu", interpret=False):

@@ -1160,14 +1160,21 @@ def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
     return backend, bool(interpret) if interpret is None else interpret
 
 
-def _fit_shared_memory(target: str, tiles: tuple[int, int], chosen: tuple[bool, bool], widths: tuple[int, int],
-                       itemsize: int, bias: bool) -> tuple[int, int]:
-    """Default GPU tiles (those not ``chosen`` by the caller) halved, the larger first, until every kernel's
-    :func:`shared_memory_estimate` fits the target's :data:`SHARED_MEMORY_BYTES` (e.g. head dim 256 on H100)."""
-    kernels = ("forward", "dq", "dkv", "dbias") if bias else ("forward", "dq", "dkv")
+def _fit_shared_memory(target: str, tiles: tuple[int, int], chosen: tuple[bool, bool], least: tuple[int, int],
+                       widths: tuple[int, int], itemsize: int, options: dict[str, Any]) -> tuple[int, int]:
+    """Default GPU tiles (those not ``chosen`` by the caller) halved, the larger first and none below ``least``,
+    until every kernel's :func:`shared_memory_estimate` (with ``options``: the dropout mode, bias, mask) fits the
+    target's :data:`SHARED_MEMORY_BYTES` (e.g. head dim 256 on H100)."""
+    kernels = ("forward", "dq", "dkv", "dbias") if options["bias"] else ("forward", "dq", "dkv")
     bq, bk = tiles
-    while max(shared_memory_estimate(k, bq, bk, *widths, itemsize)[0] for k in kernels) > SHARED_MEMORY_BYTES[target]:
-        free = [(size, axis) for axis, (size, fixed) in enumerate(zip((bq, bk), chosen)) if not fixed and size > 16]
+
+    def need(bq: int, bk: int) -> int:
+        return max(shared_memory_estimate(k, bq, bk, *widths, itemsize, options["mode"], bias=options["bias"],
+                                          mask=options["mask"])[0] for k in kernels)
+
+    while need(bq, bk) > SHARED_MEMORY_BYTES[target]:
+        free = [(size, axis) for axis, (size, fixed, low) in enumerate(zip((bq, bk), chosen, least))
+                if not fixed and size // 2 >= low]
         if not free:
             break  # the caller's tiles: check_shared_memory names them when a kernel is built
         axis = max(free)[1]
@@ -1176,21 +1183,23 @@ def _fit_shared_memory(target: str, tiles: tuple[int, int], chosen: tuple[bool, 
 
 
 def _checked_tiles(backend: str, layout: Layout, block_q: int | None, block_k: int | None, mode: str, interpret: Any,
-                   query: jax.Array, value: jax.Array, n_tiles: int, bias: bool) -> tuple[int, int, str | None]:
+                   query: jax.Array, value: jax.Array, options: dict[str, Any]) -> tuple[int, int, str | None]:
     """``(block_q, block_k, target)``: :func:`tile_sizes` for the compile target (its defaults), checked against its
-    VMEM on TPU (:func:`check_vmem`; ``n_tiles`` bias/mask tiles, at most 4 bytes an element); on a GPU target with
-    a shared-memory limit, default tiles shrunk to fit it (the caller's tiles are checked per kernel, as each is
-    built: :func:`check_shared_memory`)."""
+    VMEM on TPU (:func:`check_vmem`; bias/mask tiles counted at 4 bytes an element); on a GPU target with a
+    shared-memory limit, default tiles shrunk to fit it (the caller's tiles are checked per kernel, as each is
+    built: :func:`check_shared_memory`). ``options``: the dropout mode (None without dropout), bias, mask."""
     target = None if interpret is not False else compile_target()
     itemsize = query.dtype.itemsize
     bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, mode, target=target,
                         itemsize=itemsize)
     if backend == "tpu":
+        n_tiles = options["bias"] + options["mask"]
         check_vmem(target, bq, bk, query.shape[-1], value.shape[-1], itemsize, n_tiles * 4 * bq * bk)
     elif target in SHARED_MEMORY_BYTES:
         widths = (max(16, _next_power_of_2(query.shape[-1])), max(16, _next_power_of_2(value.shape[-1])))
-        bq, bk = _fit_shared_memory(target, (bq, bk), (block_q is not None, block_k is not None), widths, itemsize,
-                                    bias)
+        least = (max(16, _dropout_mask.group_rows(mode)), 16)  # tile_sizes' GPU units
+        bq, bk = _fit_shared_memory(target, (bq, bk), (block_q is not None, block_k is not None), least, widths,
+                                    itemsize, options)
     return bq, bk, target
 
 
@@ -1224,8 +1233,9 @@ def attention(
     if query.dtype == jnp.float64:
         raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64, "
                          "and Triton's is far slower); use implementation='xla' for float64.")
-    bq, bk, target = _checked_tiles(backend, layout, block_q, block_k, dropout_mask, interpret, query, value,
-                                    (bias is not None) + (mask is not None), bias is not None)
+    options = {"mode": None if dropout == DropoutMode.NONE else dropout_mask, "bias": bias is not None,
+               "mask": mask is not None}
+    bq, bk, target = _checked_tiles(backend, layout, block_q, block_k, dropout_mask, interpret, query, value, options)
     layout = layout._replace(block_q=bq, block_k=bk)
     batch, q_padded, k_padded = layout.batch, layout.n_q * bq, layout.n_k * bk
     # Triton's tiles are powers of 2 of at least 16 along every axis, the head dims included.
