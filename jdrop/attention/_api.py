@@ -178,7 +178,11 @@ def dot_product_attention(
     bit for bit. It takes float16, bfloat16 and float32 (not float64: TPUs have none), any mask,
     bias, causal flag, grouped queries and traced rate; tiles must suit the backend (TPU:
     ``block_q`` a multiple of 32, ``block_k`` of 128; GPU: powers of 2, at least 16; defaults
-    128x128 and 64x64). Broadcast dropout costs the kernels as much as per-head dropout (each
+    128x128 and 64x64, or per compile target). Tiles a known target cannot hold raise a ``ValueError``
+    naming ``block_q``/``block_k`` while tracing, before its compiler refuses them: TPU scoped VMEM;
+    H100/H200 shared memory, 232448 bytes per kernel (each GPU kernel is checked as it is built, so a
+    forward-only call is not refused for its gradient kernels; default tiles shrink to fit, e.g. at head
+    dim 256). Broadcast dropout costs the kernels as much as per-head dropout (each
     (batch, head) program draws its tile's bits; the xla path draws them once), and a bias shared
     across batch rows or heads has its gradient reduced from a ``(B, H, Tq, Tk)`` float32 buffer
     (only when that gradient is used). It is checked on CPU only (Pallas's interpreter, and lowering
@@ -321,7 +325,8 @@ def dot_product_attention(
     Raises:
       ValueError: for a bad ``dropout_rate``, a missing or non-single ``dropout_rng`` in
         training, mismatched shapes, custom einsums, block sizes below 1, an unknown
-        ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take; with
+        ``implementation`` or ``dropout_mask``, or what ``implementation="pallas"`` cannot take (tiles
+        past the compile target's VMEM or shared memory included); with
         ``axis_name``: an unbound axis, a mask or bias that varies along both queries and keys,
         ``module``, ``implementation="pallas"``, a fast ``dropout_mask``, shard lengths the layout or
         causal masking cannot take, or a ``dropout_rng`` that differs along the sequence axis (or along

@@ -31,9 +31,13 @@ of arrays; each backend has its own thin shell around it (block specs, grid and 
 Both shells run on CPU under ``interpret=True`` or the TPU interpreter's ``pltpu.InterpretParams`` (the
 ``interpret`` argument of :func:`jdrop.dot_product_attention`; the tests compare them with the xla path there, the
 TPU interpreter with its race detector on), lower for their target on any machine, and compile for H100 and TPU
-v4/v5e/v6e without a device (``tests/accelerators``, ``benchmarks/accelerator_tiles.py``). Default tiles are per
-compile target (:data:`TARGET_BLOCKS`, from those compilers' register, shared-memory and VMEM reports); TPU tiles
-past the chip's scoped VMEM raise a ``ValueError`` before compiling (:func:`check_vmem`). Every ``pallas_call``
+v4/v5e/v6e without a device (``tests/accelerators``, ``benchmarks/accelerator_tiles.py``): the compile target is
+the abstract mesh's device (:func:`target_platform`, :func:`compile_target`), so tracing under
+``jax.sharding.use_abstract_mesh`` of a compile-only TPU or H100 picks its kernels. Default tiles are per compile
+target (:data:`TARGET_BLOCKS`, from those compilers' register, shared-memory and VMEM reports); tiles a target
+cannot hold raise a ``ValueError`` naming ``block_q``/``block_k`` before its compiler runs: TPU scoped VMEM
+(:func:`check_vmem`), H100/H200 shared memory per GPU kernel (:func:`check_shared_memory`, from Triton's
+allocation as :func:`shared_memory_estimate` models it; default tiles shrink to fit). Every ``pallas_call``
 carries a ``pl.CostEstimate`` (:func:`cost_estimate`), which XLA:TPU's ``cost_analysis()`` adds up (the Triton
 lowering of jax 0.10.2 drops it).
 """
@@ -77,8 +81,12 @@ TARGET_BLOCKS: dict[tuple[str | None, int], tuple[int, int]] = {
 (``python -m benchmarks.accelerator_tiles sweep``; ``benchmarks/results/accelerator_tiles.json``)."""
 SCOPED_VMEM_BYTES = {"v4": 16 * 2**20, "v5e": 16 * 2**20, "v6e": 32 * 2**20}
 """XLA:TPU's scoped VMEM limit per chip, as its ``CompileTimeScopedVmemOom`` reports it ("limit 16.00M" on v5e)."""
-_TARGETS = (("H100", "h100"), ("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v6 lite", "v6e"),
-            ("TPU v6e", "v6e"))
+SHARED_MEMORY_BYTES = {"h100": 232448}
+"""Shared memory one GPU thread block may take, per target: H100's (and H200's: the same SM) 227 KiB opt-in limit,
+as XLA:GPU reports it when it refuses a kernel ("requested 263680, available: 232448")."""
+_TARGETS = (("H100", "h100"), ("H200", "h100"), ("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"),
+            ("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"))
+_KERNEL_NAMES = {"forward": "forward", "dq": "dQ", "dkv": "dK/dV", "dbias": "bias-gradient"}
 _MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully masked row is uniform
 
 
@@ -104,6 +112,7 @@ class _Spec(NamedTuple):
     precision: Any
     backend: str  # "tpu" or "gpu"
     interpret: Any  # False, True or a pltpu.InterpretParams: pallas_call's interpret
+    target: str | None = None  # the compile target (compile_target()) of compiled kernels, None when interpreted
 
     @property
     def has_bias(self) -> bool:
@@ -536,6 +545,7 @@ def _forward(spec: _Spec, q, k, v, bias, mask, drop):
         scratch = []
         kernel = partial(_forward_kernel_gpu, spec, n_k)
         params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
+        check_shared_memory(spec, "forward", depth, value_depth, q.dtype.itemsize)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           scratch_shapes=scratch, compiler_params=params, interpret=spec.interpret,
                           cost_estimate=cost_estimate(spec, "forward", q, k, v, bias, mask),
@@ -657,6 +667,7 @@ def _dkv(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop
         scratch = []
         kernel = partial(_dkv_kernel_gpu, spec, n_q)
         params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
+        check_shared_memory(spec, "dkv", depth, value_depth, q.dtype.itemsize)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           scratch_shapes=scratch, compiler_params=params, interpret=spec.interpret, cost_estimate=cost,
                           name="jdrop_attention_dkv")(q, k, v, do, row_max, log_row_sum, delta,
@@ -749,6 +760,7 @@ def _dq(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, mask, drop)
         scratch = []
         kernel = partial(_dq_kernel_gpu, spec, n_k)
         params = spec.compiler_params((), warps=4 if depth <= 64 else 8)
+        check_shared_memory(spec, "dq", depth, v.shape[3], q.dtype.itemsize)
         out_spec = pl.BlockSpec((None, None, bq, depth), lambda i, b, h: (b, h, i, 0))
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=grid, in_specs=in_specs,
                           out_specs=out_spec, scratch_shapes=scratch, compiler_params=params,
@@ -802,6 +814,8 @@ def _bias_gradient(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, 
     in_specs = [*_row_specs_by_tile(spec, q, k, v, index_of, bk, lambda b, h, i, j: j),
                 *_optional_specs(spec, index_of, bq, bk)]
     semantics = ("parallel",) * 4
+    if spec.backend == "gpu":
+        check_shared_memory(spec, "dbias", q.shape[3], v.shape[3], q.dtype.itemsize)
     ds = pl.pallas_call(partial(_dbias_kernel, spec, n_k),
                         out_shape=jax.ShapeDtypeStruct((batch, q_heads, q_padded, k_padded), jnp.float32),
                         grid=(batch, q_heads, n_q, n_k), in_specs=in_specs,
@@ -877,6 +891,137 @@ def vmem_estimate(block_q: int, block_k: int, depth: int, value_depth: int, item
     return max(2 * pipelined + scratch for pipelined, scratch in blocks.values()) + block_q * block_k * 4
 
 
+def _converts_factors(dropout_mask: str | None) -> bool:
+    """Whether the kernels convert the float32 dropout-factor tile into the product's layout through shared memory
+    (the threefry-based masks); hash8's few ops are recomputed in that layout instead, and no dropout has none."""
+    return dropout_mask in ("exact", "fast16", "fast8")
+
+
+_SMEM_MEASURED = {("exact", 2): (64, 128, 256), ("exact", 4): (64, 128, 256), ("fast16", 2): (128,),
+                  ("fast8", 2): (128,), ("hash8", 2): (128,), (None, 2): (128,), (None, 4): (128,)}
+"""``(dropout_mask, itemsize): head dims`` where the forward and dQ rules were measured (``hash8``: as without
+dropout; float32's rules do not depend on the mask, and fast16's equal exact's)."""
+
+
+def _row_kernel_smem(kernel: str, bq: int, bk: int, depth: int, value_depth: int, itemsize: int,
+                     dropout_mask: str | None) -> tuple[int, bool]:
+    """The forward and dQ kernels' shared memory without bias or mask tiles (see :func:`shared_memory_estimate`)."""
+    warps = 4 if depth <= 64 else 8
+    rows = min(bq, 16 * warps)  # rows of a tile one layout conversion moves at a time
+    loaded = bq * depth * itemsize + (0 if kernel == "forward" else bq * value_depth * itemsize)  # q (and dO)
+    key_side = bk * (depth + value_depth) * itemsize
+    mode = "exact" if itemsize == 4 and dropout_mask is not None else dropout_mask
+    if depth not in _SMEM_MEASURED.get((mode, itemsize), ()):
+        return loaded + key_side, False  # the explicit buffers once: a lower bound
+    if itemsize == 4:  # tf32 products read both operands K-major: the value (key) tile is transposed for bq >= 64
+        transposed = (value_depth if kernel == "forward" else depth) if bq >= 64 else 0
+        scratch = 4 * bk * (max(rows, transposed) if kernel == "forward" else transposed)
+        return loaded + key_side + scratch, True
+    stages = 2 if warps == 8 and bq == 64 else 1
+    if bq >= 128:
+        scratch = 4 * rows * bk * (2 if depth >= 256 or dropout_mask == "fast8" else 1)
+    elif _converts_factors(dropout_mask):
+        scratch = 4 * bq * bk if bq >= 64 or bk <= 4 * warps else 2 * bq * bk
+    else:
+        scratch = 0 if stages == 2 else 2 * bq * bk
+    return loaded + stages * key_side + scratch, True
+
+
+def shared_memory_estimate(kernel: str, block_q: int, block_k: int, depth: int, value_depth: int, itemsize: int,
+                           dropout_mask: str | None = "exact", *, bias: bool = False,
+                           mask: bool = False) -> tuple[int, bool]:
+    """Bytes of shared memory Triton gives one of the GPU kernels on Hopper (sm_90), and whether that is exact.
+
+    ``kernel``: ``"forward"``, ``"dq"``, ``"dkv"`` or ``"dbias"``; ``depth``/``value_depth``: the head dims as the
+    kernels see them (padded to powers of 2, at least 16); ``itemsize``: the inputs' bytes per element;
+    ``dropout_mask``: the mode, or None without dropout; ``bias``/``mask``: whether the kernels read those tiles.
+
+    Triton's allocator gives a kernel the largest end offset of its buffers, of two kinds. *Explicit* buffers
+    live through the loop over the other operand's tiles: the tiles a warp-group product (``wgmma``) reads from
+    shared memory, staged by the software pipeline (``num_stages=2``) in ``n`` copies, and the tiles loaded once
+    before the loop. *Scratch* buffers of the loop body share one region, as large as the largest of them: a
+    layout conversion (of at most ``16 W`` rows at a time, ``W`` the warps: 4 for ``D <= 64``, else 8), a 16-bit
+    probability tile a product reads from shared memory, a float32 operand transposed for tf32 (whose products
+    read both operands K-major). With ``Q = bq D s``, ``dO = bq Dv s``, ``K = bk D s``, ``V = bk Dv s`` (``s`` the
+    itemsize) and ``r = min(bq, 16 W)``:
+
+    - forward ``Q + n (K + V) + scratch``, dQ ``Q + dO + n (K + V) + scratch``. 16-bit: ``n = 2`` at ``bq = 64``
+      with 8 warps, else 1; scratch ``4 r bk`` for ``bq >= 128`` (twice that at ``D = 256`` and for fast8); below,
+      the float32 dropout-factor tile's conversion ``4 bq bk`` (threefry masks, for ``bq = 64`` or ``bk <= 4 W``)
+      or the probability tile ``2 bq bk`` (none when ``n = 2`` without a conversion). float32: ``n = 1``,
+      scratch ``4 bk max(r, Dv)`` (forward) and ``4 bk D`` (dQ) for ``bq >= 64``, else ``4 r bk`` and 0;
+    - dK/dV, whatever the dropout or bias: 16-bit ``K + V + n (Q + dO) + 3 (4 bq) + 4 bq bk`` (``n = 2`` for
+      ``bq >= 64``; the three float32 per-row residuals; the conversion of the logit-sized tiles); float32
+      ``K + V + 3 (4 bq) + max(Q + min(Q, 2048 W), 8 bq bk)``: the query tile with its transpose, done through
+      ``2048 W`` bytes of scratch at a time, or the two float32 logit-sized tiles (``P~``, ``dS``) the
+      products read;
+    - a mask adds its int8 tile, ``bq bk``, to each kernel (16-bit); a bias its tile, ``s bq bk``, to the
+      forward and dQ kernels where it is staged (16-bit ``bq >= 128``, float32 ``bq >= 64``, at head dim 128);
+      with both, the larger of the two.
+
+    Which buffers a kernel gets follows Triton's choices (how many pipeline copies, which tile it rematerializes
+    in the product's layout rather than converting): the rules above are those the toolchain made over
+    ``block_q, block_k`` in 16..256 at head dims 64, 128 and 256, 16-bit and float32 inputs, with and without
+    dropout (``benchmarks/results/h100_shared_memory.json``), where the estimate is exact. Elsewhere it is a lower
+    bound (``exact`` False), checked on every measured point: the forward and dQ kernels with a bias and a mask
+    (their tiles share scratch by rules not modelled) or with a bias at another head dim than 128, a float32 mask
+    (not measured), a head dim or dropout mode where the rules were not measured (the explicit buffers once) and
+    the bias-gradient kernel (a query tile).
+
+    Returns:
+      ``(bytes, exact)``.
+
+    Example:
+      >>> shared_memory_estimate("dkv", 128, 128, 128, 128, 2)  # bfloat16, head dim 128: past H100's 232448
+      (263680, True)
+    """
+    q_tile, k_tile, v_tile = (block_q * depth * itemsize, block_k * depth * itemsize,
+                              block_k * value_depth * itemsize)
+    mask_tile = block_q * block_k if mask else 0
+    if kernel == "dbias":
+        return q_tile, False
+    if kernel == "dkv":
+        residuals = 3 * 4 * block_q
+        if depth not in (64, 128, 256):  # not measured: the key-side tiles, a query tile and the residuals
+            return k_tile + v_tile + q_tile + residuals, False
+        if itemsize == 4:  # query-side tiles transposed through scratch, 2048 W bytes at a time, or staged
+            warps = 4 if depth <= 64 else 8
+            query_side = max(q_tile + min(q_tile, 2048 * warps), 8 * block_q * block_k)
+            return k_tile + v_tile + residuals + query_side, not mask
+        stages = 2 if block_q >= 64 else 1
+        do_tile = block_q * value_depth * itemsize
+        need = k_tile + v_tile + stages * (q_tile + do_tile) + residuals + 4 * block_q * block_k + mask_tile
+        return need, True
+    if kernel not in ("forward", "dq"):
+        raise ValueError(f"`kernel` must be 'forward', 'dq', 'dkv' or 'dbias', got {kernel!r}.")
+    need, exact = _row_kernel_smem(kernel, block_q, block_k, depth, value_depth, itemsize, dropout_mask)
+    if not bias:
+        return need + (mask_tile if itemsize == 2 else 0), exact and not (mask and itemsize == 4)
+    # A bias tile is staged for 16-bit bq >= 128 and float32 bq >= 64 (measured at head dim 128).
+    staged = depth == 128 and block_q >= (64 if itemsize == 4 else 128)
+    staged_bias = itemsize * block_q * block_k if staged else 0
+    return need + max(staged_bias, mask_tile if itemsize == 2 else 0), exact and depth == 128 and not mask
+
+
+def check_shared_memory(spec: _Spec, kernel: str, depth: int, value_depth: int, itemsize: int) -> None:
+    """Raises ``ValueError`` naming ``block_q``/``block_k`` when a GPU kernel's tiles need more shared memory than
+    the compile target's thread block can take (:data:`SHARED_MEMORY_BYTES`; :func:`shared_memory_estimate`), at
+    trace time, before XLA:GPU compiles (and refuses) the kernel. Only where the estimate is exact or a lower
+    bound above the limit: a tile the compiler takes is never refused."""
+    limit = SHARED_MEMORY_BYTES.get(spec.target or "")
+    if limit is None or spec.target is None:
+        return
+    need, exact = shared_memory_estimate(kernel, spec.block_q, spec.block_k, depth, value_depth, itemsize,
+                                         spec.mask_mode if spec.has_dropout else None, bias=spec.has_bias,
+                                         mask=spec.has_mask)
+    if need > limit:
+        raise ValueError(
+            f"`block_q`={spec.block_q} and `block_k`={spec.block_k} need {'' if exact else 'at least '}{need} bytes "
+            f"of shared memory in the {_KERNEL_NAMES[kernel]} kernel (head dims {depth}/{value_depth} as padded, "
+            f"{itemsize}-byte inputs), more than the {limit} bytes a thread block can take on {spec.target.upper()}; "
+            "pass smaller tiles (the defaults, None, fit).")
+
+
 def check_vmem(target: str | None, block_q: int, block_k: int, depth: int, value_depth: int, itemsize: int,
                extra_tile_bytes: int = 0) -> None:
     """Raises ``ValueError`` naming ``block_q``/``block_k`` when the tiles' :func:`vmem_estimate` exceeds the TPU
@@ -888,6 +1033,13 @@ def check_vmem(target: str | None, block_q: int, block_k: int, depth: int, value
             f"`block_q`={block_q} and `block_k`={block_k} need about {need / 2**20:.1f} MiB of VMEM per kernel "
             f"(head dims {depth}/{value_depth}, {itemsize}-byte inputs), more than TPU {target}'s scoped "
             f"{limit / 2**20:.0f} MiB; pass smaller tiles (the defaults, None, fit).")
+
+
+def target_platform() -> str:
+    """The platform the kernels are traced for: the abstract mesh's device's (``jax.sharding.use_abstract_mesh``
+    of a mesh of compile-only devices from ``jax.experimental.topologies``), else the default backend's."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    return abstract.platform if abstract is not None else jax.default_backend()
 
 
 def compile_target() -> str | None:
@@ -973,9 +1125,11 @@ def check_interpret(interpret: Any) -> Any:
 def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
     """``(backend, interpret)`` of the kernels for :func:`jdrop.dot_product_attention`'s ``interpret``.
 
-    None: those of :func:`kernels_for` within it, else the default backend's, compiled. True: the default
-    backend's kernels (a CPU's: the TPU kernels), interpreted. A ``pltpu.InterpretParams``: the TPU kernels under
-    the TPU interpreter. Within :func:`kernels_for`, its backend.
+    None: those of :func:`kernels_for` within it, else those of :func:`target_platform` (the compile target's:
+    a compile-only TPU or GPU device's, under ``jax.sharding.use_abstract_mesh`` of a mesh of it, which is how
+    a CPU host compiles ``implementation="pallas"`` ahead of time for an accelerator; otherwise the default
+    backend's), compiled. True: that platform's kernels (a CPU's: the TPU kernels), interpreted. A
+    ``pltpu.InterpretParams``: the TPU kernels under the TPU interpreter. Within :func:`kernels_for`, its backend.
 
     Raises:
       ValueError: on a CPU, for compiled kernels outside :func:`kernels_for` (they need a TPU or a GPU), or for a
@@ -987,13 +1141,15 @@ def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
         backend, forced = _forced[-1]
         interpret = forced if interpret is None else interpret
     else:
-        platform = jax.default_backend()
+        platform = target_platform()
         backend = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "")
         if not backend and not interpret:
             raise ValueError(
-                f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the default backend "
-                f"is {platform!r}. Use implementation='xla' (or None, the default) here, or interpret=True to run "
-                "the kernels under Pallas's interpreter."
+                f"implementation='pallas' needs a TPU (Mosaic kernels) or a GPU (Triton kernels); the target platform "
+                f"is {platform!r}. Use implementation='xla' (or None, the default) here, interpret=True to run the "
+                "kernels under Pallas's interpreter, or, to compile ahead of time for an accelerator from this host, "
+                "trace under jax.sharding.use_abstract_mesh of a mesh of its compile-only devices "
+                "(jax.experimental.topologies)."
             )
         backend = backend or "tpu"
     if isinstance(interpret, pltpu.InterpretParams):
@@ -1004,17 +1160,47 @@ def resolve_backend(interpret: Any = None) -> tuple[str, Any]:
     return backend, bool(interpret) if interpret is None else interpret
 
 
+def _fit_shared_memory(target: str, tiles: tuple[int, int], chosen: tuple[bool, bool], least: tuple[int, int],
+                       widths: tuple[int, int], itemsize: int, options: dict[str, Any]) -> tuple[int, int]:
+    """Default GPU tiles (those not ``chosen`` by the caller) halved, the larger first and none below ``least``,
+    until every kernel's :func:`shared_memory_estimate` (with ``options``: the dropout mode, bias, mask) fits the
+    target's :data:`SHARED_MEMORY_BYTES` (e.g. head dim 256 on H100)."""
+    kernels = ("forward", "dq", "dkv", "dbias") if options["bias"] else ("forward", "dq", "dkv")
+    bq, bk = tiles
+
+    def need(bq: int, bk: int) -> int:
+        return max(shared_memory_estimate(k, bq, bk, *widths, itemsize, options["mode"], bias=options["bias"],
+                                          mask=options["mask"])[0] for k in kernels)
+
+    while need(bq, bk) > SHARED_MEMORY_BYTES[target]:
+        free = [(size, axis) for axis, (size, fixed, low) in enumerate(zip((bq, bk), chosen, least))
+                if not fixed and size // 2 >= low]
+        if not free:
+            break  # the caller's tiles: check_shared_memory names them when a kernel is built
+        axis = max(free)[1]
+        bq, bk = (bq // 2, bk) if axis == 0 else (bq, bk // 2)
+    return bq, bk
+
+
 def _checked_tiles(backend: str, layout: Layout, block_q: int | None, block_k: int | None, mode: str, interpret: Any,
-                   query: jax.Array, value: jax.Array, n_tiles: int) -> tuple[int, int]:
-    """:func:`tile_sizes` for the compile target (its defaults), checked against its VMEM on TPU (:func:`check_vmem`;
-    ``n_tiles`` bias/mask tiles, at most 4 bytes an element)."""
+                   query: jax.Array, value: jax.Array, options: dict[str, Any]) -> tuple[int, int, str | None]:
+    """``(block_q, block_k, target)``: :func:`tile_sizes` for the compile target (its defaults), checked against its
+    VMEM on TPU (:func:`check_vmem`; bias/mask tiles counted at 4 bytes an element); on a GPU target with a
+    shared-memory limit, default tiles shrunk to fit it (the caller's tiles are checked per kernel, as each is
+    built: :func:`check_shared_memory`). ``options``: the dropout mode (None without dropout), bias, mask."""
     target = None if interpret is not False else compile_target()
     itemsize = query.dtype.itemsize
     bq, bk = tile_sizes(backend, layout.q_length, layout.k_length, block_q, block_k, mode, target=target,
                         itemsize=itemsize)
     if backend == "tpu":
+        n_tiles = options["bias"] + options["mask"]
         check_vmem(target, bq, bk, query.shape[-1], value.shape[-1], itemsize, n_tiles * 4 * bq * bk)
-    return bq, bk
+    elif target in SHARED_MEMORY_BYTES:
+        widths = (max(16, _next_power_of_2(query.shape[-1])), max(16, _next_power_of_2(value.shape[-1])))
+        least = (max(16, _dropout_mask.group_rows(mode)), 16)  # tile_sizes' GPU units
+        bq, bk = _fit_shared_memory(target, (bq, bk), (block_q is not None, block_k is not None), least, widths,
+                                    itemsize, options)
+    return bq, bk, target
 
 
 def attention(
@@ -1047,8 +1233,9 @@ def attention(
     if query.dtype == jnp.float64:
         raise ValueError("implementation='pallas' takes float16, bfloat16 and float32 inputs (TPUs have no float64, "
                          "and Triton's is far slower); use implementation='xla' for float64.")
-    bq, bk = _checked_tiles(backend, layout, block_q, block_k, dropout_mask, interpret, query, value,
-                            (bias is not None) + (mask is not None))
+    options = {"mode": None if dropout == DropoutMode.NONE else dropout_mask, "bias": bias is not None,
+               "mask": mask is not None}
+    bq, bk, target = _checked_tiles(backend, layout, block_q, block_k, dropout_mask, interpret, query, value, options)
     layout = layout._replace(block_q=bq, block_k=bk)
     batch, q_padded, k_padded = layout.batch, layout.n_q * bq, layout.n_k * bk
     # Triton's tiles are powers of 2 of at least 16 along every axis, the head dims included.
@@ -1081,6 +1268,7 @@ def attention(
         precision=precision,
         backend=backend,
         interpret=interpret,
+        target=target,
     )
     kernel_drop = None
     if drop is not None:

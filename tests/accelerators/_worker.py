@@ -11,7 +11,6 @@ with Triton, or XLA:TPU with Mosaic.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
@@ -21,6 +20,8 @@ from typing import Any
 import jax
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from benchmarks._watchdog import die_with_parent, emit
 
 HERE = Path(__file__).resolve().parent
 TPU_TOPOLOGIES = {"v4": "v4:1x1x1", "v5e": "v5e:1x1", "v6e": "v6e:1x1"}
@@ -59,21 +60,6 @@ def describe(compiled: Any) -> dict[str, Any]:
     fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
               "generated_code_size_in_bytes")
     return {name: int(getattr(stats, name)) for name in fields if stats is not None}
-
-
-def emit(**event: Any) -> None:
-    print(json.dumps(event), flush=True)
-
-
-def die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the test process that started it dies (a cancelled CI job)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def main(target: str) -> None:

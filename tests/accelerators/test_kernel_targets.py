@@ -1,10 +1,11 @@
 """jdrop's Pallas kernels compiled for real accelerator targets, without a device (slow: minutes).
 
-Each compile runs in its own process of an environment with the target's toolchain, under a time and memory watchdog
-(:func:`benchmarks.accelerator_tiles.run_case`): a compiler that loops fails the test with the case it was
-compiling. The environments are found through ``JDROP_TPU_PYTHON`` (``jax[tpu]`` pinned to the project's jax) and
-``JDROP_GPU_PYTHON`` (``jax-cuda12-plugin`` and ``nvidia-cuda-nvcc-cu12``); the H100 target config through
-``JDROP_H100_TARGET_CONFIG`` (default ``tests/accelerators/h100_sxm.txtpb``). Without them the tests are skipped.
+Each compile runs in its own process of an environment with the target's toolchain, under the compile watchdog
+(:func:`benchmarks.accelerator_tiles.run_case`, through :mod:`benchmarks._watchdog`): a compiler that loops fails the
+test with the case it was compiling. The environments are found through ``JDROP_TPU_PYTHON`` (``jax[tpu]`` pinned
+to the project's jax) and ``JDROP_GPU_PYTHON`` (``jax-cuda12-plugin`` and ``nvidia-cuda-nvcc-cu12``); the H100
+target config through ``JDROP_H100_TARGET_CONFIG`` (default ``tests/accelerators/h100_sxm.txtpb``). Without them
+the tests are skipped.
 """
 
 import itertools
@@ -60,6 +61,29 @@ def test_h100_default_tiles_fit_registers_and_shared_memory(dtype):
         assert kernel["shared_memory_bytes"] <= 232448, kernel  # H100's per-block opt-in limit
 
 
+@needs_gpu
+@pytest.mark.parametrize(("dtype", "fits", "refused", "kernel", "need"), [
+    ("bfloat16", (128, 64), (128, 128), "dK/dV", 263680),  # 198144 bytes at most vs 263680
+    ("float32", (128, 64), (64, 128), "dQ", 262144),  # 229376 (of 232448) vs 262144
+])
+def test_h100_shared_memory_boundary_compiles_or_raises_jdrops_error(dtype, fits, refused, kernel, need):
+    # The tile that fits compiles; the one past the 232448 bytes a thread block takes raises jdrop's ValueError
+    # while tracing, where XLA:GPU would refuse it at compile time ("Shared memory size limit exceeded").
+    case = {"target": "h100", "dtype": dtype, "length": 1024}
+    _compiled({**case, "block_q": fits[0], "block_k": fits[1]}, timeout=300)
+    result = accelerator_tiles.run_case({**case, "block_q": refused[0], "block_k": refused[1]}, timeout=300)
+    assert not result["ok"] and result["error"] == "ValueError", result
+    assert f"`block_q`={refused[0]} and `block_k`={refused[1]} need {need} bytes" in result["message"], result
+    assert f"{kernel} kernel" in result["message"] and "232448" in result["message"]
+
+
+@needs_gpu
+def test_h100_pallas_compiles_ahead_of_time_from_the_abstract_mesh_alone():
+    # The public way: under jax.sharding.use_abstract_mesh of a compile-only H100, implementation="pallas" takes the
+    # Triton kernels, compiled (no _pallas.kernels_for), and its default tiles.
+    _compiled({"target": "h100", "length": 1024, "kernels_for": False}, timeout=300)
+
+
 # ------------------------------------------------------------------------------------- TPU
 
 
@@ -68,6 +92,11 @@ def test_h100_default_tiles_fit_registers_and_shared_memory(dtype):
 def test_tpu_compiles_value_and_grad_with_dropout(chip):
     for causal, mode in ((True, "exact"), (False, "fast8")):
         _compiled({"target": chip, "causal": causal, "dropout_mask": mode, "length": 2048, "batch": 2, "heads": 4})
+
+
+@needs_tpu
+def test_tpu_pallas_compiles_ahead_of_time_from_the_abstract_mesh_alone():
+    _compiled({"target": "v5e", "length": 1024, "kernels_for": False})
 
 
 @needs_tpu

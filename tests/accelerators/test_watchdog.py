@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -73,3 +74,16 @@ def test_a_worker_that_cannot_start_fails_every_program_once(tmp_path):
                        max_rss_bytes=2**30)
     assert {r.status for r in results.values()} == {"crash"}
     assert "missing.py" in results["p"].message
+
+
+def test_a_long_job_list_does_not_deadlock_the_pipes(worker):
+    # More names than a pipe holds (64 KiB), each answered with more output than a pipe holds: the names are fed
+    # while the answers are read.
+    names = [f"ok-{i:05d}-" + "x" * 400 for i in range(400)]
+    found: dict = {}
+    runner = threading.Thread(target=lambda: found.update(run_jobs(worker, names, timeout_s=60.0,
+                                                                   max_rss_bytes=2**30)), daemon=True)
+    runner.start()
+    runner.join(timeout=300)  # a deadlock never returns: fail instead of hanging the suite (generous: not a timing)
+    assert not runner.is_alive(), "run_jobs deadlocked on a long job list"
+    assert len(found) == len(names) and all(result.ok for result in found.values())
