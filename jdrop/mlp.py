@@ -43,6 +43,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jdrop import masks
 from jdrop._batching import takes_batch
 from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd
+from jdrop._linear import linear_map
 from jdrop._typing import KeyLike
 from jdrop._validation import check_choice, check_float_input, check_rate, check_scale, deterministic_or_train
 
@@ -241,6 +242,50 @@ def _forward(
     return h, tuple(kept)
 
 
+def _train_forward(static, params, x, key_data, rates):
+    """Training forward pass of a batch: ``(logits, residuals)``."""
+    active, scale, impl = static
+    res = MLPResiduals((), key_data, rates, active, scale, impl)
+    out, kept = _forward(params, x, _train_drop(res))
+    return out, dataclasses.replace(res, activations=kept)
+
+
+def _kept_sign_mask(res: MLPResiduals, layer: int) -> DropoutResidual:
+    """A ReLU hidden layer's ``m_l * relu'(h_l) = [a_l > 0]`` (with its scale), read from the kept ``a_l``."""
+    rate = res.rates[layer] if res.active[layer] else 0.0
+    return DropoutResidual.from_mask(res.activations[layer] > 0, rate, scale=res.scale)
+
+
+def _apply_mask(drop_res: DropoutResidual | None, v: jax.Array) -> jax.Array:
+    """``v * m * s`` with a regenerated layer's per-example masks (``v`` itself where the layer does not drop)."""
+    if drop_res is None:
+        return v
+    return dropout_bwd(drop_res, v) if v.ndim == 1 else jax.vmap(dropout_bwd)(drop_res, v)
+
+
+def _tangent(params: MLPParams, res: MLPResiduals, tangents: tuple[MLPParams, jax.Array]) -> jax.Array:
+    """The logits' tangent for tangents ``(dparams, dx)``, with the forward pass's masks (module docstring).
+
+    ``da_l = m_l * s * dh_l``, ``dz_l = da_l @ W_l + a_l @ dW_l + db_l``, ``dh_{l+1} = act'(h_{l+1}) * dz_l``;
+    the same residuals as :func:`_backward`, read the same way (its transpose).
+    """
+    dparams, dx = tangents
+    act = _activation(params.activation)
+    regenerate = _train_drop(res, residual="mask")
+    dz = dx
+    for layer, (w, dw, db) in enumerate(zip(params.weights, dparams.weights, dparams.biases)):
+        if act.keeps_dropped and layer > 0:
+            # m * s * relu'(h) = s * [a > 0]: the dropped activation carries the mask and the derivative.
+            a = res.activations[layer]
+            da = dropout_bwd(_kept_sign_mask(res, layer), dz)
+        else:
+            h = res.activations[layer]
+            a, drop_res = regenerate(layer, h)
+            da = _apply_mask(drop_res, dz * act.derivative_from_output(h) if layer > 0 else dz)
+        dz = da @ w + a @ dw + db
+    return dz
+
+
 def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[MLPParams, jax.Array]:
     """Gradients of ``sum(dout * logits)`` for one example or a batch: ``(grads, dx)`` (module docstring).
 
@@ -262,9 +307,7 @@ def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[ML
             a = res.activations[layer]
             grad_w.append(weight_grad(a, g))
             grad_b.append(jnp.sum(g, axis=batch_axes))
-            da = g @ params.weights[layer].T
-            rate = res.rates[layer] if res.active[layer] else 0.0
-            g = dropout_bwd(DropoutResidual.from_mask(a > 0, rate, scale=res.scale), da)
+            g = dropout_bwd(_kept_sign_mask(res, layer), g @ params.weights[layer].T)
             continue
         h = res.activations[layer]
         # Ties the recomputation to the cotangent: it stops XLA's common-subexpression pass from merging it with
@@ -274,40 +317,35 @@ def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[ML
         a, drop_res = regenerate(layer, h)
         grad_w.append(weight_grad(a, g))
         grad_b.append(jnp.sum(g, axis=batch_axes))
-        dh = g @ params.weights[layer].T
-        if drop_res is not None:
-            dh = dropout_bwd(drop_res, dh) if dh.ndim == 1 else jax.vmap(dropout_bwd)(drop_res, dh)
+        dh = _apply_mask(drop_res, g @ params.weights[layer].T)
         g = dh * act.derivative_from_output(h) if layer > 0 else dh
     grads = MLPParams(tuple(reversed(grad_w)), tuple(reversed(grad_b)), params.activation)
     return grads, g
 
 
-def _train_forward(static, params, x, key_data, rates):
-    """Training forward pass of a batch: ``(logits, residuals)``."""
-    active, scale, impl = static
-    res = MLPResiduals((), key_data, rates, active, scale, impl)
-    out, kept = _forward(params, x, _train_drop(res))
-    return out, dataclasses.replace(res, activations=kept)
+def _tangent_of_saved(saved: tuple[MLPParams, MLPResiduals], tangents: tuple[MLPParams, jax.Array]) -> jax.Array:
+    return _tangent(*saved, tangents)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _backward_of_saved(saved: tuple[MLPParams, MLPResiduals], dout: jax.Array) -> tuple[MLPParams, jax.Array]:
+    return _backward(*saved, dout)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train_apply(static, params, x, key_data, rates):
     return _train_forward(static, params, x, key_data, rates)[0]
 
 
-def _train_apply_fwd(static, params, x, key_data, rates):
+@partial(_train_apply.defjvp, symbolic_zeros=True)
+def _train_apply_jvp(static, primals, tangents):
+    """Forward mode evaluates :func:`_tangent`; reverse mode keeps ``(params, residuals)`` and runs :func:`_backward`.
+
+    No tangent flows from the key data (integers) or the rates (the masks are piecewise constant in them).
+    """
+    params, x, key_data, rates = primals
     out, res = _train_forward(static, params, x, key_data, rates)
-    return out, (params, res)
-
-
-def _train_apply_bwd(static, saved, dout):
-    del static
-    params, res = saved
-    grads, dx = _backward(params, res, dout)
-    return grads, dx, None, tuple(None for _ in res.rates)
-
-
-_train_apply.defvjp(_train_apply_fwd, _train_apply_bwd)
+    dparams, dx = tangents[:2]
+    return out, linear_map(_tangent_of_saved, _backward_of_saved, (params, res), (dparams, dx), out)
 
 
 # ------------------------------------------------------------------------------------ public API
