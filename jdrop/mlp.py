@@ -1,9 +1,11 @@
 """The seed's network: a multilayer perceptron with dropout, forward and backward written by hand.
 
 ``forward`` returns the residuals that ``backward`` consumes, as in the seed code that asked whether
-each training input samples its own sub-network (it does: every example has its own key). The pair
-is tied to :func:`apply` with ``jax.custom_vjp``, so ``jax.grad`` of anything built on ``apply``
-uses the hand-written backward pass.
+each training input samples its own sub-network (it does: every example has its own key). In
+training, :func:`apply` ties them to every mode of JAX's autodiff: ``jax.grad`` of anything built
+on ``apply`` runs the hand-written backward pass, and forward mode (``jax.jvp``, ``jax.jacfwd``,
+``jax.linearize``) and second derivatives (``jax.hessian``, ``grad`` of ``grad``) work too, all
+with the forward pass's masks (see Autodiff below).
 
 Layer ``l`` computes ``a_l = dropout(h_l; rate_l)``, ``z_l = a_l @ W_l + b_l`` and
 ``h_{l+1} = act(z_l)`` (no activation after the last layer: it returns logits); ``h_0 = x``, so
@@ -25,6 +27,22 @@ Memory: one activation per layer and the layer keys (a few bytes per example); n
   the mask from the key and recomputes ``a_l``, inside the fusions that consume the cotangent.
 
 Either way dropout adds nothing per element to a training step's memory.
+
+Autodiff. The training network is a ``jax.custom_jvp`` whose tangent is the Jacobian-vector product
+written by hand from the same residuals, for tangents ``dW_l``, ``db_l`` of the parameters and
+``dx`` of the input (``dz_{-1} = dx``)::
+
+    da_l = dh_l * m_l * s                  (dh_0 = dx; dh_l = act'(h_l) * dz_{l-1}, so for
+                                            a ReLU hidden layer da_l = dz_{l-1} * s * [a_l > 0])
+    dz_l = da_l @ W_l + a_l @ dW_l + db_l  (the logits' tangent is dz_L)
+
+That tangent is a linear map of ``(dW, db, dx)`` whose transpose is the backward pass above;
+``lax.custom_linear_solve`` (the JAX primitive whose transpose is given, not derived) carries both.
+Forward mode evaluates the JVP. Reverse mode keeps only the residuals and runs the hand-written
+backward pass on the cotangent: the compiled training step is the program a ``jax.custom_vjp`` of
+the same pair compiles to (same temporaries, same instructions). Higher derivatives differentiate
+both exactly. No derivative flows to the rates or
+keys (the masks are piecewise constant in them). Evaluation (``deterministic=True``) is plain JAX.
 """
 
 from __future__ import annotations
@@ -374,7 +392,7 @@ def _example_keys(key: KeyLike | None, x: jax.Array) -> jax.Array:
 
 
 def _train_arguments(params, x, key, rates, scale):
-    """The custom_vjp's arguments: the static options, and the key data of every example."""
+    """The training rule's arguments: the static options, and the key data of every example."""
     example_keys = _example_keys(key, x)
     active = tuple(not (isinstance(r, float) and r == 0.0) for r in rates)
     static = (active, scale, jax.random.key_impl(example_keys))
@@ -402,13 +420,19 @@ def apply(
     ``key[i]`` for one key per example (shape ``(B,)``), so a batch equals the vmap of single examples
     with those keys; layer ``l`` folds ``l`` into the example key. Eval (``deterministic=True``, the
     default): ``a_l = h_l`` (inverted) or ``a_l = keep_l * h_l`` (classic, the weight-scaling rule of
-    Srivastava et al. 2014). Gradients use the hand-written :func:`backward`.
+    Srivastava et al. 2014).
 
-    One example and a batch run the same custom_vjp; on a batch the weight gradient
+    Autodiff in training (module docstring): reverse mode (``grad``, ``vjp``, ``jacrev``) runs the
+    hand-written :func:`backward`; forward mode (``jvp``, ``jacfwd``, ``linearize``) the hand-written
+    JVP ``dz_l = (dh_l * m_l * s) @ W_l + a_l @ dW_l + db_l``, ``dh_{l+1} = act'(h_{l+1}) * dz_l``,
+    with the same masks; their compositions (``hessian``, ``grad`` of ``grad``) are exact. No
+    derivative flows to ``rates`` or ``key``.
+
+    One example and a batch run the same rule; on a batch the weight gradient
     ``sum_i a_i^T g_i`` is one matrix product. ``apply`` is marked :func:`jdrop.train.takes_batch`, so
     :func:`jdrop.train_step` (and ``per_example``, ``mc_predict``, ``rdrop_loss``) call it once on the
     batch with the example keys instead of vmapping it. Under your own ``jax.vmap`` over examples it is
-    correct too, but JAX then batches the one-example custom_vjp, 1.3-1.5x slower per training step of a
+    correct too, but JAX then batches the one-example rule, 1.3-1.5x slower per training step of a
     4-layer ReLU MLP (``benchmarks/per_example_paths.py``): call it on the batch with one key per example
     instead.
 

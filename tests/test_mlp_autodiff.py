@@ -219,7 +219,10 @@ def _step_program(apply_fn, activation, depth=4, batch=128, width=1024):
     apply_fn = functools.partial(apply_fn, rates=(0.0,) + (0.5,) * depth)
     params = jax.eval_shape(lambda: mlp.init(jax.random.key(0), sizes, activation=activation))
     state = jax.eval_shape(lambda p: train.TrainState.create(apply_fn=apply_fn, params=p, tx=optax.sgd(0.1)), params)
-    batch_spec = {"x": jax.ShapeDtypeStruct((batch, width), jnp.float32), "y": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    batch_spec = {
+        "x": jax.ShapeDtypeStruct((batch, width), jnp.float32),
+        "y": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
     step = jax.jit(train._loop._train_step, donate_argnums=(0,))
     compiled = step.lower(state, batch_spec, jax.random.key(1), 0).compile()
     instructions = [line for line in compiled.as_text().splitlines() if " = " in line and "parameter(" not in line]
