@@ -96,6 +96,7 @@ MODES = {
         lambda s: jax.jvp(lambda p, x: f(p, x, KEYS), (p, x), jax.tree.map(lambda a: s * a, t))[1])(
         jnp.asarray([1.0, -0.5, 2.0], x.dtype)),
     "vmap_grad": lambda f, p, x, t: jax.vmap(jax.grad(_scalar(f), argnums=(0, 1)), (None, 0, 0))(p, x, KEYS),
+    "jvp_one_example": lambda f, p, x, t: jax.jvp(lambda p, x: f(p, x, KEYS[2]), (p, x[2]), (t[0], t[1][2])),
 }
 
 CONFIGS = {
@@ -106,7 +107,7 @@ CONFIGS = {
     "tanh_classic_traced": dict(activation="tanh", rates=(0.25, 0.5, 0.0), scale="classic", traced=True),
     "eval_classic": dict(activation="tanh", rates=(0.25, 0.5, 0.25), scale="classic", deterministic=True),
 }
-FULL = ("tanh", "relu")  # every mode; the other configurations: the modes below
+FULL = ("tanh", "relu", "eval_classic")  # every mode; the other configurations: the modes below
 SOME_MODES = ("jvp", "jacfwd", "hessian", "vmap_grad")
 
 
