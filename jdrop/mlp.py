@@ -363,7 +363,10 @@ def _train_apply_jvp(static, primals, tangents):
     params, x, key_data, rates = primals
     out, res = _train_forward(static, params, x, key_data, rates)
     dparams, dx = tangents[:2]
-    return out, linear_map(_tangent_of_saved, _backward_of_saved, (params, res), (dparams, dx), out)
+    # Recomputed, not kept: the transposed solve closes over the residuals only, not over arrays derived from them.
+    reference = jax.checkpoint(_tangent_of_saved, policy=jax.checkpoint_policies.nothing_saveable)
+    return out, linear_map(_tangent_of_saved, _backward_of_saved, (params, res), (dparams, dx), out,
+                           reference=reference)
 
 
 # ------------------------------------------------------------------------------------ public API
