@@ -239,3 +239,24 @@ def test_training_step_is_the_custom_vjp_program(activation):
     """
     ours = _step_program(mlp.apply, activation)
     assert ours == _step_program(_custom_vjp_apply, activation)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_unjitted_vjp_keeps_the_residuals_not_masks(activation):
+    """Outside jit (no XLA to remove dead values) ``jax.vjp`` holds what the custom_vjp of the same pair holds, plus
+    the forward-mode rule's zero blocks on the logits (a bool and a float zero per logit, twice) and the transposed
+    weights its second-order rule closes over: no mask, no product of the kept activations, nothing else per
+    hidden unit."""
+    params = _params(activation)
+    x = jnp.asarray(_arrays(2, (BATCH, SIZES[0]))[0])
+
+    def held(apply_fn):
+        _, vjp_fn = jax.vjp(lambda p, x: apply_fn(p, x, key=KEYS, rates=(0.25, 0.5, 0.25), deterministic=False),
+                            params, x)
+        return [leaf for leaf in jax.tree.leaves(vjp_fn) if hasattr(leaf, "nbytes")]
+
+    ours, theirs = held(mlp.apply), held(_custom_vjp_apply)
+    logits = BATCH * SIZES[-1]
+    weights = sum(w.nbytes for w in params.weights)
+    assert sum(leaf.nbytes for leaf in ours) <= sum(leaf.nbytes for leaf in theirs) + 2 * logits * (1 + 4) + weights
+    assert not any(leaf.dtype == jnp.bool_ and leaf.size > logits for leaf in ours)
