@@ -41,8 +41,8 @@ That tangent is a linear map of ``(dW, db, dx)`` whose transpose is the backward
 Forward mode evaluates the JVP. Reverse mode keeps only the residuals and runs the hand-written
 backward pass on the cotangent: the compiled training step is the program a ``jax.custom_vjp`` of
 the same pair compiles to (same temporaries, same instructions). Higher derivatives differentiate
-both exactly. No derivative flows to the rates or
-keys (the masks are piecewise constant in them). Evaluation (``deterministic=True``) is plain JAX.
+both exactly. No derivative flows to the rates or keys (the masks are piecewise constant in them).
+Evaluation (``deterministic=True``) is plain JAX.
 """
 
 from __future__ import annotations
