@@ -1,9 +1,11 @@
 """The seed's network: a multilayer perceptron with dropout, forward and backward written by hand.
 
 ``forward`` returns the residuals that ``backward`` consumes, as in the seed code that asked whether
-each training input samples its own sub-network (it does: every example has its own key). The pair
-is tied to :func:`apply` with ``jax.custom_vjp``, so ``jax.grad`` of anything built on ``apply``
-uses the hand-written backward pass.
+each training input samples its own sub-network (it does: every example has its own key). In
+training, :func:`apply` ties them to every mode of JAX's autodiff: ``jax.grad`` of anything built
+on ``apply`` runs the hand-written backward pass, and forward mode (``jax.jvp``, ``jax.jacfwd``,
+``jax.linearize``) and second derivatives (``jax.hessian``, ``grad`` of ``grad``) work too, all
+with the forward pass's masks (see Autodiff below).
 
 Layer ``l`` computes ``a_l = dropout(h_l; rate_l)``, ``z_l = a_l @ W_l + b_l`` and
 ``h_{l+1} = act(z_l)`` (no activation after the last layer: it returns logits); ``h_0 = x``, so
@@ -25,6 +27,22 @@ Memory: one activation per layer and the layer keys (a few bytes per example); n
   the mask from the key and recomputes ``a_l``, inside the fusions that consume the cotangent.
 
 Either way dropout adds nothing per element to a training step's memory.
+
+Autodiff. The training network is a ``jax.custom_jvp`` whose tangent is the Jacobian-vector product
+written by hand from the same residuals, for tangents ``dW_l``, ``db_l`` of the parameters and
+``dx`` of the input (``dz_{-1} = dx``)::
+
+    da_l = dh_l * m_l * s                  (dh_0 = dx; dh_l = act'(h_l) * dz_{l-1}, so for
+                                            a ReLU hidden layer da_l = dz_{l-1} * s * [a_l > 0])
+    dz_l = da_l @ W_l + a_l @ dW_l + db_l  (the logits' tangent is dz_L)
+
+That tangent is a linear map of ``(dW, db, dx)`` whose transpose is the backward pass above;
+``lax.custom_linear_solve`` (the JAX primitive whose transpose is given, not derived) carries both.
+Forward mode evaluates the JVP. Reverse mode keeps only the residuals and runs the hand-written
+backward pass on the cotangent: the compiled training step is the program a ``jax.custom_vjp`` of
+the same pair compiles to (same temporaries, same instructions). Higher derivatives differentiate
+both exactly. No derivative flows to the rates or keys (the masks are piecewise constant in them).
+Evaluation (``deterministic=True``) is plain JAX.
 """
 
 from __future__ import annotations
@@ -43,6 +61,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jdrop import masks
 from jdrop._batching import takes_batch
 from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd
+from jdrop._linear import linear_map
 from jdrop._typing import KeyLike
 from jdrop._validation import check_choice, check_float_input, check_rate, check_scale, deterministic_or_train
 
@@ -241,6 +260,50 @@ def _forward(
     return h, tuple(kept)
 
 
+def _train_forward(static, params, x, key_data, rates):
+    """Training forward pass of a batch: ``(logits, residuals)``."""
+    active, scale, impl = static
+    res = MLPResiduals((), key_data, rates, active, scale, impl)
+    out, kept = _forward(params, x, _train_drop(res))
+    return out, dataclasses.replace(res, activations=kept)
+
+
+def _kept_sign_mask(res: MLPResiduals, layer: int) -> DropoutResidual:
+    """A ReLU hidden layer's ``m_l * relu'(h_l) = [a_l > 0]`` (with its scale), read from the kept ``a_l``."""
+    rate = res.rates[layer] if res.active[layer] else 0.0
+    return DropoutResidual.from_mask(res.activations[layer] > 0, rate, scale=res.scale)
+
+
+def _apply_mask(drop_res: DropoutResidual | None, v: jax.Array) -> jax.Array:
+    """``v * m * s`` with a regenerated layer's per-example masks (``v`` itself where the layer does not drop)."""
+    if drop_res is None:
+        return v
+    return dropout_bwd(drop_res, v) if v.ndim == 1 else jax.vmap(dropout_bwd)(drop_res, v)
+
+
+def _tangent(params: MLPParams, res: MLPResiduals, tangents: tuple[MLPParams, jax.Array]) -> jax.Array:
+    """The logits' tangent for tangents ``(dparams, dx)``, with the forward pass's masks (module docstring).
+
+    ``da_l = m_l * s * dh_l``, ``dz_l = da_l @ W_l + a_l @ dW_l + db_l``, ``dh_{l+1} = act'(h_{l+1}) * dz_l``;
+    the same residuals as :func:`_backward`, read the same way (its transpose).
+    """
+    dparams, dx = tangents
+    act = _activation(params.activation)
+    regenerate = _train_drop(res, residual="mask")
+    dz = dx
+    for layer, (w, dw, db) in enumerate(zip(params.weights, dparams.weights, dparams.biases)):
+        if act.keeps_dropped and layer > 0:
+            # m * s * relu'(h) = s * [a > 0]: the dropped activation carries the mask and the derivative.
+            a = res.activations[layer]
+            da = dropout_bwd(_kept_sign_mask(res, layer), dz)
+        else:
+            h = res.activations[layer]
+            a, drop_res = regenerate(layer, h)
+            da = _apply_mask(drop_res, dz * act.derivative_from_output(h) if layer > 0 else dz)
+        dz = da @ w + a @ dw + db
+    return dz
+
+
 def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[MLPParams, jax.Array]:
     """Gradients of ``sum(dout * logits)`` for one example or a batch: ``(grads, dx)`` (module docstring).
 
@@ -262,9 +325,7 @@ def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[ML
             a = res.activations[layer]
             grad_w.append(weight_grad(a, g))
             grad_b.append(jnp.sum(g, axis=batch_axes))
-            da = g @ params.weights[layer].T
-            rate = res.rates[layer] if res.active[layer] else 0.0
-            g = dropout_bwd(DropoutResidual.from_mask(a > 0, rate, scale=res.scale), da)
+            g = dropout_bwd(_kept_sign_mask(res, layer), g @ params.weights[layer].T)
             continue
         h = res.activations[layer]
         # Ties the recomputation to the cotangent: it stops XLA's common-subexpression pass from merging it with
@@ -274,40 +335,38 @@ def _backward(params: MLPParams, res: MLPResiduals, dout: jax.Array) -> tuple[ML
         a, drop_res = regenerate(layer, h)
         grad_w.append(weight_grad(a, g))
         grad_b.append(jnp.sum(g, axis=batch_axes))
-        dh = g @ params.weights[layer].T
-        if drop_res is not None:
-            dh = dropout_bwd(drop_res, dh) if dh.ndim == 1 else jax.vmap(dropout_bwd)(drop_res, dh)
+        dh = _apply_mask(drop_res, g @ params.weights[layer].T)
         g = dh * act.derivative_from_output(h) if layer > 0 else dh
     grads = MLPParams(tuple(reversed(grad_w)), tuple(reversed(grad_b)), params.activation)
     return grads, g
 
 
-def _train_forward(static, params, x, key_data, rates):
-    """Training forward pass of a batch: ``(logits, residuals)``."""
-    active, scale, impl = static
-    res = MLPResiduals((), key_data, rates, active, scale, impl)
-    out, kept = _forward(params, x, _train_drop(res))
-    return out, dataclasses.replace(res, activations=kept)
+def _tangent_of_saved(saved: tuple[MLPParams, MLPResiduals], tangents: tuple[MLPParams, jax.Array]) -> jax.Array:
+    return _tangent(*saved, tangents)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _backward_of_saved(saved: tuple[MLPParams, MLPResiduals], dout: jax.Array) -> tuple[MLPParams, jax.Array]:
+    return _backward(*saved, dout)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train_apply(static, params, x, key_data, rates):
     return _train_forward(static, params, x, key_data, rates)[0]
 
 
-def _train_apply_fwd(static, params, x, key_data, rates):
+@partial(_train_apply.defjvp, symbolic_zeros=True)
+def _train_apply_jvp(static, primals, tangents):
+    """Forward mode evaluates :func:`_tangent`; reverse mode keeps ``(params, residuals)`` and runs :func:`_backward`.
+
+    No tangent flows from the key data (integers) or the rates (the masks are piecewise constant in them).
+    """
+    params, x, key_data, rates = primals
     out, res = _train_forward(static, params, x, key_data, rates)
-    return out, (params, res)
-
-
-def _train_apply_bwd(static, saved, dout):
-    del static
-    params, res = saved
-    grads, dx = _backward(params, res, dout)
-    return grads, dx, None, tuple(None for _ in res.rates)
-
-
-_train_apply.defvjp(_train_apply_fwd, _train_apply_bwd)
+    dparams, dx = tangents[:2]
+    # Recomputed, not kept: the transposed solve closes over the residuals only, not over arrays derived from them.
+    reference = jax.checkpoint(_tangent_of_saved, policy=jax.checkpoint_policies.nothing_saveable)
+    return out, linear_map(_tangent_of_saved, _backward_of_saved, (params, res), (dparams, dx), out,
+                           reference=reference)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -336,7 +395,7 @@ def _example_keys(key: KeyLike | None, x: jax.Array) -> jax.Array:
 
 
 def _train_arguments(params, x, key, rates, scale):
-    """The custom_vjp's arguments: the static options, and the key data of every example."""
+    """The training rule's arguments: the static options, and the key data of every example."""
     example_keys = _example_keys(key, x)
     active = tuple(not (isinstance(r, float) and r == 0.0) for r in rates)
     static = (active, scale, jax.random.key_impl(example_keys))
@@ -364,13 +423,19 @@ def apply(
     ``key[i]`` for one key per example (shape ``(B,)``), so a batch equals the vmap of single examples
     with those keys; layer ``l`` folds ``l`` into the example key. Eval (``deterministic=True``, the
     default): ``a_l = h_l`` (inverted) or ``a_l = keep_l * h_l`` (classic, the weight-scaling rule of
-    Srivastava et al. 2014). Gradients use the hand-written :func:`backward`.
+    Srivastava et al. 2014).
 
-    One example and a batch run the same custom_vjp; on a batch the weight gradient
+    Autodiff in training (module docstring): reverse mode (``grad``, ``vjp``, ``jacrev``) runs the
+    hand-written :func:`backward`; forward mode (``jvp``, ``jacfwd``, ``linearize``) the hand-written
+    JVP ``dz_l = (dh_l * m_l * s) @ W_l + a_l @ dW_l + db_l``, ``dh_{l+1} = act'(h_{l+1}) * dz_l``,
+    with the same masks; their compositions (``hessian``, ``grad`` of ``grad``) are exact. No
+    derivative flows to ``rates`` or ``key``.
+
+    One example and a batch run the same rule; on a batch the weight gradient
     ``sum_i a_i^T g_i`` is one matrix product. ``apply`` is marked :func:`jdrop.train.takes_batch`, so
     :func:`jdrop.train_step` (and ``per_example``, ``mc_predict``, ``rdrop_loss``) call it once on the
     batch with the example keys instead of vmapping it. Under your own ``jax.vmap`` over examples it is
-    correct too, but JAX then batches the one-example custom_vjp, 1.3-1.5x slower per training step of a
+    correct too, but JAX then batches the one-example rule, 1.3-1.5x slower per training step of a
     4-layer ReLU MLP (``benchmarks/per_example_paths.py``): call it on the batch with one key per example
     instead.
 

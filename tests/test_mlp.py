@@ -466,18 +466,29 @@ def _threefry_calls(jaxpr):
     """How many times a (closed) jaxpr draws bits with jdrop's unrolled threefry, nested jaxprs included.
 
     A conditional runs one branch: it counts as its most drawing branch (the core's per-platform choice of
-    program, and the CPU program's kernel boundary, are conditionals whose branches draw the same bits).
+    program, and the CPU program's kernel boundary, are conditionals whose branches draw the same bits). A
+    ``custom_linear_solve`` (the MLP's autodiff rule, jdrop._linear.linear_map) runs its ``solve`` on its
+    ``solve`` operands; its other jaxprs, and what only their operands use, exist for differentiating it
+    further and are not compiled (XLA removes them: an equation counts only if something that runs uses it).
     """
+    needed = {v for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var)}
     count = 0
-    for eqn in jaxpr.eqns:
+    for eqn in reversed(jaxpr.eqns):
+        if not any(v in needed for v in eqn.outvars):
+            continue
+        operands = eqn.invars
         if eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "_threefry_bits":
             count += 1
-            continue
-        if eqn.primitive.name == "cond":
+        elif eqn.primitive.name == "cond":
             count += max(_threefry_calls(branch.jaxpr) for branch in eqn.params["branches"])
-            continue
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            count += _threefry_calls(sub)
+        elif eqn.primitive.name == "custom_linear_solve":
+            lengths = eqn.params["const_lengths"]
+            start = lengths.matvec + lengths.vecmat
+            operands = operands[start : start + lengths.solve] + operands[sum(lengths) :]
+            count += _threefry_calls(eqn.params["jaxprs"].solve.jaxpr)
+        else:
+            count += sum(_threefry_calls(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+        needed.update(v for v in operands if isinstance(v, jax.extend.core.Var))
     return count
 
 
@@ -502,10 +513,12 @@ def test_relu_layers_keep_the_dropped_activation_and_never_regenerate_masks():
     assert _threefry_calls(jax.make_jaxpr(loss)(params).jaxpr) == len(RATES)
     grad_jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
     assert _threefry_calls(grad_jaxpr) == len(RATES) + 1  # forward: one per layer; backward: input layer only
-    # tanh keeps h_l and regenerates every active layer's mask in the backward pass.
+    # tanh keeps h_l and regenerates every active layer's mask in the backward pass (value_and_grad: the last
+    # layer's forward draw feeds only the loss, which grad alone would drop).
     tparams, _ = _setup("tanh")
     tloss = lambda p: mlp.apply(p, x, key=KEY, rates=RATES, deterministic=False).sum()  # noqa: E731
-    assert _threefry_calls(jax.make_jaxpr(jax.grad(tloss))(tparams).jaxpr) == 2 * len(RATES)
+    assert _threefry_calls(jax.make_jaxpr(jax.value_and_grad(tloss))(tparams).jaxpr) == 2 * len(RATES)
+    assert _threefry_calls(jax.make_jaxpr(jax.grad(tloss))(tparams).jaxpr) == 2 * len(RATES) - 1
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
