@@ -150,9 +150,18 @@ def _float64_reference(config, mode):
 
 
 CASES = [(c, m) for c in CONFIGS for m in (MODES if c in FULL else SOME_MODES)]
+# `make test` runs every mode once (tanh: the layers that regenerate their masks from the key) and the common modes
+# on the others; the rest (about 4 s of compiling each) runs with the integration checks.
+QUICK = {"tanh": tuple(MODES), "relu": SOME_MODES, "eval_classic": ("jvp", "hessian"),
+         "relu_classic_traced": ("jvp", "hessian"), "tanh_classic_traced": ("jacfwd", "vmap_grad")}
 
 
-@pytest.mark.parametrize(("config", "mode"), CASES, ids=[f"{c}-{m}" for c, m in CASES])
+def _case(config, mode):
+    marks = () if mode in QUICK[config] else (pytest.mark.integration,)
+    return pytest.param(config, mode, id=f"{config}-{mode}", marks=marks)
+
+
+@pytest.mark.parametrize(("config", "mode"), [_case(c, m) for c, m in CASES])
 def test_every_mode_equals_autodiff_of_flax_dropout(config, mode):
     ours64, ref64 = _float64_reference(config, mode)
     ours32, theirs32 = (_leaves(tree) for tree in _run(config, mode, np.float32))
