@@ -24,6 +24,7 @@ from jax import lax
 
 from jdrop import masks
 from jdrop._dropout import keep_and_factor
+from jdrop._linear import linear_map
 from jdrop._shard_map import cotangent_like, vary_like, varying_axes
 from jdrop._validation import keep_probability
 from jdrop.attention import _dropout_mask
@@ -36,11 +37,14 @@ __all__ = [
     "Offsets",
     "ORIGIN",
     "Operands",
+    "Tangent",
     "attention",
     "backward",
     "delta",
     "dropout_operands",
     "forward",
+    "output_tangent",
+    "tangent",
 ]
 
 Drop = tuple[jax.Array, jax.Array, jax.Array]
@@ -426,24 +430,147 @@ def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp,
     return d_q.astype(ops.q.dtype if grad_dtype is None else grad_dtype), d_k, d_v, d_bias
 
 
-# ----------------------------------------------------------------------------------- custom_vjp
+# ----------------------------------------------------------------------------------- forward mode
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+class Tangent(NamedTuple):
+    """The two sums of one block pair's output tangent (:func:`tangent`), tile-major like ``q``, in float32 or wider.
+
+    ``dO = (weighted - c * O)`` where ``O`` is the final output over every key block: both terms sum over key
+    blocks, so block pairs combine by adding them.
+    """
+
+    weighted: jax.Array  # (nq, B, Hk, G, bq, Dv): sum_j D_ij dV_j + (D * dS)_ij V_j
+    c: jax.Array  # (nq, B, Hk, G, bq): sum_j P_ij dS_ij, the undropped probabilities
+
+
+def _tangent_step(cfg: Config, ops: Operands, d_ops: Operands, i: Any, rows: tuple[jax.Array, ...],
+                  lse: tuple[jax.Array, jax.Array], j: Any, shared: jax.Array | None, offsets: Offsets,
+                  carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Query tile ``i`` (``rows``: its q and dq tiles) meets key tile ``j``: adds into ``(weighted, c)``."""
+    weighted, c = carry
+    q_i, dq_i = rows
+    batch, kv_heads, group, bq, depth = q_i.shape
+    k_j, v_j = ops.k[j], ops.v[j]
+    s, allowed = _scores(cfg, ops, q_i, k_j, i, j, offsets)
+    p = jnp.exp(s - lse[0][..., None] - lse[1][..., None])
+    flat = (batch, kv_heads, group * bq, depth)
+    ds = (_dot(cfg, dq_i.reshape(flat), k_j, (3, 3)) + _dot(cfg, q_i.reshape(flat), d_ops.k[j], (3, 3))).reshape(s.shape)
+    if d_ops.bias is not None:
+        ds = ds + _tile(cfg, d_ops.bias, i, j).astype(ds.dtype)
+    if allowed is not None:
+        ds = jnp.where(allowed, ds, 0.0)  # masked logits are a constant
+    c = c + jnp.sum(p * ds, axis=-1)
+    if shared is not None:
+        p = p * lax.dynamic_slice_in_dim(shared, j * cfg.block_k, cfg.block_k, axis=1)
+    elif ops.drop is not None:
+        p = p * _dropout_factors(cfg, ops.drop, (batch, kv_heads), i * cfg.block_q, cfg.block_q, j * cfg.block_k,
+                                 cfg.block_k, offsets)
+    tile = (batch, kv_heads, group * bq, cfg.block_k)
+    products = (_dot(cfg, p.astype(v_j.dtype).reshape(tile), d_ops.v[j], (3, 2))
+                + _dot(cfg, (p * ds).astype(v_j.dtype).reshape(tile), v_j, (3, 2)))
+    return weighted + products.reshape(weighted.shape), c
+
+
+def tangent(cfg: Config, ops: Operands, d_ops: Operands, logsumexp: LogSumExp,
+            offsets: Offsets = ORIGIN) -> Tangent:
+    """Forward-mode FlashAttention of one block pair: the two sums of the output tangent, in O(T) memory.
+
+    With ``S = q k^T + bias`` (``q`` already scaled), ``P = softmax(S)`` (undropped, from the rows' final
+    ``logsumexp``), ``D = P * M / keep`` (``M`` the mask, drawn again tile by tile from the key, as in
+    :func:`forward`) and ``O = D V``, the tangents ``d_ops`` (``dq``, ``dk``, ``dv``, ``dbias``; ``mask`` and
+    ``drop`` unused) give::
+
+        dS = dq k^T + q dk^T + dbias   (0 at masked logits)
+        dO = D dV + (D * dS) V - c * O,   c_i = sum_j P_ij dS_ij
+
+    One pass over the key tiles of each query tile (the tiles :func:`forward` visits) accumulates
+    ``weighted = D dV + (D * dS) V`` and ``c``: :class:`Tangent`. The loops have static bounds (causal
+    skipping by ``lax.cond``, :func:`_tile_loop`), so this function is JAX-transposable.
+    """
+    n_k = ops.k.shape[0]
+    batch, kv_heads, group, bq, _ = ops.q.shape[1:]
+    acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
+    axes = varying_axes(ops, d_ops, logsumexp, offsets)
+
+    def row_block(args: tuple[Any, ...]) -> Tangent:
+        i, q_i, dq_i, row_max, log_row_sum = args
+        shared = _shared_factors(cfg, ops, i * cfg.block_q, cfg.block_q, 0, n_k * cfg.block_k, offsets)
+        init = vary_like((jnp.zeros((batch, kv_heads, group, bq, ops.v.shape[-1]), acc_dtype),
+                          jnp.zeros((batch, kv_heads, group, bq), acc_dtype)), axes)
+        step = partial(_tangent_step, cfg, ops, d_ops, i, (q_i, dq_i), (row_max, log_row_sum), shared=shared,
+                       offsets=offsets)
+        return Tangent(*_tile_loop(0, _visible_k_blocks(cfg, i, n_k, offsets), n_k,
+                                   lambda j, carry: step(j, carry=carry), init))
+
+    return lax.map(row_block, (jnp.arange(ops.q.shape[0]), ops.q, d_ops.q, *logsumexp))
+
+
+def output_tangent(parts: Tangent, out: jax.Array) -> jax.Array:
+    """``dO = weighted - c * O`` (:class:`Tangent`) in ``out``'s dtype, ``out`` the final output."""
+    acc = parts.weighted.dtype
+    return (parts.weighted - parts.c[..., None] * out.astype(acc)).astype(out.dtype)
+
+
+# ----------------------------------------------------------------------------------- every mode of autodiff
+
+
+def _float_tangents(ops: Operands, d_ops: Operands) -> tuple[Any, ...]:
+    """The tangents of the differentiable operands: ``(dq, dk, dv)`` and ``dbias`` where there is a bias."""
+    return (d_ops.q, d_ops.k, d_ops.v) + (() if ops.bias is None else (d_ops.bias,))
+
+
+def _tangent_operands(tangents: tuple[jax.Array, ...]) -> Operands:
+    d_q, d_k, d_v, *d_bias = tangents
+    return Operands(d_q, d_k, d_v, d_bias[0] if d_bias else None, None, None)
+
+
+def _attention_jvp_apply(cfg: Config, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> jax.Array:
+    ops, out, logsumexp = residuals
+    return output_tangent(tangent(cfg, ops, _tangent_operands(tangents), logsumexp), out)
+
+
+def _attention_transpose(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[jax.Array, ...]:
+    ops, out, logsumexp = residuals
+    d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out))
+    grads = cotangent_like(Operands(d_q, d_k, d_v, d_bias, None, None), ops)
+    return _float_tangents(ops, grads)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def attention(cfg: Config, ops: Operands) -> jax.Array:
-    """Attention of the whole (one-block) problem, ``(nq, B, Hk, G, bq, Dv)``; gradients by :func:`backward`."""
+    """Attention of the whole (one-block) problem, ``(nq, B, Hk, G, bq, Dv)``, differentiable in every mode.
+
+    Forward mode runs :func:`tangent`; reverse mode keeps ``(ops, out, logsumexp)`` and runs :func:`backward`
+    (:func:`jdrop._linear.linear_map`). The mask, the dropout operands (key, threshold, factor) are constants.
+    """
     return forward(cfg, ops)[0]
 
 
-def _attention_fwd(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ...]]:
-    out, logsumexp = forward(cfg, ops)
-    return out, (ops, out, logsumexp)
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _primal(cfg: Config, ops: Operands) -> tuple[jax.Array, LogSumExp]:
+    """:func:`forward` as one opaque call, differentiated by autodiff of itself.
+
+    Reverse mode linearizes a ``custom_jvp`` rule by partial evaluation, whose scan rule would hoist the
+    forward loop's invariants (the dropout factors' broadcast operands) out of the loop into stored
+    arrays; a call with a custom rule whose inputs are all known is staged whole, as :func:`forward`
+    alone compiles.
+    """
+    return forward(cfg, ops)
 
 
-def _attention_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
-    ops, out, logsumexp = residuals
-    d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out))
-    return (cotangent_like(Operands(d_q, d_k, d_v, d_bias, None, None), ops),)
+@_primal.defjvp
+def _primal_jvp(cfg: Config, primals: tuple[Operands], tangents: tuple[Operands]) -> tuple[Any, Any]:
+    return jax.jvp(partial(forward, cfg), primals, tangents)
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+@partial(attention.defjvp, symbolic_zeros=True)
+def _attention_jvp(cfg: Config, primals: tuple[Operands], tangents: tuple[Operands]) -> tuple[jax.Array, jax.Array]:
+    (ops,), (d_ops,) = primals, tangents
+    out, logsumexp = _primal(cfg, ops)
+    residuals = (ops, out, logsumexp)
+    apply = partial(_attention_jvp_apply, cfg)
+    # The reference is transposed when the solve is built: rematerialised, that transpose recomputes the tiles
+    # from the residuals instead of staging a scan that stores every tile's probabilities (dead code, but traced).
+    return out, linear_map(apply, partial(_attention_transpose, cfg), residuals, _float_tangents(ops, d_ops), out,
+                           reference=jax.checkpoint(apply))
