@@ -56,7 +56,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from jdrop.attention import _dropout_mask
 from jdrop._linear import linear_map
-from jdrop.attention._kernel import Config, Drop, DropoutMode, LogSumExp, Operands, output_tangent, tangent
+from jdrop.attention._kernel import (Config, Drop, DropoutMode, LogSumExp, Operands, Tangent, output_tangent,
+                                    tangent)
 from jdrop.attention._layout import Layout, _pad_axis
 
 BACKENDS = ("tpu", "gpu")
@@ -857,17 +858,41 @@ def _from_query_tiles(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 3).reshape(batch, kv_heads * group, n_q * bq, depth)
 
 
-def _tangent(spec: _Spec, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> jax.Array:
-    """The output tangent by the xla path's blockwise forward-mode pass (:func:`jdrop.attention._kernel.tangent`)."""
-    q, k, v, bias, mask, drop, out, row_max, log_row_sum = residuals
+def _tangent_parts(spec: _Spec, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> Tangent:
+    """The xla path's blockwise forward-mode pass (:func:`jdrop.attention._kernel.tangent`) on the kernels' residuals."""
+    q, k, v, bias, mask, drop, _, row_max, log_row_sum = residuals
     d_q, d_k, d_v, *d_bias = tangents
     cfg, ops = _xla_operands(spec, q, k, v, bias, mask, drop)
     d_ops = Operands(_query_tiles(spec, d_q), _key_tiles(spec, d_k), _key_tiles(spec, d_v),
                      d_bias[0] if d_bias else None, None, None)
     rows = (q.shape[0], q.shape[1], q.shape[2])
     lse = LogSumExp(*(_query_tiles(spec, x.reshape(rows)) for x in (row_max, log_row_sum)))
-    parts = tangent(cfg, ops, d_ops, lse)
-    return _from_query_tiles(output_tangent(parts, _query_tiles(spec, out)))
+    return tangent(cfg, ops, d_ops, lse)
+
+
+def _tangent(spec: _Spec, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> jax.Array:
+    """The output tangent, ``dO = D dV + (D * dS) V - c * O`` (:func:`_tangent_parts`)."""
+    parts = _tangent_parts(spec, residuals, tangents)
+    return _from_query_tiles(output_tangent(parts, _query_tiles(spec, residuals[6])))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _forward_rows(spec: _Spec, q, k, v, bias, mask, drop):
+    """:func:`_forward` with a JVP (which the ``pallas_call`` lacks), for second derivatives: ``dO`` by :func:`_tangent`,
+    and the rows' logsumexp ``L = m + log l`` (used only as that sum) moving by ``dL_i = sum_j P_ij dS_ij = c_i`` in
+    its log-sum part."""
+    return _forward(spec, q, k, v, bias, mask, drop)
+
+
+@_forward_rows.defjvp
+def _forward_rows_jvp(spec: _Spec, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    out, row_max, log_row_sum = _forward_rows(spec, *primals)
+    residuals = (*primals, out, row_max, log_row_sum)
+    live = tuple(tangents[:3]) + (() if primals[3] is None else (tangents[3],))
+    parts = _tangent_parts(spec, residuals, live)
+    d_out = _from_query_tiles(output_tangent(parts, _query_tiles(spec, out)))
+    d_log_row_sum = _from_query_tiles(parts.c[..., None]).reshape(log_row_sum.shape)
+    return (out, row_max, log_row_sum), (d_out, jnp.zeros_like(row_max), d_log_row_sum)
 
 
 def _transpose(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[jax.Array, ...]:
@@ -893,7 +918,7 @@ def _attention(spec: _Spec, q, k, v, bias, mask, drop):
 @partial(_attention.defjvp, symbolic_zeros=True)
 def _attention_jvp(spec: _Spec, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[jax.Array, jax.Array]:
     q, k, v, bias, mask, drop = primals
-    out, row_max, log_row_sum = _forward(spec, q, k, v, bias, mask, drop)
+    out, row_max, log_row_sum = _forward_rows(spec, q, k, v, bias, mask, drop)
     residuals = (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
     live = tuple(tangents[:3]) + (() if bias is None else (tangents[3],))
     apply = partial(_tangent, spec)
