@@ -45,6 +45,7 @@ __all__ = [
     "forward",
     "output_tangent",
     "tangent",
+    "whole_call",
 ]
 
 Drop = tuple[jax.Array, jax.Array, jax.Array]
@@ -455,7 +456,8 @@ def _tangent_step(cfg: Config, ops: Operands, d_ops: Operands, i: Any, rows: tup
     s, allowed = _scores(cfg, ops, q_i, k_j, i, j, offsets)
     p = jnp.exp(s - lse[0][..., None] - lse[1][..., None])
     flat = (batch, kv_heads, group * bq, depth)
-    ds = (_dot(cfg, dq_i.reshape(flat), k_j, (3, 3)) + _dot(cfg, q_i.reshape(flat), d_ops.k[j], (3, 3))).reshape(s.shape)
+    ds = _dot(cfg, dq_i.reshape(flat), k_j, (3, 3)) + _dot(cfg, q_i.reshape(flat), d_ops.k[j], (3, 3))
+    ds = ds.reshape(s.shape)
     if d_ops.bias is not None:
         ds = ds + _tile(cfg, d_ops.bias, i, j).astype(ds.dtype)
     if allowed is not None:
@@ -537,34 +539,50 @@ def _attention_transpose(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Arr
     return _float_tangents(ops, grads)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def attention(cfg: Config, ops: Operands) -> jax.Array:
     """Attention of the whole (one-block) problem, ``(nq, B, Hk, G, bq, Dv)``, differentiable in every mode.
 
     Forward mode runs :func:`tangent`; reverse mode keeps ``(ops, out, logsumexp)`` and runs :func:`backward`
     (:func:`jdrop._linear.linear_map`). The mask, the dropout operands (key, threshold, factor) are constants.
+    Inside ``shard_map`` on sharded operands, reverse mode only (a ``custom_vjp`` around the same passes):
+    ``lax.custom_linear_solve``, which carries the linear map, does not keep the mesh axes its operands vary
+    along (JAX 0.10), so the forward-mode rule cannot run there.
     """
-    return forward(cfg, ops)[0]
+    return (_reverse_only if varying_axes(ops) else _every_mode)(cfg, ops)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _primal(cfg: Config, ops: Operands) -> tuple[jax.Array, LogSumExp]:
-    """:func:`forward` as one opaque call, differentiated by autodiff of itself.
+def _residuals(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ...]]:
+    out, logsumexp = forward(cfg, ops)
+    return out, (ops, out, logsumexp)
 
-    Reverse mode linearizes a ``custom_jvp`` rule by partial evaluation, whose scan rule would hoist the
-    forward loop's invariants (the dropout factors' broadcast operands) out of the loop into stored
-    arrays; a call with a custom rule whose inputs are all known is staged whole, as :func:`forward`
-    alone compiles.
+
+def _reverse_only_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
+    grads = _attention_transpose(cfg, residuals, d_out)
+    return (_tangent_operands(grads),)
+
+
+_reverse_only = jax.custom_vjp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
+_reverse_only.defvjp(_residuals, _reverse_only_bwd)
+_every_mode = jax.custom_jvp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
+
+
+def whole_call(fn: Any) -> Any:
+    """``fn(static, *args)`` as one opaque call (a ``custom_jvp`` differentiated by autodiff of ``fn`` itself).
+
+    Reverse mode linearizes a ``custom_jvp`` rule by partial evaluation, whose scan rule hoists a loop's
+    invariants (e.g. the dropout factors' broadcast operands) out of the loop into stored arrays; a call
+    with a custom rule whose inputs are all known is staged whole, and compiles as ``fn`` alone does. The
+    forward pass inside each attention rule is such a call.
     """
-    return forward(cfg, ops)
+    wrapped = jax.custom_jvp(fn, nondiff_argnums=(0,))
+    wrapped.defjvp(lambda static, primals, tangents: jax.jvp(partial(fn, static), primals, tangents))
+    return wrapped
 
 
-@_primal.defjvp
-def _primal_jvp(cfg: Config, primals: tuple[Operands], tangents: tuple[Operands]) -> tuple[Any, Any]:
-    return jax.jvp(partial(forward, cfg), primals, tangents)
+_primal = whole_call(forward)
 
 
-@partial(attention.defjvp, symbolic_zeros=True)
+@partial(_every_mode.defjvp, symbolic_zeros=True)
 def _attention_jvp(cfg: Config, primals: tuple[Operands], tangents: tuple[Operands]) -> tuple[jax.Array, jax.Array]:
     (ops,), (d_ops,) = primals, tangents
     out, logsumexp = _primal(cfg, ops)

@@ -50,14 +50,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from jdrop.attention import _dropout_mask
 from jdrop._linear import linear_map
-from jdrop.attention._kernel import (Config, Drop, DropoutMode, LogSumExp, Operands, Tangent, output_tangent,
-                                    tangent)
+from jdrop._shard_map import varying_axes
+from jdrop.attention import _dropout_mask
+from jdrop.attention._kernel import Config, Drop, DropoutMode, LogSumExp, Operands, Tangent, output_tangent, tangent
 from jdrop.attention._layout import Layout, _pad_axis
 
 BACKENDS = ("tpu", "gpu")
@@ -859,7 +860,8 @@ def _from_query_tiles(x: jax.Array) -> jax.Array:
 
 
 def _tangent_parts(spec: _Spec, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> Tangent:
-    """The xla path's blockwise forward-mode pass (:func:`jdrop.attention._kernel.tangent`) on the kernels' residuals."""
+    """The xla path's blockwise forward-mode pass (:func:`jdrop.attention._kernel.tangent`) on the kernels'
+    residuals."""
     q, k, v, bias, mask, drop, _, row_max, log_row_sum = residuals
     d_q, d_k, d_v, *d_bias = tangents
     cfg, ops = _xla_operands(spec, q, k, v, bias, mask, drop)
@@ -878,9 +880,9 @@ def _tangent(spec: _Spec, residuals: tuple[Any, ...], tangents: tuple[jax.Array,
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _forward_rows(spec: _Spec, q, k, v, bias, mask, drop):
-    """:func:`_forward` with a JVP (which the ``pallas_call`` lacks), for second derivatives: ``dO`` by :func:`_tangent`,
-    and the rows' logsumexp ``L = m + log l`` (used only as that sum) moving by ``dL_i = sum_j P_ij dS_ij = c_i`` in
-    its log-sum part."""
+    """:func:`_forward` with a JVP (which the ``pallas_call`` lacks), for second derivatives: ``dO`` by
+    :func:`_tangent`, and the rows' logsumexp ``L = m + log l`` (used only as that sum) moving by
+    ``dL_i = sum_j P_ij dS_ij = c_i`` in its log-sum part."""
     return _forward(spec, q, k, v, bias, mask, drop)
 
 
@@ -895,8 +897,10 @@ def _forward_rows_jvp(spec: _Spec, primals: tuple[Any, ...], tangents: tuple[Any
     return (out, row_max, log_row_sum), (d_out, jnp.zeros_like(row_max), d_log_row_sum)
 
 
-def _transpose(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[jax.Array, ...]:
-    """The FlashAttention-2 backward kernels: ``(dq, dk, dv)`` and ``dbias`` where there is a bias."""
+def _transpose(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array, *, bias_gradient: bool = True
+               ) -> tuple[jax.Array, ...]:
+    """The FlashAttention-2 backward kernels: ``(dq, dk, dv)``, and ``dbias`` where there is a bias and
+    ``bias_gradient`` (the ``dbias`` kernel is left out of the program otherwise)."""
     q, k, v, bias, mask, drop, out, row_max, log_row_sum = residuals
     # rowsum(dP~ * P~) = dO . O: the softmax backward's per-row term, dropout included.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -905,24 +909,45 @@ def _transpose(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array) -> tup
     args = (q, k, v, d_out, row_max, log_row_sum, delta, bias, mask, drop)
     d_k, d_v = _dkv(spec, *args)
     d_q = _dq(spec, *args)
-    return (d_q, d_k, d_v) + (() if bias is None else (_bias_gradient(spec, *args),))
+    return (d_q, d_k, d_v) + (() if bias is None or not bias_gradient else (_bias_gradient(spec, *args),))
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _attention(spec: _Spec, q, k, v, bias, mask, drop):
     """The kernels' attention, differentiable in every mode (:func:`jdrop._linear.linear_map`): forward mode by the
-    xla path's blockwise pass (:func:`_tangent`), reverse mode by the backward kernels (:func:`_transpose`)."""
-    return _forward(spec, q, k, v, bias, mask, drop)[0]
+    xla path's blockwise pass (:func:`_tangent`), reverse mode by the backward kernels (:func:`_transpose`).
+
+    Inside ``shard_map`` on sharded operands, reverse mode only, as the xla path
+    (:func:`jdrop.attention._kernel.attention`)."""
+    args = (q, k, v, bias, mask, drop)
+    return (_reverse_only if varying_axes(args) else _every_mode)(spec, *args)
 
 
-@partial(_attention.defjvp, symbolic_zeros=True)
+def _with_residuals(spec: _Spec, q, k, v, bias, mask, drop):
+    out, row_max, log_row_sum = _forward(spec, q, k, v, bias, mask, drop)
+    return out, (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
+
+
+def _reverse_only_bwd(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Any, ...]:
+    d_q, d_k, d_v, *d_bias = _transpose(spec, residuals, d_out)
+    return d_q, d_k, d_v, d_bias[0] if d_bias else None, None, None
+
+
+_reverse_only = jax.custom_vjp(lambda spec, *args: _forward(spec, *args)[0], nondiff_argnums=(0,))
+_reverse_only.defvjp(_with_residuals, _reverse_only_bwd)
+_every_mode = jax.custom_jvp(lambda spec, *args: _forward(spec, *args)[0], nondiff_argnums=(0,))
+
+
+@partial(_every_mode.defjvp, symbolic_zeros=True)
 def _attention_jvp(spec: _Spec, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[jax.Array, jax.Array]:
     q, k, v, bias, mask, drop = primals
     out, row_max, log_row_sum = _forward_rows(spec, q, k, v, bias, mask, drop)
     residuals = (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
-    live = tuple(tangents[:3]) + (() if bias is None else (tangents[3],))
+    # A bias held constant has no tangent leaf: neither pass computes its part.
+    with_bias = bias is not None and not isinstance(tangents[3], SymbolicZero)
+    live = tuple(tangents[:3]) + ((tangents[3],) if with_bias else ())
     apply = partial(_tangent, spec)
-    return out, linear_map(apply, partial(_transpose, spec), residuals, live, out, reference=jax.checkpoint(apply))
+    return out, linear_map(apply, partial(_transpose, spec, bias_gradient=with_bias), residuals, live, out,
+                           reference=jax.checkpoint(apply))
 
 
 # ----------------------------------------------------------------------------------- entry point
