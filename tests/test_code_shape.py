@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jdrop"
 MAX_FUNCTION_LINES = 60
 
 LAYERS = (
-    ("jdrop._typing", "jdrop._validation", "jdrop._batching", "jdrop._shard_map"),  # the foundation
+    ("jdrop._typing", "jdrop._validation", "jdrop._batching", "jdrop._shard_map", "jdrop._linear"),  # the foundation
     ("jdrop.masks",),
     ("jdrop._dropout",),
     ("jdrop.variants",),
