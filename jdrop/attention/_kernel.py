@@ -1,4 +1,4 @@
-"""The blockwise kernel: tiles, online-softmax forward, FlashAttention-2 backward, and their custom_vjp.
+"""The blockwise kernel: tiles, online-softmax forward, forward-mode pass, FlashAttention-2 backward, their custom rule.
 
 Everything here works in the kernel layout of :mod:`jdrop.attention._layout`: queries
 ``(nq, B, Hk, G, bq, D)`` and keys/values ``(nk, B, Hk, bk, D)`` in whole tiles, a mask or bias as
@@ -61,7 +61,7 @@ class DropoutMode(enum.Enum):
 
 
 class Config(NamedTuple):
-    """Static description of one block pair (hashable: the custom_vjp's non-differentiable argument)."""
+    """Static description of one block pair (hashable: the custom rules' non-differentiable argument)."""
 
     block_q: int
     block_k: int
@@ -254,7 +254,7 @@ def _tile_loop(lower: Any, upper: Any, n: int, step: Any, init: Any) -> Any:
     """``lax.fori_loop(lower, upper, step, init)`` over tiles ``[lower, upper)`` of ``[0, n)``.
 
     Causal skipping makes a bound traced, and reverse mode cannot differentiate a loop with traced
-    bounds, which second derivatives need (``jax.grad`` of ``jax.grad`` differentiates the custom_vjp's
+    bounds, which second derivatives need (``jax.grad`` of ``jax.grad`` differentiates the custom rule's
     forward and backward passes themselves). So a traced range runs as ``n`` static steps, each a
     ``lax.cond`` that skips the tiles outside the range: they are still not computed (the branch is
     not taken), and the loop differentiates any number of times.

@@ -89,7 +89,7 @@ _MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully ma
 
 
 class _Spec(NamedTuple):
-    """Static description of one call (hashable: the custom_vjp's non-differentiable argument)."""
+    """Static description of one call (hashable: the custom rules' non-differentiable argument)."""
 
     q_length: int  # real lengths; the arrays are padded to whole tiles
     k_length: int
