@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jdrop import masks
 from jdrop._dropout import keep_and_factor
@@ -394,12 +395,13 @@ def _backward_step(cfg: Config, ops: Operands, cot: _Cotangents, i: Any, column:
 
 
 def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp, delta: jax.Array,
-             offsets: Offsets = ORIGIN, *,
-             grad_dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+             offsets: Offsets = ORIGIN, *, grad_dtype: Any = None,
+             bias_gradient: bool = True) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """FlashAttention-2 backward of one block pair: ``(dq, dk, dv, dbias)`` in the operands' dtypes.
 
     ``grad_dtype`` (default: each operand's dtype) is the dtype of all four instead: a caller that
-    sums the gradients of several block pairs asks for the float32 accumulators.
+    sums the gradients of several block pairs asks for the float32 accumulators. ``dbias`` is None
+    without a bias, or with ``bias_gradient=False`` (a bias held constant: no bias-sized accumulator).
 
     One pass over key tiles, each visiting its query tiles. Each tile's probabilities are recomputed
     from the rows' ``logsumexp`` (over all key blocks, from :func:`forward`) and its dropout factors
@@ -423,7 +425,7 @@ def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp,
                                            lambda i, inner: step(i, carry=inner), init)
         return (d_q, d_bias), (d_k.astype(k_dtype), d_v.astype(v_dtype))
 
-    d_bias = None if ops.bias is None else vary_like(jnp.zeros(ops.bias.shape, acc_dtype), axes)
+    d_bias = None if ops.bias is None or not bias_gradient else vary_like(jnp.zeros(ops.bias.shape, acc_dtype), axes)
     d_q = vary_like(jnp.zeros(ops.q.shape, acc_dtype), axes)
     (d_q, d_bias), (d_k, d_v) = lax.scan(column_block, (d_q, d_bias), (jnp.arange(ops.k.shape[0]), ops.k, ops.v))
     if d_bias is not None:
@@ -518,8 +520,10 @@ def output_tangent(parts: Tangent, out: jax.Array) -> jax.Array:
 
 
 def _float_tangents(ops: Operands, d_ops: Operands) -> tuple[Any, ...]:
-    """The tangents of the differentiable operands: ``(dq, dk, dv)`` and ``dbias`` where there is a bias."""
-    return (d_ops.q, d_ops.k, d_ops.v) + (() if ops.bias is None else (d_ops.bias,))
+    """The tangents of the differentiable operands: ``(dq, dk, dv)`` and ``dbias`` where there is a bias whose
+    tangent is not a symbolic zero (a bias held constant has no leaf: neither pass computes its part)."""
+    with_bias = ops.bias is not None and not isinstance(d_ops.bias, SymbolicZero)
+    return (d_ops.q, d_ops.k, d_ops.v) + ((d_ops.bias,) if with_bias else ())
 
 
 def _tangent_operands(tangents: tuple[jax.Array, ...]) -> Operands:
@@ -532,11 +536,12 @@ def _attention_jvp_apply(cfg: Config, residuals: tuple[Any, ...], tangents: tupl
     return output_tangent(tangent(cfg, ops, _tangent_operands(tangents), logsumexp), out)
 
 
-def _attention_transpose(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[jax.Array, ...]:
+def _attention_transpose(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array, *,
+                         bias_gradient: bool = True) -> tuple[jax.Array, ...]:
     ops, out, logsumexp = residuals
-    d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out))
+    d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out), bias_gradient=bias_gradient)
     grads = cotangent_like(Operands(d_q, d_k, d_v, d_bias, None, None), ops)
-    return _float_tangents(ops, grads)
+    return (grads.q, grads.k, grads.v) + (() if grads.bias is None else (grads.bias,))
 
 
 def attention(cfg: Config, ops: Operands) -> jax.Array:
@@ -587,8 +592,10 @@ def _attention_jvp(cfg: Config, primals: tuple[Operands], tangents: tuple[Operan
     (ops,), (d_ops,) = primals, tangents
     out, logsumexp = _primal(cfg, ops)
     residuals = (ops, out, logsumexp)
+    live = _float_tangents(ops, d_ops)
+    transpose = partial(_attention_transpose, cfg, bias_gradient=len(live) == 4)
     apply = partial(_attention_jvp_apply, cfg)
     # The reference is transposed when the solve is built: rematerialised, that transpose recomputes the tiles
     # from the residuals instead of staging a scan that stores every tile's probabilities (dead code, but traced).
-    return out, linear_map(apply, partial(_attention_transpose, cfg), residuals, _float_tangents(ops, d_ops), out,
+    return out, linear_map(apply, transpose, residuals, live, out,
                            reference=jax.checkpoint(apply))
