@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import jdrop
 from jdrop.attention import _api, _dropout_mask, _kernel, _pallas
@@ -342,3 +344,23 @@ def test_reverse_mode_runs_the_hand_written_backward(monkeypatch):
     calls.update(backward=0, tangent=0)
     jax.make_jaxpr(lambda q: jax.jvp(attend, (q,), (q,)))(q)
     assert calls["tangent"] >= 1
+
+
+# ------------------------------------------------------------------------------------- shard_map: reverse mode only
+
+
+def test_inside_shard_map_forward_mode_raises_and_reverse_mode_works():
+    # A one-device mesh: the operands still vary along its axis, which is what decides (a type, not a size).
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+    q, k, v, _ = _inputs(jnp.float32, q_length=8, k_length=8)
+    options = {"dropout_rng": RNG, "dropout_rate": RATE, **BLOCKS}
+    ring = partial(jdrop.sequence_parallel_attention, mesh=mesh, **options)
+    sharded = jax.shard_map(partial(jdrop.dot_product_attention, **options), mesh=mesh, in_specs=P("seq"),
+                            out_specs=P("seq"))
+    single = partial(jdrop.dot_product_attention, **options)
+    for fn, where in ((ring, "axis_name='seq'"), (sharded, "inside jax.shard_map")):
+        with pytest.raises(TypeError, match=f"{where}.*reverse mode only"):
+            jax.jvp(fn, (q, k, v), (q, k, v))
+        grads = jax.grad(lambda q, k, v, fn=fn: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(single(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+        _assert_close(grads, want, 64 * np.finfo(np.float32).eps)

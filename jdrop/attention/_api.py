@@ -37,7 +37,7 @@ from jdrop.attention._checks import (
     check_not_sequence_parallel,
     check_shared_key,
 )
-from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
+from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands, reverse_only
 from jdrop.attention._layout import Layout
 from jdrop.attention._ring import Ring
 from jdrop.attention._ring import attention as ring_attention
@@ -185,9 +185,9 @@ def dot_product_attention(
     mode still keeps only those residuals and runs the hand-written backward pass (the tangent map
     and its transpose tied by :func:`jdrop._linear.linear_map`), and second derivatives are exact.
     Inside ``jax.shard_map`` on sharded operands (and so with ``axis_name``), attention is reverse
-    mode only: ``jax.jvp`` there raises JAX's "can't apply forward-mode autodiff (jvp) to a
-    custom_vjp function" (``lax.custom_linear_solve``, which carries the tangent map, does not keep
-    the mesh axes its operands vary along in JAX 0.10).
+    mode only (``jax.grad``, ``jax.vjp``, ``jax.hessian``): ``jax.jvp`` there raises a ``TypeError``
+    that says so (``lax.custom_linear_solve``, which carries the tangent map, does not keep the mesh
+    axes its operands vary along in JAX 0.10).
 
     ``implementation="pallas"`` runs the same algorithm as Pallas kernels instead (Dao 2023's
     FlashAttention-2 forward and backward; Mosaic on TPU, Triton on GPU), which draw each tile's
@@ -520,7 +520,9 @@ def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: t
     ops = ring.operands(chunk, query, key, value, bias, mask, drop)
     cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, causal, precision,
                   draw)
-    return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))
+    out = reverse_only(ring_attention, cfg._replace(dropout_shape=mask_shape), ring, ops,
+                       where=f"with axis_name={ring.axis_name!r} (ring attention)")
+    return ring.output(chunk, out)
 
 
 def _ring_plan(axis_name: Any, sequence_layout: str, batch_axis_name: Any, head_axis_name: Any, layout: Layout,

@@ -45,6 +45,7 @@ __all__ = [
     "dropout_operands",
     "forward",
     "output_tangent",
+    "reverse_only",
     "tangent",
     "whole_call",
 ]
@@ -553,7 +554,9 @@ def attention(cfg: Config, ops: Operands) -> jax.Array:
     ``lax.custom_linear_solve``, which carries the linear map, does not keep the mesh axes its operands vary
     along (JAX 0.10), so the forward-mode rule cannot run there.
     """
-    return (_reverse_only if varying_axes(ops) else _every_mode)(cfg, ops)
+    if varying_axes(ops):
+        return reverse_only(_reverse_only, cfg, ops, where="inside jax.shard_map on sharded operands")
+    return _every_mode(cfg, ops)
 
 
 def _residuals(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ...]]:
@@ -569,6 +572,27 @@ def _reverse_only_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array)
 _reverse_only = jax.custom_vjp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
 _reverse_only.defvjp(_residuals, _reverse_only_bwd)
 _every_mode = jax.custom_jvp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
+
+
+def reverse_only(fn: Any, *args: Any, where: str) -> Any:
+    """``fn(*args)``, a ``custom_vjp``; forward-mode autodiff of it raises a ``TypeError`` that says ``where``
+    attention is reverse mode only, and what to do.
+
+    ``lax.custom_linear_solve``, which carries the forward-mode rule of :func:`attention`, does not keep the
+    mesh axes its operands vary along inside ``jax.shard_map`` (JAX 0.10): there the attention is a
+    ``custom_vjp`` around the same forward and backward passes (reverse mode and ``jax.hessian``).
+    """
+    try:
+        return fn(*args)
+    except TypeError as error:
+        # JAX's refusal: "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; inside shard_map,
+        # JAX 0.10 fails earlier, hashing the call's parameters ("unhashable type: 'Unhashable'").
+        if not any(sign in str(error) for sign in ("forward-mode autodiff", "'Unhashable'")):
+            raise
+        raise TypeError(f"jdrop.dot_product_attention {where} is differentiable in reverse mode only (jax.grad, "
+                        "jax.vjp, jax.jacrev, and jax.hessian over them), not by jax.jvp / jax.jacfwd / "
+                        "jax.linearize: take forward-mode derivatives of the attention outside jax.shard_map "
+                        "(without axis_name), or use reverse mode.") from error
 
 
 def whole_call(fn: Any) -> Any:

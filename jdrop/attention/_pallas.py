@@ -58,7 +58,17 @@ from jax.experimental.pallas import triton as pltriton
 from jdrop._linear import linear_map
 from jdrop._shard_map import varying_axes
 from jdrop.attention import _dropout_mask
-from jdrop.attention._kernel import Config, Drop, DropoutMode, LogSumExp, Operands, Tangent, output_tangent, tangent
+from jdrop.attention._kernel import (
+    Config,
+    Drop,
+    DropoutMode,
+    LogSumExp,
+    Operands,
+    Tangent,
+    output_tangent,
+    reverse_only,
+    tangent,
+)
 from jdrop.attention._layout import Layout, _pad_axis
 
 BACKENDS = ("tpu", "gpu")
@@ -919,7 +929,9 @@ def _attention(spec: _Spec, q, k, v, bias, mask, drop):
     Inside ``shard_map`` on sharded operands, reverse mode only, as the xla path
     (:func:`jdrop.attention._kernel.attention`)."""
     args = (q, k, v, bias, mask, drop)
-    return (_reverse_only if varying_axes(args) else _every_mode)(spec, *args)
+    if varying_axes(args):
+        return reverse_only(_reverse_only, spec, *args, where="inside jax.shard_map on sharded operands")
+    return _every_mode(spec, *args)
 
 
 def _with_residuals(spec: _Spec, q, k, v, bias, mask, drop):
