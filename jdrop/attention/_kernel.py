@@ -555,7 +555,7 @@ def attention(cfg: Config, ops: Operands) -> jax.Array:
     along (JAX 0.10), so the forward-mode rule cannot run there.
     """
     if varying_axes(ops):
-        return reverse_only(_reverse_only, cfg, ops, where="inside jax.shard_map on sharded operands")
+        return reverse_only(_vjp_attention, cfg, ops, where="inside jax.shard_map on sharded operands")
     return _every_mode(cfg, ops)
 
 
@@ -564,13 +564,13 @@ def _residuals(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ...]]:
     return out, (ops, out, logsumexp)
 
 
-def _reverse_only_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
+def _vjp_attention_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
     grads = _attention_transpose(cfg, residuals, d_out)
     return (_tangent_operands(grads),)
 
 
-_reverse_only = jax.custom_vjp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
-_reverse_only.defvjp(_residuals, _reverse_only_bwd)
+_vjp_attention = jax.custom_vjp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
+_vjp_attention.defvjp(_residuals, _vjp_attention_bwd)
 _every_mode = jax.custom_jvp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
 
 

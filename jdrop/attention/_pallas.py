@@ -930,7 +930,7 @@ def _attention(spec: _Spec, q, k, v, bias, mask, drop):
     (:func:`jdrop.attention._kernel.attention`)."""
     args = (q, k, v, bias, mask, drop)
     if varying_axes(args):
-        return reverse_only(_reverse_only, spec, *args, where="inside jax.shard_map on sharded operands")
+        return reverse_only(_vjp_attention, spec, *args, where="inside jax.shard_map on sharded operands")
     return _every_mode(spec, *args)
 
 
@@ -939,13 +939,13 @@ def _with_residuals(spec: _Spec, q, k, v, bias, mask, drop):
     return out, (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
 
 
-def _reverse_only_bwd(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Any, ...]:
+def _vjp_attention_bwd(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Any, ...]:
     d_q, d_k, d_v, *d_bias = _transpose(spec, residuals, d_out)
     return d_q, d_k, d_v, d_bias[0] if d_bias else None, None, None
 
 
-_reverse_only = jax.custom_vjp(lambda spec, *args: _forward(spec, *args)[0], nondiff_argnums=(0,))
-_reverse_only.defvjp(_with_residuals, _reverse_only_bwd)
+_vjp_attention = jax.custom_vjp(lambda spec, *args: _forward(spec, *args)[0], nondiff_argnums=(0,))
+_vjp_attention.defvjp(_with_residuals, _vjp_attention_bwd)
 _every_mode = jax.custom_jvp(lambda spec, *args: _forward(spec, *args)[0], nondiff_argnums=(0,))
 
 
