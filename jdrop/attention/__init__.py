@@ -12,9 +12,9 @@ exactly its part of flax's mask by global index, so the result is the single-dev
 number of devices; :func:`sequence_parallel_attention` does it on global arrays.
 
 One concern per file: ``_api`` (the public function and its checks), ``_layout`` (padding and
-tiling into the kernel's layout, and back), ``_kernel`` (the tiles, the forward and backward passes
-of one block pair at a global position, and the custom_vjp that composes them), ``_dropout_mask``
-(the exact and fast masks a tile draws, for both implementations), ``_pallas`` (the Pallas kernels
+tiling into the kernel's layout, and back), ``_kernel`` (the tiles, the forward, forward-mode and
+backward passes of one block pair at a global position, and the custom rule that composes them),
+``_dropout_mask`` (the exact and fast masks a tile draws, for both implementations), ``_pallas`` (the Pallas kernels
 of ``implementation="pallas"``, imported only when asked for), ``_ring`` (the kernel composed
 across devices: the ring, its schedule and its custom_vjp), ``_sequence_parallel`` (the
 global-array wrapper and the zigzag layout's helpers).

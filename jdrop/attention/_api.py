@@ -37,7 +37,7 @@ from jdrop.attention._checks import (
     check_not_sequence_parallel,
     check_shared_key,
 )
-from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands
+from jdrop.attention._kernel import Config, Drop, DropoutMode, Operands, attention, dropout_operands, reverse_only
 from jdrop.attention._layout import Layout
 from jdrop.attention._ring import Ring
 from jdrop.attention._ring import attention as ring_attention
@@ -157,8 +157,10 @@ def dot_product_attention(
     with ``broadcast_dropout=True``. ``keep`` is the realised keep probability
     ``ceil((1 - rate) * 2**23) / 2**23`` (within ``2**-23`` of flax's ``1 - rate``; under ``jax_enable_x64``
     flax's Python-float keep probability makes bernoulli draw float64 uniforms, and so does this function:
-    ``2**52``), so the output is unbiased exactly. Reverse-mode autodiff and ``jax.hessian``
-    (forward-over-reverse) are supported; ``jax.jvp``/``jacfwd``/``linearize`` are not (a custom_vjp).
+    ``2**52``), so the output is unbiased exactly. Every mode of autodiff works with the forward pass's
+    mask: reverse mode (``jax.grad``, ``jacrev``), forward mode (``jax.jvp``, ``jacfwd``, ``linearize``)
+    and their compositions (``jax.hessian``, ``grad`` of ``grad``), under ``jit`` and ``vmap``; not
+    forward mode with ``axis_name`` or on sharded operands inside ``jax.shard_map`` (see below).
     Same arguments as flax's function: it is a drop-in ``attention_fn`` for
     ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``, and gives
     their outputs for the same rngs, to float rounding.
@@ -166,11 +168,26 @@ def dot_product_attention(
     How it differs from flax's: the ``(Tq, Tk)`` logits are visited one ``(block_q, block_k)``
     tile at a time with an online softmax (Rabe & Staats 2021; Dao et al. 2022, FlashAttention),
     each tile drawing its part of the mask by global element index (:func:`jdrop.masks.bits_at`);
-    the backward pass (a ``jax.custom_vjp`` whose residuals are q, k, v, the output, the per-row
+    the backward pass (FlashAttention-2's, whose residuals are q, k, v, the output, the per-row
     logsumexp, kept as its max and log-sum, and the key) recomputes each tile's probabilities and
     mask. No ``Tq x Tk`` array is stored or built, so a training step's temporary memory grows
     linearly in the length, and results do not depend on the tile sizes (up to float rounding). It
     is plain JAX (``lax`` loops), so XLA compiles it for CPU, GPU and TPU.
+
+    Forward mode is a blockwise forward-mode FlashAttention from the same residuals, in O(T) memory:
+    with ``S = q k^T / sqrt(D) + bias``, ``P = softmax(S)`` (undropped), ``W = m * P / keep`` and
+    ``out = W v``, the tangents ``dq, dk, dv, dbias`` give::
+
+        dS = (dq k^T + q dk^T) / sqrt(D) + dbias      (0 at masked logits)
+        d_out = W dv + (W * dS) v - c * out,            c_i = sum_j P_ij dS_ij
+
+    one pass over each query tile's key tiles, each tile's mask drawn again from the key. Reverse
+    mode still keeps only those residuals and runs the hand-written backward pass (the tangent map
+    and its transpose tied by :func:`jdrop._linear.linear_map`), and second derivatives are exact.
+    Inside ``jax.shard_map`` on sharded operands (and so with ``axis_name``), attention is reverse
+    mode only (``jax.grad``, ``jax.vjp``, ``jax.hessian``): ``jax.jvp`` there raises a ``TypeError``
+    that says so (``lax.custom_linear_solve``, which carries the tangent map, does not keep the mesh
+    axes its operands vary along in JAX 0.10).
 
     ``implementation="pallas"`` runs the same algorithm as Pallas kernels instead (Dao 2023's
     FlashAttention-2 forward and backward; Mosaic on TPU, Triton on GPU), which draw each tile's
@@ -508,7 +525,9 @@ def _ring_attention(ring: Ring, layout: Layout, mode: DropoutMode, mask_shape: t
     ops = ring.operands(chunk, query, key, value, bias, mask, drop)
     cfg = _config(chunk, mode, None if ops.bias is None else ops.bias[0], mask is not None, causal, precision,
                   draw)
-    return ring.output(chunk, ring_attention(cfg._replace(dropout_shape=mask_shape), ring, ops))
+    out = reverse_only(ring_attention, cfg._replace(dropout_shape=mask_shape), ring, ops,
+                       where=f"with axis_name={ring.axis_name!r} (ring attention)")
+    return ring.output(chunk, out)
 
 
 def _ring_plan(axis_name: Any, sequence_layout: str, batch_axis_name: Any, head_axis_name: Any, layout: Layout,

@@ -1,4 +1,4 @@
-"""The blockwise kernel: tiles, online-softmax forward, FlashAttention-2 backward, and their custom_vjp.
+"""The blockwise kernel: tiles, online-softmax forward, forward-mode pass, FlashAttention-2 backward, their custom rule.
 
 Everything here works in the kernel layout of :mod:`jdrop.attention._layout`: queries
 ``(nq, B, Hk, G, bq, D)`` and keys/values ``(nk, B, Hk, bk, D)`` in whole tiles, a mask or bias as
@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jdrop import masks
 from jdrop._dropout import keep_and_factor
+from jdrop._linear import linear_map
 from jdrop._shard_map import cotangent_like, vary_like, varying_axes
 from jdrop._validation import keep_probability
 from jdrop.attention import _dropout_mask
@@ -36,11 +38,16 @@ __all__ = [
     "Offsets",
     "ORIGIN",
     "Operands",
+    "Tangent",
     "attention",
     "backward",
     "delta",
     "dropout_operands",
     "forward",
+    "output_tangent",
+    "reverse_only",
+    "tangent",
+    "whole_call",
 ]
 
 Drop = tuple[jax.Array, jax.Array, jax.Array]
@@ -56,7 +63,7 @@ class DropoutMode(enum.Enum):
 
 
 class Config(NamedTuple):
-    """Static description of one block pair (hashable: the custom_vjp's non-differentiable argument)."""
+    """Static description of one block pair (hashable: the custom rules' non-differentiable argument)."""
 
     block_q: int
     block_k: int
@@ -249,7 +256,7 @@ def _tile_loop(lower: Any, upper: Any, n: int, step: Any, init: Any) -> Any:
     """``lax.fori_loop(lower, upper, step, init)`` over tiles ``[lower, upper)`` of ``[0, n)``.
 
     Causal skipping makes a bound traced, and reverse mode cannot differentiate a loop with traced
-    bounds, which second derivatives need (``jax.grad`` of ``jax.grad`` differentiates the custom_vjp's
+    bounds, which second derivatives need (``jax.grad`` of ``jax.grad`` differentiates the custom rule's
     forward and backward passes themselves). So a traced range runs as ``n`` static steps, each a
     ``lax.cond`` that skips the tiles outside the range: they are still not computed (the branch is
     not taken), and the loop differentiates any number of times.
@@ -389,12 +396,13 @@ def _backward_step(cfg: Config, ops: Operands, cot: _Cotangents, i: Any, column:
 
 
 def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp, delta: jax.Array,
-             offsets: Offsets = ORIGIN, *,
-             grad_dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+             offsets: Offsets = ORIGIN, *, grad_dtype: Any = None,
+             bias_gradient: bool = True) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """FlashAttention-2 backward of one block pair: ``(dq, dk, dv, dbias)`` in the operands' dtypes.
 
     ``grad_dtype`` (default: each operand's dtype) is the dtype of all four instead: a caller that
-    sums the gradients of several block pairs asks for the float32 accumulators.
+    sums the gradients of several block pairs asks for the float32 accumulators. ``dbias`` is None
+    without a bias, or with ``bias_gradient=False`` (a bias held constant: no bias-sized accumulator).
 
     One pass over key tiles, each visiting its query tiles. Each tile's probabilities are recomputed
     from the rows' ``logsumexp`` (over all key blocks, from :func:`forward`) and its dropout factors
@@ -418,7 +426,7 @@ def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp,
                                            lambda i, inner: step(i, carry=inner), init)
         return (d_q, d_bias), (d_k.astype(k_dtype), d_v.astype(v_dtype))
 
-    d_bias = None if ops.bias is None else vary_like(jnp.zeros(ops.bias.shape, acc_dtype), axes)
+    d_bias = None if ops.bias is None or not bias_gradient else vary_like(jnp.zeros(ops.bias.shape, acc_dtype), axes)
     d_q = vary_like(jnp.zeros(ops.q.shape, acc_dtype), axes)
     (d_q, d_bias), (d_k, d_v) = lax.scan(column_block, (d_q, d_bias), (jnp.arange(ops.k.shape[0]), ops.k, ops.v))
     if d_bias is not None:
@@ -426,24 +434,192 @@ def backward(cfg: Config, ops: Operands, d_out: jax.Array, logsumexp: LogSumExp,
     return d_q.astype(ops.q.dtype if grad_dtype is None else grad_dtype), d_k, d_v, d_bias
 
 
-# ----------------------------------------------------------------------------------- custom_vjp
+# ----------------------------------------------------------------------------------- forward mode
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+class Tangent(NamedTuple):
+    """The two sums of one block pair's output tangent (:func:`tangent`), tile-major like ``q``, in float32 or wider.
+
+    ``dO = (weighted - c * O)`` where ``O`` is the final output over every key block: both terms sum over key
+    blocks, so block pairs combine by adding them.
+    """
+
+    weighted: jax.Array  # (nq, B, Hk, G, bq, Dv): sum_j D_ij dV_j + (D * dS)_ij V_j
+    c: jax.Array  # (nq, B, Hk, G, bq): sum_j P_ij dS_ij, the undropped probabilities
+
+
+def _tangent_step(cfg: Config, ops: Operands, d_ops: Operands, i: Any, rows: tuple[jax.Array, ...],
+                  lse: tuple[jax.Array, jax.Array], j: Any, shared: jax.Array | None, offsets: Offsets,
+                  carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Query tile ``i`` (``rows``: its q and dq tiles) meets key tile ``j``: adds into ``(weighted, c)``."""
+    weighted, c = carry
+    q_i, dq_i = rows
+    batch, kv_heads, group, bq, depth = q_i.shape
+    k_j, v_j = ops.k[j], ops.v[j]
+    s, allowed = _scores(cfg, ops, q_i, k_j, i, j, offsets)
+    p = jnp.exp(s - lse[0][..., None] - lse[1][..., None])
+    flat = (batch, kv_heads, group * bq, depth)
+    ds = _dot(cfg, dq_i.reshape(flat), k_j, (3, 3)) + _dot(cfg, q_i.reshape(flat), d_ops.k[j], (3, 3))
+    ds = ds.reshape(s.shape)
+    if d_ops.bias is not None:
+        ds = ds + _tile(cfg, d_ops.bias, i, j).astype(ds.dtype)
+    if allowed is not None:
+        ds = jnp.where(allowed, ds, 0.0)  # masked logits are a constant
+    c = c + jnp.sum(p * ds, axis=-1)
+    if shared is not None:
+        p = p * lax.dynamic_slice_in_dim(shared, j * cfg.block_k, cfg.block_k, axis=1)
+    elif ops.drop is not None:
+        p = p * _dropout_factors(cfg, ops.drop, (batch, kv_heads), i * cfg.block_q, cfg.block_q, j * cfg.block_k,
+                                 cfg.block_k, offsets)
+    tile = (batch, kv_heads, group * bq, cfg.block_k)
+    products = (_dot(cfg, p.astype(v_j.dtype).reshape(tile), d_ops.v[j], (3, 2))
+                + _dot(cfg, (p * ds).astype(v_j.dtype).reshape(tile), v_j, (3, 2)))
+    return weighted + products.reshape(weighted.shape), c
+
+
+def tangent(cfg: Config, ops: Operands, d_ops: Operands, logsumexp: LogSumExp,
+            offsets: Offsets = ORIGIN) -> Tangent:
+    """Forward-mode FlashAttention of one block pair: the two sums of the output tangent, in O(T) memory.
+
+    With ``S = q k^T + bias`` (``q`` already scaled), ``P = softmax(S)`` (undropped, from the rows' final
+    ``logsumexp``), ``D = P * M / keep`` (``M`` the mask, drawn again tile by tile from the key, as in
+    :func:`forward`) and ``O = D V``, the tangents ``d_ops`` (``dq``, ``dk``, ``dv``, ``dbias``; ``mask`` and
+    ``drop`` unused) give::
+
+        dS = dq k^T + q dk^T + dbias   (0 at masked logits)
+        dO = D dV + (D * dS) V - c * O,   c_i = sum_j P_ij dS_ij
+
+    One pass over the key tiles of each query tile (the tiles :func:`forward` visits) accumulates
+    ``weighted = D dV + (D * dS) V`` and ``c``: :class:`Tangent`. The loops have static bounds (causal
+    skipping by ``lax.cond``, :func:`_tile_loop`), so this function is JAX-transposable.
+    """
+    n_k = ops.k.shape[0]
+    batch, kv_heads, group, bq, _ = ops.q.shape[1:]
+    acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
+    axes = varying_axes(ops, d_ops, logsumexp, offsets)
+
+    def row_block(args: tuple[Any, ...]) -> Tangent:
+        i, q_i, dq_i, row_max, log_row_sum = args
+        shared = _shared_factors(cfg, ops, i * cfg.block_q, cfg.block_q, 0, n_k * cfg.block_k, offsets)
+        init = vary_like((jnp.zeros((batch, kv_heads, group, bq, ops.v.shape[-1]), acc_dtype),
+                          jnp.zeros((batch, kv_heads, group, bq), acc_dtype)), axes)
+        step = partial(_tangent_step, cfg, ops, d_ops, i, (q_i, dq_i), (row_max, log_row_sum), shared=shared,
+                       offsets=offsets)
+        return Tangent(*_tile_loop(0, _visible_k_blocks(cfg, i, n_k, offsets), n_k,
+                                   lambda j, carry: step(j, carry=carry), init))
+
+    return lax.map(row_block, (jnp.arange(ops.q.shape[0]), ops.q, d_ops.q, *logsumexp))
+
+
+def output_tangent(parts: Tangent, out: jax.Array) -> jax.Array:
+    """``dO = weighted - c * O`` (:class:`Tangent`) in ``out``'s dtype, ``out`` the final output."""
+    acc = parts.weighted.dtype
+    return (parts.weighted - parts.c[..., None] * out.astype(acc)).astype(out.dtype)
+
+
+# ----------------------------------------------------------------------------------- every mode of autodiff
+
+
+def _float_tangents(ops: Operands, d_ops: Operands) -> tuple[Any, ...]:
+    """The tangents of the differentiable operands: ``(dq, dk, dv)`` and ``dbias`` where there is a bias whose
+    tangent is not a symbolic zero (a bias held constant has no leaf: neither pass computes its part)."""
+    with_bias = ops.bias is not None and not isinstance(d_ops.bias, SymbolicZero)
+    return (d_ops.q, d_ops.k, d_ops.v) + ((d_ops.bias,) if with_bias else ())
+
+
+def _tangent_operands(tangents: tuple[jax.Array, ...]) -> Operands:
+    d_q, d_k, d_v, *d_bias = tangents
+    return Operands(d_q, d_k, d_v, d_bias[0] if d_bias else None, None, None)
+
+
+def _attention_jvp_apply(cfg: Config, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> jax.Array:
+    ops, out, logsumexp = residuals
+    return output_tangent(tangent(cfg, ops, _tangent_operands(tangents), logsumexp), out)
+
+
+def _attention_transpose(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array, *,
+                         bias_gradient: bool = True) -> tuple[jax.Array, ...]:
+    ops, out, logsumexp = residuals
+    d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out), bias_gradient=bias_gradient)
+    grads = cotangent_like(Operands(d_q, d_k, d_v, d_bias, None, None), ops)
+    return (grads.q, grads.k, grads.v) + (() if grads.bias is None else (grads.bias,))
+
+
 def attention(cfg: Config, ops: Operands) -> jax.Array:
-    """Attention of the whole (one-block) problem, ``(nq, B, Hk, G, bq, Dv)``; gradients by :func:`backward`."""
-    return forward(cfg, ops)[0]
+    """Attention of the whole (one-block) problem, ``(nq, B, Hk, G, bq, Dv)``, differentiable in every mode.
+
+    Forward mode runs :func:`tangent`; reverse mode keeps ``(ops, out, logsumexp)`` and runs :func:`backward`
+    (:func:`jdrop._linear.linear_map`). The mask, the dropout operands (key, threshold, factor) are constants.
+    Inside ``shard_map`` on sharded operands, reverse mode only (a ``custom_vjp`` around the same passes):
+    ``lax.custom_linear_solve``, which carries the linear map, does not keep the mesh axes its operands vary
+    along (JAX 0.10), so the forward-mode rule cannot run there.
+    """
+    if varying_axes(ops):
+        return reverse_only(_vjp_attention, cfg, ops, where="inside jax.shard_map on sharded operands")
+    return _every_mode(cfg, ops)
 
 
-def _attention_fwd(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ...]]:
+def _residuals(cfg: Config, ops: Operands) -> tuple[jax.Array, tuple[Any, ...]]:
     out, logsumexp = forward(cfg, ops)
     return out, (ops, out, logsumexp)
 
 
-def _attention_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
-    ops, out, logsumexp = residuals
-    d_q, d_k, d_v, d_bias = backward(cfg, ops, d_out, logsumexp, delta(out, d_out))
-    return (cotangent_like(Operands(d_q, d_k, d_v, d_bias, None, None), ops),)
+def _vjp_attention_bwd(cfg: Config, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Operands]:
+    grads = _attention_transpose(cfg, residuals, d_out)
+    return (_tangent_operands(grads),)
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+_vjp_attention = jax.custom_vjp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
+_vjp_attention.defvjp(_residuals, _vjp_attention_bwd)
+_every_mode = jax.custom_jvp(lambda cfg, ops: forward(cfg, ops)[0], nondiff_argnums=(0,))
+
+
+def reverse_only(fn: Any, *args: Any, where: str) -> Any:
+    """``fn(*args)``, a ``custom_vjp``; forward-mode autodiff of it raises a ``TypeError`` that says ``where``
+    attention is reverse mode only, and what to do.
+
+    ``lax.custom_linear_solve``, which carries the forward-mode rule of :func:`attention`, does not keep the
+    mesh axes its operands vary along inside ``jax.shard_map`` (JAX 0.10): there the attention is a
+    ``custom_vjp`` around the same forward and backward passes (reverse mode and ``jax.hessian``).
+    """
+    try:
+        return fn(*args)
+    except TypeError as error:
+        # JAX's refusal: "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; inside shard_map,
+        # JAX 0.10 fails earlier, hashing the call's parameters ("unhashable type: 'Unhashable'").
+        if not any(sign in str(error) for sign in ("forward-mode autodiff", "'Unhashable'")):
+            raise
+        raise TypeError(f"jdrop.dot_product_attention {where} is differentiable in reverse mode only (jax.grad, "
+                        "jax.vjp, jax.jacrev, and jax.hessian over them), not by jax.jvp / jax.jacfwd / "
+                        "jax.linearize: take forward-mode derivatives of the attention outside jax.shard_map "
+                        "(without axis_name), or use reverse mode.") from error
+
+
+def whole_call(fn: Any) -> Any:
+    """``fn(static, *args)`` as one opaque call (a ``custom_jvp`` differentiated by autodiff of ``fn`` itself).
+
+    Reverse mode linearizes a ``custom_jvp`` rule by partial evaluation, whose scan rule hoists a loop's
+    invariants (e.g. the dropout factors' broadcast operands) out of the loop into stored arrays; a call
+    with a custom rule whose inputs are all known is staged whole, and compiles as ``fn`` alone does. The
+    forward pass inside each attention rule is such a call.
+    """
+    wrapped = jax.custom_jvp(fn, nondiff_argnums=(0,))
+    wrapped.defjvp(lambda static, primals, tangents: jax.jvp(partial(fn, static), primals, tangents))
+    return wrapped
+
+
+_primal = whole_call(forward)
+
+
+@partial(_every_mode.defjvp, symbolic_zeros=True)
+def _attention_jvp(cfg: Config, primals: tuple[Operands], tangents: tuple[Operands]) -> tuple[jax.Array, jax.Array]:
+    (ops,), (d_ops,) = primals, tangents
+    out, logsumexp = _primal(cfg, ops)
+    residuals = (ops, out, logsumexp)
+    live = _float_tangents(ops, d_ops)
+    transpose = partial(_attention_transpose, cfg, bias_gradient=len(live) == 4)
+    apply = partial(_attention_jvp_apply, cfg)
+    # The reference is transposed when the solve is built: rematerialised, that transpose recomputes the tiles
+    # from the residuals instead of staging a scan that stores every tile's probabilities (dead code, but traced).
+    return out, linear_map(apply, transpose, residuals, live, out,
+                           reference=jax.checkpoint(apply))

@@ -54,12 +54,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from jdrop._linear import linear_map
+from jdrop._shard_map import varying_axes
 from jdrop.attention import _dropout_mask
-from jdrop.attention._kernel import Drop, DropoutMode
+from jdrop.attention._kernel import (
+    Config,
+    Drop,
+    DropoutMode,
+    LogSumExp,
+    Operands,
+    Tangent,
+    output_tangent,
+    reverse_only,
+    tangent,
+)
 from jdrop.attention._layout import Layout, _pad_axis
 
 BACKENDS = ("tpu", "gpu")
@@ -94,7 +107,7 @@ _MASK_VALUE = float(np.finfo(np.float32).min)  # flax's big negative: a fully ma
 
 
 class _Spec(NamedTuple):
-    """Static description of one call (hashable: the custom_vjp's non-differentiable argument)."""
+    """Static description of one call (hashable: the custom rules' non-differentiable argument)."""
 
     q_length: int  # real lengths; the arrays are padded to whole tiles
     k_length: int
@@ -829,20 +842,89 @@ def _bias_gradient(spec: _Spec, q, k, v, do, row_max, log_row_sum, delta, bias, 
     return ds.sum(axis=axes, keepdims=True).astype(bias.dtype) if axes else ds.astype(bias.dtype)
 
 
-# ----------------------------------------------------------------------------------- custom_vjp
+# ----------------------------------------------------------------------------------- every mode of autodiff
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(spec: _Spec, q, k, v, bias, mask, drop):
-    return _forward(spec, q, k, v, bias, mask, drop)[0]
+def _xla_operands(spec: _Spec, q, k, v, bias, mask, drop) -> tuple[Config, Operands]:
+    """The xla path's config and operands (:mod:`jdrop.attention._kernel`) of the kernels' arguments: the same
+    tiles, mask and dropout draw, so that its blockwise forward-mode pass draws the kernels' dropout mask."""
+    batch, q_heads, q_padded, _ = q.shape
+    per_element = spec.dropout == DropoutMode.PER_ELEMENT
+    cfg = Config(block_q=spec.block_q, block_k=spec.block_k, k_length=spec.k_length, group=spec.group,
+                 causal=spec.causal, skip_causal=spec.skip_causal, dropout=spec.dropout,
+                 dropout_shape=(batch if per_element else 1, q_heads if per_element else 1, spec.q_length,
+                                spec.k_length),
+                 bias_full=spec.bias_full, precision=spec.precision, mask=spec.mask_mode)
+    xla_drop = None
+    if drop is not None:
+        (k0, k1), threshold, factor = drop
+        xla_drop = (jnp.stack([k0, k1]), threshold, factor)
+    ops = Operands(_query_tiles(spec, q), _key_tiles(spec, k), _key_tiles(spec, v), bias,
+                   None if mask is None else mask != 0, xla_drop)
+    return cfg, ops
 
 
-def _attention_fwd(spec: _Spec, q, k, v, bias, mask, drop):
-    out, row_max, log_row_sum = _forward(spec, q, k, v, bias, mask, drop)
-    return out, (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
+def _query_tiles(spec: _Spec, x: jax.Array) -> jax.Array:
+    """``(B, Hq, Tq_pad, ...)`` -> the xla path's ``(nq, B, Hk, G, bq, ...)``."""
+    batch, q_heads, q_padded, *rest = x.shape
+    x = x.reshape(batch, q_heads // spec.group, spec.group, q_padded // spec.block_q, spec.block_q, *rest)
+    return jnp.moveaxis(x, 3, 0)
 
 
-def _attention_bwd(spec: _Spec, residuals, d_out):
+def _key_tiles(spec: _Spec, x: jax.Array) -> jax.Array:
+    """``(B, Hk, Tk_pad, D)`` -> the xla path's ``(nk, B, Hk, bk, D)``."""
+    batch, kv_heads, k_padded, depth = x.shape
+    return jnp.moveaxis(x.reshape(batch, kv_heads, k_padded // spec.block_k, spec.block_k, depth), 2, 0)
+
+
+def _from_query_tiles(x: jax.Array) -> jax.Array:
+    """Inverse of :func:`_query_tiles` for ``(nq, B, Hk, G, bq, Dv)``."""
+    n_q, batch, kv_heads, group, bq, depth = x.shape
+    return jnp.moveaxis(x, 0, 3).reshape(batch, kv_heads * group, n_q * bq, depth)
+
+
+def _tangent_parts(spec: _Spec, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> Tangent:
+    """The xla path's blockwise forward-mode pass (:func:`jdrop.attention._kernel.tangent`) on the kernels'
+    residuals."""
+    q, k, v, bias, mask, drop, _, row_max, log_row_sum = residuals
+    d_q, d_k, d_v, *d_bias = tangents
+    cfg, ops = _xla_operands(spec, q, k, v, bias, mask, drop)
+    d_ops = Operands(_query_tiles(spec, d_q), _key_tiles(spec, d_k), _key_tiles(spec, d_v),
+                     d_bias[0] if d_bias else None, None, None)
+    rows = (q.shape[0], q.shape[1], q.shape[2])
+    lse = LogSumExp(*(_query_tiles(spec, x.reshape(rows)) for x in (row_max, log_row_sum)))
+    return tangent(cfg, ops, d_ops, lse)
+
+
+def _tangent(spec: _Spec, residuals: tuple[Any, ...], tangents: tuple[jax.Array, ...]) -> jax.Array:
+    """The output tangent, ``dO = D dV + (D * dS) V - c * O`` (:func:`_tangent_parts`)."""
+    parts = _tangent_parts(spec, residuals, tangents)
+    return _from_query_tiles(output_tangent(parts, _query_tiles(spec, residuals[6])))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _forward_rows(spec: _Spec, q, k, v, bias, mask, drop):
+    """:func:`_forward` with a JVP (which the ``pallas_call`` lacks), for second derivatives: ``dO`` by
+    :func:`_tangent`, and the rows' logsumexp ``L = m + log l`` (used only as that sum) moving by
+    ``dL_i = sum_j P_ij dS_ij = c_i`` in its log-sum part."""
+    return _forward(spec, q, k, v, bias, mask, drop)
+
+
+@_forward_rows.defjvp
+def _forward_rows_jvp(spec: _Spec, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    out, row_max, log_row_sum = _forward_rows(spec, *primals)
+    residuals = (*primals, out, row_max, log_row_sum)
+    live = tuple(tangents[:3]) + (() if primals[3] is None else (tangents[3],))
+    parts = _tangent_parts(spec, residuals, live)
+    d_out = _from_query_tiles(output_tangent(parts, _query_tiles(spec, out)))
+    d_log_row_sum = _from_query_tiles(parts.c[..., None]).reshape(log_row_sum.shape)
+    return (out, row_max, log_row_sum), (d_out, jnp.zeros_like(row_max), d_log_row_sum)
+
+
+def _transpose(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array, *, bias_gradient: bool = True
+               ) -> tuple[jax.Array, ...]:
+    """The FlashAttention-2 backward kernels: ``(dq, dk, dv)``, and ``dbias`` where there is a bias and
+    ``bias_gradient`` (the ``dbias`` kernel is left out of the program otherwise)."""
     q, k, v, bias, mask, drop, out, row_max, log_row_sum = residuals
     # rowsum(dP~ * P~) = dO . O: the softmax backward's per-row term, dropout included.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -851,11 +933,47 @@ def _attention_bwd(spec: _Spec, residuals, d_out):
     args = (q, k, v, d_out, row_max, log_row_sum, delta, bias, mask, drop)
     d_k, d_v = _dkv(spec, *args)
     d_q = _dq(spec, *args)
-    d_bias = None if bias is None else _bias_gradient(spec, *args)
-    return d_q, d_k, d_v, d_bias, None, None
+    return (d_q, d_k, d_v) + (() if bias is None or not bias_gradient else (_bias_gradient(spec, *args),))
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+def _attention(spec: _Spec, q, k, v, bias, mask, drop):
+    """The kernels' attention, differentiable in every mode (:func:`jdrop._linear.linear_map`): forward mode by the
+    xla path's blockwise pass (:func:`_tangent`), reverse mode by the backward kernels (:func:`_transpose`).
+
+    Inside ``shard_map`` on sharded operands, reverse mode only, as the xla path
+    (:func:`jdrop.attention._kernel.attention`)."""
+    args = (q, k, v, bias, mask, drop)
+    if varying_axes(args):
+        return reverse_only(_vjp_attention, spec, *args, where="inside jax.shard_map on sharded operands")
+    return _every_mode(spec, *args)
+
+
+def _with_residuals(spec: _Spec, q, k, v, bias, mask, drop):
+    out, row_max, log_row_sum = _forward(spec, q, k, v, bias, mask, drop)
+    return out, (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
+
+
+def _vjp_attention_bwd(spec: _Spec, residuals: tuple[Any, ...], d_out: jax.Array) -> tuple[Any, ...]:
+    d_q, d_k, d_v, *d_bias = _transpose(spec, residuals, d_out)
+    return d_q, d_k, d_v, d_bias[0] if d_bias else None, None, None
+
+
+_vjp_attention = jax.custom_vjp(lambda spec, *args: _forward(spec, *args)[0], nondiff_argnums=(0,))
+_vjp_attention.defvjp(_with_residuals, _vjp_attention_bwd)
+_every_mode = jax.custom_jvp(lambda spec, *args: _forward(spec, *args)[0], nondiff_argnums=(0,))
+
+
+@partial(_every_mode.defjvp, symbolic_zeros=True)
+def _attention_jvp(spec: _Spec, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[jax.Array, jax.Array]:
+    q, k, v, bias, mask, drop = primals
+    out, row_max, log_row_sum = _forward_rows(spec, q, k, v, bias, mask, drop)
+    residuals = (q, k, v, bias, mask, drop, out, row_max, log_row_sum)
+    # A bias held constant has no tangent leaf: neither pass computes its part.
+    with_bias = bias is not None and not isinstance(tangents[3], SymbolicZero)
+    live = tuple(tangents[:3]) + ((tangents[3],) if with_bias else ())
+    apply = partial(_tangent, spec)
+    return out, linear_map(apply, partial(_transpose, spec, bias_gradient=with_bias), residuals, live, out,
+                           reference=jax.checkpoint(apply))
 
 
 # ----------------------------------------------------------------------------------- entry point
