@@ -20,6 +20,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jdrop import masks
+from jdrop._shard_map import in_manual_mesh
 from jdrop._typing import KeyLike, Residual, Scale
 from jdrop._validation import (
     check_deterministic,
@@ -291,6 +292,21 @@ def _train_dropout_jvp(static, primals, tangents):
     return y, lax.custom_linear_solve(lambda t: t, dx, lambda _, t: dropout_bwd(res, t), symmetric=True)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _vjp_train_dropout(static, key_data, x, threshold, valid):
+    """Reverse mode only, inside ``jax.shard_map`` (:func:`jdrop._shard_map.in_manual_mesh`): the same forward pass
+    and :func:`dropout_bwd` as :func:`_train_dropout`; ``jax.jvp`` of it raises JAX's custom_vjp error."""
+    return _train_forward(static, key_data, x, threshold, valid)[0]
+
+
+def _vjp_train_dropout_bwd(static, res, dy):
+    del static
+    return None, dropout_bwd(res, dy), None, None
+
+
+_vjp_train_dropout.defvjp(_train_forward, _vjp_train_dropout_bwd)
+
+
 def _regenerated_mask(res: DropoutResidual, dy: jax.Array) -> tuple[jax.Array | None, jax.Array]:
     key_data, dy = lax.optimization_barrier((res.saved, dy))
     return _mask_from_key(key_data, res._static, res._threshold, dy.shape, tie=dy), dy
@@ -470,4 +486,4 @@ def dropout(
     call = _prepare(key, x, rate, deterministic, broadcast_dims, scale, residual)
     if call.key_data is None:
         return _apply(call.static, call.threshold, call.valid, None, call.x)
-    return _train_dropout(*call.train_arguments())
+    return (_vjp_train_dropout if in_manual_mesh() else _train_dropout)(*call.train_arguments())

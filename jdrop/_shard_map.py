@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from jax import lax
 
-__all__ = ["cotangent_like", "explicit_axes", "on_auto_axes", "spec_of", "vary_like", "varying_axes"]
+__all__ = ["cotangent_like", "explicit_axes", "in_manual_mesh", "on_auto_axes", "spec_of", "vary_like", "varying_axes"]
 
 
 def _axes_of(leaf: Any) -> frozenset:
@@ -33,6 +33,15 @@ def _axes_of(leaf: Any) -> frozenset:
     aval = typeof(leaf)
     axes = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
     return frozenset(getattr(aval, "vma", frozenset()) if axes is None else axes)
+
+
+def in_manual_mesh() -> bool:
+    """Whether the code being traced runs inside ``jax.shard_map`` (the abstract mesh has manual axes).
+
+    ``lax.custom_linear_solve``, which carries jdrop's forward-mode rules, does not keep the mesh axes its
+    operands vary along there (JAX 0.10): inside, jdrop's cores fall back to ``custom_vjp`` (reverse mode only).
+    """
+    return bool(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
 
 
 def varying_axes(*trees: Any) -> frozenset:

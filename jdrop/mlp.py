@@ -62,6 +62,7 @@ from jdrop import masks
 from jdrop._batching import takes_batch
 from jdrop._dropout import DropoutResidual, Scale, dropout, dropout_bwd, dropout_fwd
 from jdrop._linear import linear_map
+from jdrop._shard_map import cotangent_like, in_manual_mesh
 from jdrop._typing import KeyLike
 from jdrop._validation import check_choice, check_float_input, check_rate, check_scale, deterministic_or_train
 
@@ -369,6 +370,31 @@ def _train_apply_jvp(static, primals, tangents):
                            reference=reference)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _vjp_train_apply(static, params, x, key_data, rates):
+    """Reverse mode only, inside ``jax.shard_map`` (where ``lax.custom_linear_solve``, which carries
+    :func:`_train_apply`'s forward mode, loses the mesh axes): the same forward pass and :func:`_backward`."""
+    return _train_forward(static, params, x, key_data, rates)[0]
+
+
+def _vjp_train_apply_fwd(static, params, x, key_data, rates):
+    out, res = _train_forward(static, params, x, key_data, rates)
+    return out, (params, x, res)
+
+
+def _vjp_train_apply_bwd(static, saved, dout):
+    del static
+    params, x, res = saved
+    grads, dx = _backward(params, res, dout)
+    # A parameter replicated over the devices gets its cotangent summed over them (the transpose of its broadcast
+    # onto sharded examples), as JAX's own autodiff gives it.
+    grads, dx = cotangent_like((grads, dx), (params, x))
+    return grads, dx, None, tuple(None for _ in res.rates)
+
+
+_vjp_train_apply.defvjp(_vjp_train_apply_fwd, _vjp_train_apply_bwd)
+
+
 # ------------------------------------------------------------------------------------ public API
 
 
@@ -460,7 +486,7 @@ def apply(
     params, x, checked = _prepare(params, x, rates, scale)
     if deterministic:
         return _forward(params, x, _eval_drop(checked, scale))[0]
-    return _train_apply(*_train_arguments(params, x, key, checked, scale))
+    return (_vjp_train_apply if in_manual_mesh() else _train_apply)(*_train_arguments(params, x, key, checked, scale))
 
 
 def forward(
