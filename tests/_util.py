@@ -203,3 +203,22 @@ def exclusive(lock):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def compiled_mlp_step(apply_fn, sizes, *, activation="relu", batch=128):
+    """The compiled (donating) ``jdrop.train_step`` of an MLP ``jdrop.mlp.init(key, sizes, activation)`` with
+    ``apply_fn`` on a float32 batch ``(batch, sizes[0])``: compile only, nothing runs (for memory and op counts)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jdrop import mlp, train
+
+    params = jax.eval_shape(lambda: mlp.init(jax.random.key(0), sizes, activation=activation))
+    state = jax.eval_shape(lambda p: train.TrainState.create(apply_fn=apply_fn, params=p, tx=optax.sgd(0.1)), params)
+    batch_spec = {
+        "x": jax.ShapeDtypeStruct((batch, sizes[0]), jnp.float32),
+        "y": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
+    step = jax.jit(train._loop._train_step, donate_argnums=(0,))
+    return step.lower(state, batch_spec, jax.random.key(1), 0).compile()

@@ -13,9 +13,9 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from _util import assert_trees_close as _allclose_tree
+from _util import compiled_mlp_step
 from _util import realised_keep as _keep
 
 import jdrop
@@ -654,15 +654,7 @@ def _step_temp_bytes(hidden_layers, rate, *, naive=False, batch=128, width=1024)
     sizes = (width,) * (hidden_layers + 1) + (10,)
     rates = (0.0,) + (rate,) * hidden_layers
     apply_fn = _naive_bernoulli_apply(rates) if naive else functools.partial(mlp.apply, rates=rates)
-    params = jax.eval_shape(lambda: mlp.init(jax.random.key(0), sizes, activation="relu"))
-    state = jax.eval_shape(lambda p: train.TrainState.create(apply_fn=apply_fn, params=p, tx=optax.sgd(0.1)), params)
-    batch_spec = {
-        "x": jax.ShapeDtypeStruct((batch, width), jnp.float32),
-        "y": jax.ShapeDtypeStruct((batch,), jnp.int32),
-    }
-    step = jax.jit(train._loop._train_step, donate_argnums=(0,))
-    compiled = step.lower(state, batch_spec, jax.random.key(1), 0).compile()
-    analysis = compiled.memory_analysis()
+    analysis = compiled_mlp_step(apply_fn, sizes, batch=batch).memory_analysis()
     if analysis is None:  # pragma: no cover - backend without memory analysis
         pytest.skip("this backend reports no memory analysis")
     return analysis.temp_size_in_bytes

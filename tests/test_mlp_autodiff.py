@@ -17,11 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from _util import compiled_mlp_step
 
 import jdrop
-from jdrop import mlp, train
+from jdrop import mlp
 
 SIZES = (5, 7, 6, 3)
 BATCH = 4
@@ -227,14 +227,7 @@ def _step_program(apply_fn, activation, depth=4, batch=128, width=1024):
     """Temporaries and instruction count of the compiled (donating) training step of a depth-4 MLP."""
     sizes = (width,) * (depth + 1) + (10,)
     apply_fn = functools.partial(apply_fn, rates=(0.0,) + (0.5,) * depth)
-    params = jax.eval_shape(lambda: mlp.init(jax.random.key(0), sizes, activation=activation))
-    state = jax.eval_shape(lambda p: train.TrainState.create(apply_fn=apply_fn, params=p, tx=optax.sgd(0.1)), params)
-    batch_spec = {
-        "x": jax.ShapeDtypeStruct((batch, width), jnp.float32),
-        "y": jax.ShapeDtypeStruct((batch,), jnp.int32),
-    }
-    step = jax.jit(train._loop._train_step, donate_argnums=(0,))
-    compiled = step.lower(state, batch_spec, jax.random.key(1), 0).compile()
+    compiled = compiled_mlp_step(apply_fn, sizes, activation=activation, batch=batch)
     instructions = [line for line in compiled.as_text().splitlines() if " = " in line and "parameter(" not in line]
     return compiled.memory_analysis().temp_size_in_bytes, len(instructions)
 
