@@ -97,16 +97,23 @@ def test_every_python_block_runs_in_order(page, tmp_path):
     """A subprocess per page: blocks may change process-wide settings (``jdrop.masks.set_bits_lowering``) and
     the page asks for 8 CPU devices; the working directory is a temporary one, for what a page writes."""
     blocks = python_blocks(page)
+    run_blocks(blocks, cwd=tmp_path, timeout=900)
+
+
+def run_blocks(blocks: list[dict], cwd: Path, timeout: int) -> list[dict]:
+    """Runs ``blocks`` (from :func:`python_blocks`) in order in one namespace, in a fresh Python with 8 CPU devices;
+    asserts every block ran and returns one record (``stdout``, or ``skipped``) per block."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
     done = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(blocks), capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=900)
+                          cwd=cwd, env=env, timeout=timeout)
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     failed = [r for r in results if "error" in r]
     assert not failed and done.returncode == 0, (failed[0]["error"] + failed[0]["stdout"][-2000:] if failed
                                                  else done.stderr[-3000:])
     assert len(results) == len(blocks)
+    return results
 
 
 class _Links(html.parser.HTMLParser):
